@@ -1,0 +1,183 @@
+"""Synthetic images per second through full CPSC-DFKD iterations, engine vs. the reference code's way.
+
+An iteration is G generator steps then S student steps; it synthesises (G + S) x batch images.
+All loss terms are on (METHOD.md weights), 100 classes, 32x32, randomly initialised models (speed
+does not depend on the weights).
+
+``reference`` repeats the reference code's per-step work with the same models and loss terms:
+weight gradients for the frozen teacher and for the student in generator steps, a new Adam
+optimiser (over the generator and ``z``) in every generator step, an autograd graph built for the
+generator output that student steps then detach, its BN-statistics hook (a permuted copy of every
+BN input for the variance), NCHW tensors, and fp16 autocast with a GradScaler on CUDA (as its
+``--use_amp`` runs). ``engine`` is cpsc-ray's DistillEngine, in NCHW and in channels_last.
+
+    python benchmarks/step_throughput.py                       # CPU, 2 threads, both pairs
+    python benchmarks/step_throughput.py --device cuda --iterations 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+
+import torch
+from torch import nn
+
+from cpsc_ray.config import RunConfig, with_values
+from cpsc_ray.engine import DistillEngine, ImageSpec
+from cpsc_ray.generators import build_generator
+from cpsc_ray.losses import BNStatisticsPrior, SynthBatch, generator_objective, student_objective
+from cpsc_ray.models import build_model
+
+PAIRS = {"resnet34-resnet18": ("resnet34", "resnet18"), "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2")}
+CLASSES, SIZE = 100, 32
+SPEC = ImageSpec(CLASSES, 3, SIZE, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+def run_config(teacher: str, student: str, args: argparse.Namespace, **train) -> RunConfig:
+    return with_values(
+        RunConfig(),
+        {
+            "teacher.arch": teacher, "student.arch": student, "train.device": args.device,
+            "train.batch_size": args.batch, "train.g_steps": args.g_steps, "train.s_steps": args.s_steps,
+            "train.iterations_per_epoch": 1, "train.epochs": 1000,
+            **{f"train.{k}": v for k, v in train.items()},
+        },
+    )
+
+
+def engine_images_per_s(teacher: str, student: str, args: argparse.Namespace, **train) -> float:
+    cfg = run_config(teacher, student, args, **train)
+    engine = DistillEngine(cfg, build_model(teacher, CLASSES), SPEC, device=torch.device(args.device))
+    engine.train_epoch()  # warm-up: allocator, cudnn autotuning, compilation
+    engine.apply_hyperparameters(with_values(cfg, {"train.iterations_per_epoch": args.iterations}))
+    return engine.train_epoch()["images_per_s"]
+
+
+class ReferenceBNPrior(BNStatisticsPrior):
+    """The reference code's DeepInversion hook: mean, then a permuted contiguous copy for the variance."""
+
+    def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if self._recording:
+            x = inputs[0]
+            channels = x.shape[1]
+            var = x.permute(1, 0, 2, 3).contiguous().view(channels, -1).var(1, unbiased=False)
+            self._means.append(x.mean([0, 2, 3]))
+            self._mean_squares.append(var + self._means[-1] ** 2)
+
+
+def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.Namespace) -> float:
+    device = torch.device(args.device)
+    cfg = run_config(teacher_name, student_name, args)
+    teacher = build_model(teacher_name, CLASSES).to(device).eval()  # parameters still require grad
+    student = build_model(student_name, CLASSES).to(device).train()
+    generator = build_generator("upsample", "conditional", cfg.generator.nz, cfg.generator.ngf, 3, SIZE, CLASSES).to(device)
+    head = None
+    if student.feature_dim != teacher.feature_dim:
+        head = nn.Sequential(nn.Linear(student.feature_dim, student.feature_dim), nn.ReLU(),
+                             nn.Linear(student.feature_dim, teacher.feature_dim)).to(device)
+    prior = ReferenceBNPrior(teacher)
+    g_loss, s_loss = generator_objective(cfg.loss, prior), student_objective(cfg.loss)
+    student_opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    on_cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if on_cuda else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if on_cuda else contextlib.nullcontext
+
+    def backward_step(loss, optimizer):
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    def iteration():
+        for _ in range(args.g_steps):
+            z = nn.Parameter(torch.randn(args.batch, cfg.generator.nz, device=device))
+            y = torch.randint(0, CLASSES, (args.batch,), device=device)
+            optimizer = torch.optim.Adam([{"params": generator.parameters()}, {"params": [z]}], 1e-3, betas=(0.5, 0.999))
+            optimizer.zero_grad()
+            with autocast():
+                images = generator(z, y)
+                with prior.capture():
+                    t_logits, t_features = teacher(images, return_features=True)
+                s_logits, s_features = student(images, return_features=True)
+                s_features = head(s_features) if head is not None else s_features
+                total, _ = g_loss(SynthBatch(y, t_logits, s_logits, t_features, s_features))
+            backward_step(total, optimizer)
+        for _ in range(args.s_steps):
+            z = nn.Parameter(torch.randn(args.batch, cfg.generator.nz, device=device))
+            y = torch.randint(0, CLASSES, (args.batch,), device=device)
+            student_opt.zero_grad()
+            with autocast():
+                images = generator(z, y).detach()
+                with torch.no_grad():
+                    t_logits = teacher(images)
+                total, _ = s_loss(SynthBatch(y, t_logits, student(images)))
+            backward_step(total, student_opt)
+
+    iteration()
+    if on_cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(args.iterations):
+        iteration()
+    if on_cuda:
+        torch.cuda.synchronize()
+    return args.iterations * (args.g_steps + args.s_steps) * args.batch / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--g-steps", type=int, default=6)
+    parser.add_argument("--s-steps", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=2, help="timed iterations, after one warm-up")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--repeats", type=int, default=1, help="repeat each measurement; the median is kept")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+
+    variants = {
+        "reference": lambda t, s: reference_images_per_s(t, s, args),
+        "engine fp32": lambda t, s: engine_images_per_s(t, s, args, channels_last=False),
+        "engine fp32 channels_last": lambda t, s: engine_images_per_s(t, s, args, channels_last=True),
+    }
+    if args.device == "cuda":
+        variants |= {
+            "engine bf16": lambda t, s: engine_images_per_s(t, s, args, amp=True),
+            "engine bf16 channels_last": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=True),
+            "engine bf16 channels_last compile": lambda t, s: engine_images_per_s(
+                t, s, args, amp=True, channels_last=True, compile=True
+            ),
+        }
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    results = []
+    for pair in args.pairs:
+        teacher, student = PAIRS[pair]
+        for variant, measure in variants.items():
+            samples = sorted(measure(teacher, student) for _ in range(args.repeats))
+            results.append({"pair": pair, "variant": variant, "images_per_s": samples[len(samples) // 2], "samples": samples})
+            print(f"{pair:20s} {variant:36s} {results[-1]['images_per_s']:10.1f} images/s  {samples}", flush=True)
+        reference = next(r["images_per_s"] for r in results if r["pair"] == pair and r["variant"] == "reference")
+        for r in results:
+            if r["pair"] == pair:
+                r["speedup_vs_reference"] = r["images_per_s"] / reference
+    print(f"machine: {machine}; batch {args.batch}, G {args.g_steps}, S {args.s_steps}, {args.iterations} timed iterations")
+    for r in results:
+        print(f"  {r['pair']:20s} {r['variant']:36s} {r['images_per_s']:9.1f} img/s  x{r['speedup_vs_reference']:.2f}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"machine": machine, "args": vars(args), "results": results}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from cpsc_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""``cpsc-ray``: train teachers, distil students, show configs.
+
+Every command takes ``--config`` (a YAML path or a shipped config name, default ``digits``) and then
+dotted overrides, e.g. ``cpsc-ray distill --name try1 loss.alpha=2 train.epochs=5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cpsc_ray.config import ConfigError, load_config, shipped_config_names, to_yaml
+
+DEFAULT_CONFIG = "digits"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG,
+        help=f"YAML path or shipped config ({', '.join(shipped_config_names())}); default: {DEFAULT_CONFIG}",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loss.alpha=2")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from cpsc_ray.teacher import card_path, train_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    path = train_teacher(cfg, out=Path(args.out) if args.out else None)
+    print(f"teacher written to {path}\n{card_path(path).read_text()}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
+    cfg = load_config(args.config, overrides)
+    if args.workers:
+        from cpsc_ray.distributed import DistributedRunError, run_distributed
+
+        try:
+            summary = run_distributed(
+                cfg, args.workers, args.gpus_per_worker, args.cpus_per_worker, args.storage, args.max_failures,
+                args.resume, args.inject_fault_at_epoch,
+            )
+        except DistributedRunError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    else:
+        from cpsc_ray.distill import run_in_process
+        from cpsc_ray.engine import DivergenceError
+
+        if args.storage:
+            cfg = cfg.model_copy(update={"output_dir": args.storage})
+        try:
+            summary = run_in_process(cfg, resume=args.resume)
+        except DivergenceError as err:
+            print(f"error: {err}; the run's metrics so far are kept: lower student.lr, generator.lr or the loss "
+                  "weights", file=sys.stderr)
+            return 1
+    print_summary(summary)
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def print_summary(summary: dict) -> None:
+    best, last = summary.get("best") or {}, summary["last"]
+    chosen = summary["selected_by"]
+    print(f"\nrun {summary['run']}: {summary['epochs']} epochs, {summary['images']:,} synthetic images, "
+          f"{summary['device_s']:.0f} device-seconds")
+    print(f"  teacher test accuracy:        {_pct(summary['teacher_test_acc'])}")
+    print(f"  student test accuracy (last): {_pct(last.get('test_acc'))}")
+    if chosen.get("metric"):
+        print(f"  student test accuracy (best by {chosen['metric']}, epoch {chosen['epoch']}): {_pct(best.get('test_acc'))}")
+    print(f"  outputs: {summary['run_dir']}")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cpsc_ray.tune import TuneOptions, run_tune
+
+    options = TuneOptions(
+        space=args.space, scheduler=args.scheduler, search=args.search, num_samples=args.num_samples, metric=args.metric,
+        minimize_device_seconds=args.minimize_device_seconds, workers_per_trial=args.workers_per_trial,
+        gpus_per_worker=args.gpus_per_trial / args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
+        max_concurrent=args.max_concurrent, perturbation_interval=args.perturbation_interval,
+        grace_period=args.grace_period, seed_from=args.seed_from, storage=args.storage, name=args.name,
+        keep_checkpoints=args.keep_checkpoints or None, max_failures=args.max_failures, search_seed=args.search_seed,
+    )
+    summary = run_tune(load_config(args.config, args.overrides), options, resume=args.resume)
+    print(f"\nexperiment {summary['experiment']}: {len(summary['trials'])} trials; results in {summary['results']}")
+    print(f"  {'trial':18s} {'score':>7s} {'test@best':>9s} {'epochs':>6s} {'images':>10s} {'device-s':>9s}")
+    for trial in summary["trials"][:10]:
+        score = "diverged" if trial["diverged"] else _pct(trial["score"])
+        print(f"  {trial['trial_id']:18s} {score:>7s} {_pct(trial['test_at_best']):>9s} {trial['epochs']:>6d} "
+              f"{trial['images']:>10,d} {trial['device_s']:>9.0f}")
+    print(f"next: cpsc-ray finalize {summary['experiment']} --seeds 3 --storage {args.storage or '<output_dir>'}")
+    return 0
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from cpsc_ray.finalize import finalize
+
+    result = finalize(args.experiment, args.seeds, args.storage, args.gpus_per_seed, args.cpus_per_seed)
+    print(f"\n{args.experiment}: trial {result['winner']} selected (score {_pct(result['winner_score'])}); "
+          f"{len(result['schedule'])} hyperparameter phase(s) replayed over {result['seeds']} seeds")
+    print(f"  test accuracy at the best validation epoch: {_pct(result['test_mean'])} +/- "
+          f"{100 * result['test_std']:.2f} over {len(result['test_at_best'])} seeds")
+    for path in result["students"]:
+        print(f"  student: {path}/student.safetensors (+ student.json, student.pt2)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpsc-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    show = commands.add_parser("config", help="print the resolved config")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config)
+
+    teacher = commands.add_parser("teacher", help="train a teacher on real data and save it with its card")
+    _add_config_args(teacher)
+    teacher.add_argument("--out", help="output directory (default: the cache slot teacher.weights=auto reads)")
+    teacher.set_defaults(func=cmd_teacher)
+
+    distill = commands.add_parser("distill", help="distil a student data-free")
+    _add_config_args(distill)
+    distill.add_argument("--name", help="run name (a new run never overwrites an old one)")
+    distill.add_argument("--resume", metavar="NAME", help="continue the run NAME from its last checkpoint")
+    distill.add_argument("--storage", help="where runs go: a local path, a shared filesystem path or a URI "
+                         "(s3://, gs://); default: the config's output_dir")
+    cluster = distill.add_argument_group("Ray Train (one run over many workers)")
+    cluster.add_argument("--workers", type=int, help="run through Ray Train with this many DDP workers")
+    cluster.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU, gloo)")
+    cluster.add_argument("--cpus-per-worker", type=float, default=1.0)
+    cluster.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed")
+    cluster.add_argument("--inject-fault-at-epoch", type=int, metavar="EPOCH",
+                         help="kill one worker once at EPOCH, to rehearse recovery on your cluster")
+    distill.set_defaults(func=cmd_distill)
+
+    tuning = commands.add_parser("tune", help="search loss weights, temperature and generator settings with Ray Tune")
+    _add_config_args(tuning)
+    tuning.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
+    tuning.add_argument("--scheduler", choices=["fifo", "asha", "pbt", "pb2"], default="fifo")
+    tuning.add_argument("--search", choices=["random", "optuna"], default="random")
+    tuning.add_argument("--num-samples", type=int, default=8, help="trials (the population size for pbt/pb2)")
+    tuning.add_argument("--metric", choices=["val_acc", "proxy"],
+                        help="objective; default val_acc when the config holds a validation split, else proxy")
+    tuning.add_argument("--minimize-device-seconds", action="store_true",
+                        help="multi-objective Optuna (NSGA-II): maximise the metric, minimise device seconds")
+    tuning.add_argument("--seed-from", metavar="EXPERIMENT", help="start the PBT population from its best configs")
+    tuning.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers in each trial (Ray Train)")
+    tuning.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers")
+    tuning.add_argument("--cpus-per-worker", type=float, default=1.0)
+    tuning.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster holds whole")
+    tuning.add_argument("--perturbation-interval", type=int, default=1, help="epochs between PBT decisions")
+    tuning.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    tuning.add_argument("--keep-checkpoints", type=int, default=3, help="per trial (0 keeps all)")
+    tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
+    tuning.add_argument("--search-seed", type=int, default=0)
+    tuning.add_argument("--storage", help="local path, shared filesystem path or URI; default: the config's output_dir")
+    tuning.add_argument("--name", help="experiment name (default: <config name>-<method>)")
+    tuning.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    tuning.set_defaults(func=cmd_tune)
+
+    final = commands.add_parser("finalize", help="rerun an experiment's selected configuration over seeds, export it")
+    final.add_argument("experiment")
+    final.add_argument("--seeds", type=int, default=3)
+    final.add_argument("--storage", default="runs", help="where the experiment lives (default: runs)")
+    final.add_argument("--gpus-per-seed", type=float, default=0.0)
+    final.add_argument("--cpus-per-seed", type=float, default=1.0)
+    final.set_defaults(func=cmd_finalize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,253 @@
+"""Typed run configuration: defaults here, a YAML file over them, dotted overrides over that.
+
+Every field has a default taken from METHOD.md (the reference CIFAR-100 run) unless noted;
+the shipped configs in ``cpsc_ray/configs`` set budgets for each dataset.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config, override or file that cannot be used; the message names the field and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "cifar10", "cifar100", "tiny_imagenet", "imagefolder"] = "digits"
+    root: str | None = Field(None, description="directory holding the dataset files (not needed for digits)")
+    image_size: int | None = Field(
+        None, ge=8, description="digits: side length to upsample to (default 16); imagefolder: resize target"
+    )
+    val_size: int = Field(300, ge=0, description="real training images held out for model selection (0: none)")
+    split_seed: int = Field(0, description="seed of the fixed train/val(/test) split")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers for teacher training and evaluation")
+
+
+class TeacherConfig(Section):
+    arch: str | None = Field(None, description="registry model name (cpsc-ray models)")
+    builder: str | None = Field(None, description="'package.module:function' that returns the model")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the builder")
+    weights: str | None = Field(
+        None, description="weights file (.pt state dict or .safetensors); 'auto': the cached teacher, trained if missing"
+    )
+    feature_layer: str | None = Field(
+        None, description="module name whose output is the penultimate feature, for models without return_features"
+    )
+    num_classes: int | None = Field(None, ge=2, description="stated class count; checked against the dataset")
+    input_size: int | None = Field(None, ge=8, description="stated input side length; checked against the dataset")
+    channels: int | None = Field(None, ge=1, description="stated input channels; checked against the dataset")
+    mean: list[float] | None = Field(None, description="input normalisation mean (default: the dataset's)")
+    std: list[float] | None = Field(None, description="input normalisation std (default: the dataset's)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if (self.arch is None) == (self.builder is None):
+            raise ValueError("set exactly one of teacher.arch (a registry name) or teacher.builder ('module:function')")
+        return self
+
+
+class TeacherTrainingConfig(Section):
+    seed: int = Field(0, description="seed of the teacher's training (distillation seeds share one teacher)")
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class StudentConfig(Section):
+    arch: str = "resnet18"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    lr: float = Field(0.1, gt=0, description="SGD base learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_fraction: float = Field(10 / 600, ge=0, lt=1, description="linear warm-up, as a fraction of the run")
+
+
+class GeneratorConfig(Section):
+    kind: Literal["conditional", "unconditional"] = "conditional"
+    arch: Literal["auto", "upsample", "dcgan"] = Field(
+        "auto", description="upsample: METHOD.md's 32x32 generator; dcgan: the 64x64 one; auto picks by image size"
+    )
+    nz: int = Field(256, ge=1)
+    ngf: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    lr_milestones: list[float] = Field(
+        default_factory=lambda: [50 / 600, 150 / 600], description="fractions of the run where the lr is multiplied"
+    )
+    lr_gamma: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _milestones_in_run(self) -> "GeneratorConfig":
+        if any(not 0 <= m <= 1 for m in self.lr_milestones):
+            raise ValueError(f"generator.lr_milestones: fractions of the run in [0, 1] expected, got {self.lr_milestones}")
+        return self
+
+
+class LossConfig(Section):
+    alpha: float = Field(5.0, ge=0, description="IKD (L2 logit) weight")
+    beta: float = Field(1.0, ge=0, description="BN-statistics prior weight")
+    gamma: float = Field(0.7, ge=0, description="pseudo-supervised contrastive weight")
+    eta: float = Field(0.7, ge=0, description="pseudo-label cross-entropy weight")
+    temperature: float = Field(0.07, gt=0, description="SupCon temperature (its base temperature is the same)")
+    kd_temperature: float | None = Field(None, gt=0, description="KD softmax temperature; unset: plain softmax")
+    ikd_form: Literal["mse", "log"] = Field(
+        "mse", description="mse: MSE on both sides; log: -log(MSE) for G and log||t-s||_2 for S (reference CIFAR-10)"
+    )
+    train_projection_head: bool = Field(
+        False, description="train the student->teacher feature head with the generator (default: fixed random)"
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(600, ge=1)
+    iterations_per_epoch: int = Field(50, ge=1)
+    batch_size: int = Field(512, ge=2, description="global synthetic batch, split across workers")
+    g_steps: int = Field(6, ge=1)
+    s_steps: int = Field(5, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(False, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CPU and GPU)")
+    compile: bool = Field(False, description="torch.compile the teacher, student and generator")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between full-state checkpoints")
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="epochs between evaluations (the last epoch is always evaluated)")
+    batch_size: int = Field(512, ge=1)
+    probe_per_class: int = Field(20, ge=0, description="probe images per class for the data-free proxy (0: no proxy)")
+    probe_steps: int = Field(200, ge=1, description="optimisation steps that synthesize the probe set")
+    probe_lr: float = Field(0.05, gt=0)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = Field("runs", description="local directory or URI under which run directories are created")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(arch="resnet34"))
+    teacher_training: TeacherTrainingConfig = Field(default_factory=TeacherTrainingConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+SHIPPED_CONFIGS = importlib.resources.files("cpsc_ray") / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in SHIPPED_CONFIGS.iterdir() if p.name.endswith(".yaml"))
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would, so `loss.alpha=2` is a number and `x=[1,2]` a list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        shipped = SHIPPED_CONFIGS / f"{source}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(
+                f"config {source!r}: no such file and no shipped config of that name; "
+                f"give a YAML path or one of: {', '.join(shipped_config_names())}"
+            )
+        return yaml.safe_load(shipped.read_text()) or {}, f"shipped config {source!r}"
+    if not path.is_file():
+        raise ConfigError(f"config {source!r}: file not found; give a YAML path or a shipped config name")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config {source}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {source}: expected a mapping of sections at the top level")
+    return tree, str(path)
+
+
+def describe_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown key (check its spelling against `cpsc-ray config --show`)")
+        else:
+            got = problem.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{field}: {problem['msg']}{shown}")
+    return f"{where}: " + "; ".join(lines)
+
+
+def validate_tree(tree: dict[str, Any], where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, where)) from None
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config from a YAML path or a shipped config name, then apply `a.b=value` overrides."""
+    tree, where = _read_yaml(source) if source else ({}, "defaults")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. loss.alpha=2")
+        set_dotted(tree, key.strip(), parse_scalar(text))
+    return validate_tree(tree, where if not overrides else f"{where} with overrides")
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """Dotted key -> value for every field of every section (list and dict values stay whole)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and "." not in prefix:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            out[prefix] = node
+
+    walk("", config.model_dump())
+    return out
+
+
+def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of `config` with dotted keys replaced, validated as a whole."""
+    tree = config.model_dump()
+    for key, value in values.items():
+        set_dotted(tree, key, value)
+    return validate_tree(tree, "config with " + ", ".join(sorted(values)))
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

@@ -1,0 +1,175 @@
+"""Ray Train around the engine: one distillation run over many workers (DDP; NCCL on GPU, gloo on
+CPU), checkpoints every ``train.checkpoint_every`` epochs, restarts after worker failures.
+
+The driver resolves the teacher and its probe set once, then starts a ``TorchTrainer``. Every worker
+builds the same engine, which wraps student, generator and a trained projection head in DDP;
+rank 0 writes the run's outputs (metrics, best student, samples) under the run's storage, which is
+also where Ray Train keeps the checkpoints: ``<storage>/<run name>/``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cpsc_ray.config import ConfigError, RunConfig
+from cpsc_ray.distill import ensure_teacher, open_run, prepare_engine
+from cpsc_ray.probe import load_or_make_probe
+from cpsc_ray.results import publish
+from cpsc_ray.engine import DivergenceError
+from cpsc_ray.run import (
+    DistillRun,
+    checkpoint_files,
+    read_checkpoint,
+    record_exploit,
+    restore_engine,
+    write_checkpoint_dir,
+)
+from cpsc_ray.storage import Storage
+from cpsc_ray.teacher import load_teacher
+
+FAULT_MARKER = ".fault-injected"
+
+
+class DistributedRunError(RuntimeError):
+    """A distributed run that failed for good; the message says what is kept and how to resume."""
+
+
+def inject_fault_once(outputs: Storage, epoch: int, fault_epoch: int | None, rank: int) -> None:
+    """Kill this worker process the first time any run reaches ``fault_epoch`` on rank 1 (rank 0 when
+    alone), to rehearse recovery. The marker in the run's storage makes it fire once across restarts."""
+    if fault_epoch is None or epoch != fault_epoch or rank != min(1, ray.train.get_context().get_world_size() - 1):
+        return
+    if outputs.exists(FAULT_MARKER):
+        return
+    outputs.write_text(FAULT_MARKER, f"worker {rank} killed at the start of epoch {epoch}\n")
+    os._exit(1)
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Every worker runs this. ``loop`` holds the config and where outputs go; for a round of a
+    multi-worker tuning trial also ``start_state`` (a checkpoint to start from), ``stop_epoch`` and
+    ``exploit`` (the PBT clone to record once restored)."""
+    cfg = RunConfig.model_validate(loop["config"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    prepared = prepare_engine(cfg, device, kind=loop["kind"], trial_id=loop["trial_id"], experiment=loop["experiment"],
+                              method=loop.get("method"))
+    engine = prepared.engine
+    outputs = Storage(loop["outputs"])
+    run = DistillRun(engine, prepared.identity, outputs if rank == 0 else None,
+                     loop.get("selection") or prepared.selection, keep_best=loop.get("keep_best", True))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restart after a worker failure
+        with checkpoint.as_directory() as directory:
+            state, meta = read_checkpoint(Storage(directory))
+        restore_engine(engine, state, checkpoint.path)
+        run.resume_from(meta)
+    elif loop.get("start_state"):
+        state, meta = read_checkpoint(Storage(loop["start_state"]))
+        restore_engine(engine, state, loop["start_state"])
+        run.resume_from(meta)
+        if loop.get("exploit") and rank == 0:
+            record_exploit(outputs, engine, loop["exploit"])
+    stop_epoch = loop.get("stop_epoch") or cfg.train.epochs
+    while engine.epoch < stop_epoch:
+        inject_fault_once(outputs, engine.epoch + 1, loop.get("fault_epoch"), rank)
+        try:
+            row = run.run_epoch()
+        except DivergenceError:
+            return  # rank 0 has recorded the diverged epoch; nothing more to learn from this run
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
+        if run.checkpoint_due() or engine.epoch == stop_epoch:
+            with tempfile.TemporaryDirectory() as directory:
+                if rank == 0:
+                    write_checkpoint_dir(Path(directory), checkpoint_files(engine, run.meta()))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+    if rank == 0 and run.done and loop["kind"] == "distill":
+        run.finish()
+
+
+def prepare_probe(cfg: RunConfig) -> None:
+    """Make the teacher's probe set once, before any worker needs it (workers then only read it)."""
+    if cfg.eval.probe_per_class:
+        load_or_make_probe(load_teacher(cfg), cfg.eval, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def on_worker_resources(gpus: float, task, *args) -> Any:
+    """Run ``task`` where the trial's workers would run: on a GPU node when the run uses GPUs."""
+    return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(task).remote(*args))
+
+
+def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ScalingConfig:
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
+
+
+def run_distributed(
+    cfg: RunConfig,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    storage: str | None = None,
+    max_failures: int = 0,
+    resume: str | None = None,
+    fault_epoch: int | None = None,
+) -> dict[str, Any]:
+    if cfg.train.batch_size % workers:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
+    if storage:
+        cfg = cfg.model_copy(update={"output_dir": storage})
+    cfg, outputs, name = open_run(cfg, resume)
+    if not ray.is_initialized():
+        ray.init()
+    cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)
+    on_worker_resources(gpus_per_worker, prepare_probe, cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(), "outputs": outputs.uri(), "kind": "distill", "trial_id": "run",
+            "experiment": name, "fault_epoch": fault_epoch,
+        },
+        scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=Storage(cfg.output_dir).uri(),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        kept = "its checkpoints are kept there" if _has_checkpoint(outputs) else "it wrote no checkpoint yet"
+        raise DistributedRunError(
+            f"run {name} failed after {max_failures} allowed worker failure(s): {str(err).splitlines()[0]}; "
+            f"{kept} ({outputs.uri()}): continue it with --resume {name}, or allow restarts with --max-failures"
+        ) from None
+    if not outputs.exists("summary.json"):
+        last = outputs.read_parquet("metrics.parquet").to_pylist()[-1]
+        raise DistributedRunError(
+            f"run {name} diverged in epoch {last['epoch']} (a loss became NaN or infinite); its metrics are in "
+            f"{outputs.uri('metrics.parquet')}: lower student.lr, generator.lr or the loss weights"
+        )
+    publish(Storage(cfg.output_dir), name, outputs.read_parquet("metrics.parquet").to_pylist(), [])
+    summary = outputs.read_json("summary.json")
+    summary["run_dir"] = outputs.uri()
+    return summary
+
+
+def _has_checkpoint(outputs: Storage) -> bool:
+    return any(d.startswith("checkpoint_") for d in outputs.list_dirs())

@@ -1,0 +1,383 @@
+"""The CPSC-DFKD engine: pure PyTorch, steppable one epoch at a time, with its complete state in
+``state_dict()``. It knows nothing of Ray; under ``torch.distributed`` it runs data-parallel.
+
+Per iteration: ``g_steps`` generator steps, then ``s_steps`` student steps, each on a fresh batch of
+noise ``z`` and pseudo-labels ``y`` (``z`` is never optimised). Work the method does not need is not
+done: the frozen teacher and, in generator steps, the student compute no weight gradients; student
+steps synthesise under ``no_grad``; each optimizer is built once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cpsc_ray.config import RunConfig
+from cpsc_ray.generators import build_generator
+from cpsc_ray.losses import BNStatisticsPrior, SynthBatch, WeightedSum, generator_objective, student_objective
+from cpsc_ray.models import build_model
+from cpsc_ray.schedules import multistep, warmup_cosine
+
+GENERATOR_TERMS = ("kd", "ikd", "bn", "scl", "ce")
+STUDENT_TERMS = ("kd", "ikd", "ce")
+LOSS_METRICS = tuple(f"g_{t}" for t in GENERATOR_TERMS) + ("g_total",) + tuple(f"s_{t}" for t in STUDENT_TERMS) + (
+    "s_total",
+)
+
+
+class DivergenceError(RuntimeError):
+    """A loss became NaN or infinite; the run cannot usefully continue."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class EvalSet:
+    """Labelled images (already normalised for the teacher) on which the student's top-1 is measured."""
+
+    images: Tensor
+    labels: Tensor
+
+
+def noise_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of a rank's noise stream for one epoch: a resumed run draws what an unbroken one would."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_with_grad(tensor: Tensor) -> Tensor:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+def _average_with_grad(tensor: Tensor) -> Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor) / dist.get_world_size()
+
+
+class ProjectionHead(nn.Module):
+    """Maps student features to the teacher's width for the contrastive loss (an MLP, as in the reference)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class DistillEngine:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        teacher: nn.Module,
+        spec: ImageSpec,
+        eval_sets: dict[str, EvalSet] | None = None,
+        device: torch.device | None = None,
+    ):
+        self.cfg = cfg
+        self.spec = spec
+        self.device = device or pick_device(cfg.train.device)
+        self.rank, self.world_size = world()
+        if cfg.train.batch_size % self.world_size:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} must be divisible by the {self.world_size} workers"
+            )
+        self.local_batch = cfg.train.batch_size // self.world_size
+        on_cuda = self.device.type == "cuda"
+        self.amp = cfg.train.amp and on_cuda
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
+        self.student = build_model(cfg.student.arch, spec.num_classes, spec.channels, **cfg.student.kwargs)
+        self.student.to(self.device, memory_format=self.memory_format)
+        self.generator = build_generator(
+            cfg.generator.arch, cfg.generator.kind, cfg.generator.nz, cfg.generator.ngf,
+            spec.channels, spec.image_size, spec.num_classes,
+        ).to(self.device, memory_format=self.memory_format)
+        teacher_dim = self._feature_dim(self.teacher)
+        self.head = (
+            ProjectionHead(self.student.feature_dim, teacher_dim).to(self.device)
+            if self.student.feature_dim != teacher_dim
+            else None
+        )
+        if self.head is not None and not cfg.loss.train_projection_head:
+            self.head.requires_grad_(False)
+
+        fused = {"fused": True} if on_cuda else {}
+        self.student_opt = torch.optim.SGD(
+            self.student.parameters(), lr=cfg.student.lr, momentum=cfg.student.momentum,
+            weight_decay=cfg.student.weight_decay, **fused,
+        )
+        generator_params = list(self.generator.parameters())
+        if self.head is not None and cfg.loss.train_projection_head:
+            generator_params += list(self.head.parameters())
+        self.generator_opt = torch.optim.Adam(
+            generator_params, lr=cfg.generator.lr, betas=(cfg.generator.beta1, cfg.generator.beta2), **fused
+        )
+
+        distributed = self.world_size > 1
+        self.bn_prior: BNStatisticsPrior | None = None
+        self._gather = _gather_with_grad if distributed else None
+        self.student_ddp: nn.Module = self.student
+        self.generator_ddp: nn.Module = self.generator
+        self.head_ddp: nn.Module | None = self.head
+        if distributed:
+            device_ids = [self.device.index] if on_cuda else None
+            self.student_ddp = DistributedDataParallel(self.student, device_ids=device_ids)
+            # The generator's running statistics are never used (it always generates in train mode).
+            self.generator_ddp = DistributedDataParallel(self.generator, device_ids=device_ids, broadcast_buffers=False)
+            if self.head is not None and cfg.loss.train_projection_head:
+                self.head_ddp = DistributedDataParallel(self.head, device_ids=device_ids)
+        if cfg.train.compile:
+            self.teacher_fwd = torch.compile(self.teacher)
+            self.student_fwd = torch.compile(self.student)
+            self.student_ddp = torch.compile(self.student_ddp)
+            self.generator_ddp = torch.compile(self.generator_ddp)
+        else:
+            self.teacher_fwd, self.student_fwd = self.teacher, self.student
+
+        self.eval_sets = {
+            name: EvalSet(s.images.to(self.device, memory_format=self.memory_format), s.labels.to(self.device))
+            for name, s in (eval_sets or {}).items()
+        }
+        self.noise = torch.Generator(device=self.device)
+        self.epoch = 0
+        self.images_synthesized = 0
+        self.device_seconds = 0.0
+        self.apply_hyperparameters(cfg)
+
+    # ----- hyperparameters -------------------------------------------------------------------
+    def apply_hyperparameters(self, cfg: RunConfig) -> None:
+        """Put a (possibly perturbed) config in effect: loss weights and temperatures, base learning
+        rates, step counts. Called after ``load_state_dict`` so restored optimizer state cannot win."""
+        frozen = ("student.arch", "generator.arch", "generator.kind", "generator.nz", "generator.ngf")
+        for key in frozen:
+            section, field = key.split(".")
+            if getattr(getattr(cfg, section), field) != getattr(getattr(self.cfg, section), field):
+                raise ValueError(f"{key} cannot change during a run (it shapes the models)")
+        if cfg.loss.train_projection_head != self.cfg.loss.train_projection_head:
+            raise ValueError("loss.train_projection_head cannot change during a run (it decides the optimizer)")
+        self.cfg = cfg
+        if cfg.loss.beta and self.bn_prior is None:
+            self.bn_prior = BNStatisticsPrior(self.teacher, _average_with_grad if self.world_size > 1 else None)
+        self.generator_loss: WeightedSum = generator_objective(cfg.loss, self.bn_prior, self._gather)
+        self.student_loss: WeightedSum = student_objective(cfg.loss)
+        for group in self.student_opt.param_groups:
+            group["momentum"], group["weight_decay"] = cfg.student.momentum, cfg.student.weight_decay
+        for group in self.generator_opt.param_groups:
+            group["betas"] = (cfg.generator.beta1, cfg.generator.beta2)
+        self._set_learning_rates(self._progress(0))
+
+    def _progress(self, iteration: int) -> float:
+        per_epoch = self.cfg.train.iterations_per_epoch
+        return (self.epoch * per_epoch + iteration) / (self.cfg.train.epochs * per_epoch)
+
+    def _set_learning_rates(self, progress: float) -> None:
+        student_lr = self.cfg.student.lr * warmup_cosine(progress, self.cfg.student.warmup_fraction)
+        generator_lr = self.cfg.generator.lr * multistep(progress, self.cfg.generator.lr_milestones, self.cfg.generator.lr_gamma)
+        for group in self.student_opt.param_groups:
+            group["lr"] = student_lr
+        for group in self.generator_opt.param_groups:
+            group["lr"] = generator_lr
+
+    # ----- training --------------------------------------------------------------------------
+    def _feature_dim(self, model: nn.Module) -> int:
+        probe = torch.zeros(2, self.spec.channels, self.spec.image_size, self.spec.image_size, device=self.device)
+        with torch.no_grad():
+            return model(probe, return_features=True)[1].shape[1]
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    def draw(self) -> tuple[Tensor, Tensor]:
+        """The next noise and pseudo-labels of this rank's stream (reseeded from seed, rank and epoch)."""
+        z = torch.randn(self.local_batch, self.cfg.generator.nz, device=self.device, generator=self.noise)
+        y = torch.randint(0, self.spec.num_classes, (self.local_batch,), device=self.device, generator=self.noise)
+        return z, y
+
+    def _generator_step(self, sums: dict[str, Tensor]) -> Tensor:
+        z, y = self.draw()
+        objective = self.generator_loss
+        with self._autocast():
+            images = self.generator_ddp(z, y).contiguous(memory_format=self.memory_format)
+            capture = self.bn_prior.capture() if "bn" in objective.terms else contextlib.nullcontext()
+            with capture:
+                t_logits, t_features = self.teacher_fwd(images, return_features=True)
+            s_logits, s_features = self.student_fwd(images, return_features=True)
+            if objective.needs_features and self.head_ddp is not None:
+                s_features = self.head_ddp(s_features)
+            total, parts = objective(SynthBatch(y, t_logits, s_logits, t_features, s_features))
+        self.generator_opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.generator_opt.step()
+        self._accumulate(sums, "g", total, parts)
+        return total
+
+    def _student_step(self, sums: dict[str, Tensor]) -> Tensor:
+        z, y = self.draw()
+        with torch.no_grad(), self._autocast():
+            images = self.generator(z, y).contiguous(memory_format=self.memory_format)
+            t_logits = self.teacher_fwd(images)
+        with self._autocast():
+            s_logits = self.student_ddp(images)
+            total, parts = self.student_loss(SynthBatch(y, t_logits, s_logits))
+        self.student_opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.student_opt.step()
+        self._accumulate(sums, "s", total, parts)
+        return total
+
+    @staticmethod
+    def _accumulate(sums: dict[str, Tensor], phase: str, total: Tensor, parts: dict[str, Tensor]) -> None:
+        for name, value in {**parts, "total": total.detach()}.items():
+            key = f"{phase}_{name}"
+            sums[key] = sums[key] + value.float() if key in sums else value.float()
+
+    def train_epoch(self) -> dict[str, float]:
+        """Run one epoch; returns the mean of every loss term by name, learning rates, throughput."""
+        cfg = self.cfg.train
+        self.teacher.eval()
+        self.student.train()
+        self.generator.train()
+        self.noise.manual_seed(noise_seed(self.cfg.seed, self.rank, self.epoch))
+        sums: dict[str, Tensor] = {}
+        finite = torch.ones((), device=self.device)
+        started = time.perf_counter()
+        for iteration in range(cfg.iterations_per_epoch):
+            self._set_learning_rates(self._progress(iteration))
+            self.student.requires_grad_(False)
+            for _ in range(cfg.g_steps):
+                finite = finite * torch.isfinite(self._generator_step(sums))
+            self.student.requires_grad_(True)
+            for _ in range(cfg.s_steps):
+                finite = finite * torch.isfinite(self._student_step(sums))
+        counts = {"g": cfg.iterations_per_epoch * cfg.g_steps, "s": cfg.iterations_per_epoch * cfg.s_steps}
+        names = sorted(sums)
+        values = torch.stack([sums[n] / counts[n[0]] for n in names] + [finite])
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world_size
+            self._sync_student_buffers()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        *means, all_finite = values.tolist()
+        self.epoch += 1
+        # A diverged epoch still spent its compute: count it before giving up, so totals stay honest.
+        images = cfg.iterations_per_epoch * (cfg.g_steps + cfg.s_steps) * cfg.batch_size
+        self.images_synthesized += images
+        self.device_seconds += seconds * self.world_size
+        if all_finite < 1:
+            raise DivergenceError(f"a loss became NaN or infinite in epoch {self.epoch}")
+        metrics = {name: None for name in LOSS_METRICS}
+        metrics.update(dict(zip(names, means)))
+        metrics.update(
+            epoch=self.epoch,
+            lr_student=self.student_opt.param_groups[0]["lr"],
+            lr_generator=self.generator_opt.param_groups[0]["lr"],
+            images=self.images_synthesized,
+            images_per_s=images / seconds,
+            epoch_s=seconds,
+            device_s=self.device_seconds,
+        )
+        return metrics
+
+    def _sync_student_buffers(self) -> None:
+        # Generator steps update each rank's BN running statistics with its own batches.
+        for buffer in self.student.buffers():
+            dist.broadcast(buffer, src=0)
+
+    # ----- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Student top-1 on each evaluation set, sharded across ranks and summed."""
+        self.student.eval()
+        results = {}
+        for name, eval_set in self.eval_sets.items():
+            images, labels = eval_set.images[self.rank :: self.world_size], eval_set.labels[self.rank :: self.world_size]
+            counts = torch.zeros(2, device=self.device)
+            for start in range(0, len(labels), self.cfg.eval.batch_size):
+                with self._autocast():
+                    logits = self.student_fwd(images[start : start + self.cfg.eval.batch_size])
+                counts[0] += (logits.argmax(1) == labels[start : start + self.cfg.eval.batch_size]).sum()
+                counts[1] += len(logits)
+            if self.world_size > 1:
+                dist.all_reduce(counts)
+            results[name] = (counts[0] / counts[1].clamp(min=1)).item()
+        self.student.train()
+        return results
+
+    @torch.no_grad()
+    def sample(self, per_class: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """``per_class`` synthetic images of every class (class-major), in [0, 1] for viewing."""
+        labels = torch.arange(self.spec.num_classes, device=self.device).repeat_interleave(per_class)
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        z = torch.randn(len(labels), self.cfg.generator.nz, device=self.device, generator=rng)
+        images = self.generator(z, labels).float()
+        mean = torch.tensor(self.spec.mean, device=self.device)[:, None, None]
+        std = torch.tensor(self.spec.std, device=self.device)[:, None, None]
+        return (images * std + mean).clamp(0, 1).cpu(), labels.cpu()
+
+    # ----- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-identically; the frozen teacher is not included."""
+        return {
+            "student": self.student.state_dict(),
+            "generator": self.generator.state_dict(),
+            "head": self.head.state_dict() if self.head is not None else {},
+            "student_opt": self.student_opt.state_dict(),
+            "generator_opt": self.generator_opt.state_dict(),
+            "schedule": {"epoch": self.epoch},
+            "counters": {"images_synthesized": self.images_synthesized, "device_seconds": self.device_seconds},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.generator.load_state_dict(state["generator"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        self.student_opt.load_state_dict(state["student_opt"])
+        self.generator_opt.load_state_dict(state["generator_opt"])
+        self.epoch = int(state["schedule"]["epoch"])
+        self.images_synthesized = int(state["counters"]["images_synthesized"])
+        self.device_seconds = float(state["counters"]["device_seconds"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # Restored optimizer state carries the source's learning rates and betas: the config wins.
+        self.apply_hyperparameters(self.cfg)

@@ -1,0 +1,97 @@
+"""Where runs write: a local directory or any URI pyarrow.fs understands (s3://, gs://, hdfs://...).
+
+Every write is atomic for readers: local files go to a temporary name and are renamed into place;
+object stores publish an object only when its upload completes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class Storage:
+    def __init__(self, root: str):
+        if "://" in root:
+            self.fs, path = pafs.FileSystem.from_uri(root)
+            self.scheme = root.split("://", 1)[0]
+        else:
+            self.fs, path = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+            self.scheme = ""
+        self.root = path.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def uri(self, *parts: str) -> str:
+        """The full address of a path under the root: what another process or node should be given."""
+        path = self.path(*parts)
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def child(self, *parts: str) -> "Storage":
+        return Storage(self.uri(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def makedirs(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        if self.is_local:
+            staging = f"{target}.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(staging) as out:
+                out.write(data)
+            os.replace(staging, target)
+        else:
+            with self.fs.open_output_stream(target) as out:
+                out.write(data)
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode())
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode()
+
+    def write_json(self, relative: str, value: Any) -> None:
+        self.write_text(relative, json.dumps(value, indent=2, default=str))
+
+    def read_json(self, relative: str) -> Any:
+        return json.loads(self.read_text(relative))
+
+    def write_parquet(self, relative: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(relative, buffer.getvalue())
+
+    def read_parquet(self, relative: str) -> pa.Table:
+        return pq.read_table(self.path(relative), filesystem=self.fs)
+
+    def delete_dir(self, relative: str) -> None:
+        if self.exists(relative):
+            self.fs.delete_dir(self.path(relative))
+
+    def list_dirs(self, relative: str = "") -> list[str]:
+        if not self.exists(relative):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(relative)))
+        return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)

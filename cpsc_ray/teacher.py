@@ -1,0 +1,291 @@
+"""Teachers: ours (trained by ``cpsc-ray teacher``) or the user's own (registry arch or
+``package.module:function``, plus weights). Loading checks what the config states against the data."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig
+from cpsc_ray.data import DatasetInfo, dataset_info, load_splits
+from cpsc_ray.evaluation import materialize, top1
+from cpsc_ray.models import MODELS, build_model
+from cpsc_ray.storage import Storage
+
+WEIGHTS_NAME = "teacher.safetensors"
+
+
+@dataclass(frozen=True)
+class TeacherCard:
+    """The JSON sidecar written beside a teacher's weights."""
+
+    arch: str
+    dataset: str
+    num_classes: int
+    input_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+    test_acc: float | None = None
+    val_acc: float | None = None
+    epochs: int | None = None
+    seed: int | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CPSC_RAY_CACHE", Path.home() / ".cache" / "cpsc-ray"))
+
+
+def card_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+class FeatureTap(nn.Module):
+    """Gives a model without ``return_features`` the (logits, features) API: the named layer's output,
+    globally average-pooled when it is a feature map, is the penultimate feature."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        super().__init__()
+        self.model = model
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            names = ", ".join(n for n in modules if n) or "(none)"
+            raise ConfigError(f"teacher.feature_layer: the model has no layer {layer!r}; its layers are: {names}")
+        self._features: Tensor | None = None
+        modules[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs, output: Tensor) -> None:
+        self._features = output
+
+    def forward(self, x: Tensor, return_features: bool = False):
+        logits = self.model(x)
+        if not return_features:
+            return logits
+        features = self._features
+        if features.dim() == 4:
+            features = F.adaptive_avg_pool2d(features, 1)
+        return logits, torch.flatten(features, 1)
+
+
+def _import_builder(spec: str):
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"teacher.builder: expected 'package.module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"teacher.builder: cannot import {spec!r} ({err}); is its package installed on this node?") from None
+
+
+def _supports_features(model: nn.Module) -> bool:
+    return "return_features" in inspect.signature(model.forward).parameters
+
+
+def build_teacher_model(cfg: TeacherConfig, num_classes: int, channels: int) -> nn.Module:
+    if cfg.arch is not None:
+        if cfg.arch not in MODELS:
+            raise ConfigError(f"teacher.arch: unknown model {cfg.arch!r}; choose one of: {', '.join(MODELS.names())}")
+        model = build_model(cfg.arch, num_classes, channels, **cfg.kwargs)
+    else:
+        model = _import_builder(cfg.builder)(**cfg.kwargs)
+    return model
+
+
+def with_features(model: nn.Module, cfg: TeacherConfig) -> nn.Module:
+    """The model itself when it has ``return_features``, else a ``FeatureTap`` on ``teacher.feature_layer``."""
+    if cfg.feature_layer is not None:
+        return FeatureTap(model, cfg.feature_layer)
+    if not _supports_features(model):
+        raise ConfigError(
+            "teacher.feature_layer: this model has no return_features argument; name the layer whose output is "
+            "its penultimate feature (e.g. teacher.feature_layer=avgpool)"
+        )
+    return model
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+            raise ConfigError(f"teacher.weights: {path} is not a loadable weights file ({err})") from None
+        for key in ("state_dict", "model", "net"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(f"teacher.weights: {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _stated(cfg: TeacherConfig, card: TeacherCard | None, info: DatasetInfo) -> None:
+    """Every statement about the teacher (config fields, sidecar) must agree with the dataset."""
+    for field, expected in (("num_classes", info.num_classes), ("input_size", info.image_size), ("channels", info.channels)):
+        for source, value in ((f"teacher.{field}", getattr(cfg, field)), ("teacher.weights sidecar", getattr(card, field, None))):
+            if value is not None and value != expected:
+                raise ConfigError(
+                    f"{source}: the teacher has {field}={value} but data.dataset={info.name} gives {expected}; "
+                    f"use a teacher trained for this data, or fix data.dataset / data.image_size"
+                )
+
+
+def resolve_weights(cfg: RunConfig) -> str:
+    """The teacher's weights file (a path or a URI); ``auto`` names the cache slot ``train_teacher`` fills."""
+    weights = cfg.teacher.weights
+    if weights is None:
+        raise ConfigError(
+            "teacher.weights: required; give the trained teacher's weights file, or 'auto' to train one "
+            "(`cpsc-ray teacher --config ...`) and cache it"
+        )
+    if weights != "auto":
+        if "://" in weights:
+            return weights
+        return str(Path(weights).expanduser())
+    key = json.dumps(
+        [cfg.data.model_dump(exclude={"num_workers"}), cfg.teacher.model_dump(exclude={"weights"}), cfg.teacher_training.model_dump()],
+        sort_keys=True,
+    )
+    slot = f"{cfg.data.dataset}-{cfg.teacher.arch or 'custom'}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return str(cache_dir() / "teachers" / slot / WEIGHTS_NAME)
+
+
+def weights_exist(location: str) -> bool:
+    parent, name = location.rsplit("/", 1)
+    return Storage(parent).exists(name)
+
+
+def fetch_weights(location: str) -> Path:
+    """A local file for weights given as a path or a URI; a URI is downloaded once, with its card."""
+    if "://" not in location:
+        return Path(location)
+    parent, name = location.rsplit("/", 1)
+    remote = Storage(parent)
+    local = cache_dir() / "fetched" / hashlib.sha256(location.encode()).hexdigest()[:16] / name
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        card = card_path(Path(name)).name
+        if remote.exists(card):
+            card_path(local).write_bytes(remote.read_bytes(card))
+        staging = local.with_name(f".{name}.partial")
+        staging.write_bytes(remote.read_bytes(name))
+        os.replace(staging, local)
+    return local
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    location: str  # where the weights live (path or URI): the probe set is stored beside them
+    weights: Path  # a local copy
+    card: TeacherCard | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    info: DatasetInfo
+
+
+def load_teacher(cfg: RunConfig) -> Teacher:
+    info = dataset_info(cfg.data)
+    location = resolve_weights(cfg)
+    if not weights_exist(location):
+        hint = "train it with `cpsc-ray teacher`" if cfg.teacher.weights == "auto" else "check the path"
+        raise ConfigError(f"teacher.weights: {location} does not exist; {hint}")
+    path = fetch_weights(location)
+    card = TeacherCard(**json.loads(card_path(path).read_text())) if card_path(path).is_file() else None
+    _stated(cfg.teacher, card, info)
+    model = build_teacher_model(cfg.teacher, info.num_classes, info.channels)
+    missing, unexpected = [], []
+    try:
+        result = model.load_state_dict(read_weights(path), strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    except RuntimeError as err:
+        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+        raise ConfigError(f"teacher.weights: {path} does not fit the configured teacher: {first.strip()}") from None
+    if missing or unexpected:
+        raise ConfigError(
+            f"teacher.weights: {path} does not fit the configured teacher ({len(missing)} missing keys, e.g. "
+            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); check teacher.arch/builder"
+        )
+    model = with_features(model.eval().requires_grad_(False), cfg.teacher)
+    with torch.no_grad():
+        logits = model(torch.zeros(2, info.channels, info.image_size, info.image_size))
+    if logits.shape[1] != info.num_classes:
+        raise ConfigError(
+            f"teacher.num_classes: the teacher outputs {logits.shape[1]} classes but data.dataset={info.name} "
+            f"has {info.num_classes}"
+        )
+    mean = tuple(cfg.teacher.mean or (card.mean if card else info.mean))
+    std = tuple(cfg.teacher.std or (card.std if card else info.std))
+    if len(mean) != info.channels or len(std) != info.channels:
+        raise ConfigError(f"teacher.mean/std: one value per channel expected ({info.channels}), got {mean} / {std}")
+    return Teacher(model, location, path, card, mean, std, info)
+
+
+def train_teacher(cfg: RunConfig, out: Path | None = None, device: torch.device | None = None, progress: bool = True) -> Path:
+    """Train the configured teacher architecture on real data (SGD, cosine, standard augmentation) and
+    write ``teacher.safetensors`` plus its JSON card; the val hold-out is excluded from training."""
+    if cfg.teacher.arch is None:
+        raise ConfigError("teacher.arch: cpsc-ray trains registry architectures only; a builder teacher brings its weights")
+    auto = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": "auto"})})
+    target = out / WEIGHTS_NAME if out else Path(resolve_weights(auto))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tcfg = cfg.teacher_training
+    torch.manual_seed(tcfg.seed)
+    splits = load_splits(cfg.data, augment=True)
+    model = build_model(cfg.teacher.arch, splits.info.num_classes, splits.info.channels, **cfg.teacher.kwargs).to(device)
+    loader = DataLoader(
+        splits.train, batch_size=tcfg.batch_size, shuffle=True, drop_last=len(splits.train) > tcfg.batch_size,
+        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(tcfg.seed),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    steps = tcfg.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    bar = tqdm(range(tcfg.epochs), desc=f"teacher {cfg.teacher.arch}", disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    card = TeacherCard(
+        arch=cfg.teacher.arch, dataset=splits.info.name, num_classes=splits.info.num_classes,
+        input_size=splits.info.image_size, channels=splits.info.channels,
+        mean=list(splits.info.mean), std=list(splits.info.std),
+        test_acc=top1(model, materialize(splits.test), device),
+        val_acc=top1(model, materialize(splits.val), device) if splits.val is not None else None,
+        epochs=tcfg.epochs, seed=tcfg.seed,
+    )
+    write_teacher(target, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, card)
+    return target
+
+
+def write_teacher(target: Path, state: dict[str, Tensor], card: TeacherCard) -> None:
+    """Weights and card land together or not at all: written in a temporary folder, then moved."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        save_file(state, str(staging / target.name))
+        card_path(staging / target.name).write_text(json.dumps(asdict(card), indent=2))
+        os.chmod(staging / target.name, 0o644)
+        os.replace(card_path(staging / target.name), card_path(target))
+        os.replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

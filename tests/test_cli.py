@@ -1,0 +1,122 @@
+"""The CLI end to end on the digits default with tiny budgets: run directory, metrics, checkpoints,
+model selection without the test set, resume, teacher training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cpsc_ray.cli import main
+from cpsc_ray.models import build_model
+from cpsc_ray.results import SCHEMA
+from cpsc_ray.run import DistillRun
+from conftest import TINY
+
+
+def distill(tmp_path: Path, *extra: str) -> int:
+    return main(["distill", "--name", "e2e", *TINY, f"output_dir={tmp_path / 'runs'}", *extra])
+
+
+def test_distill_writes_a_complete_run_directory(digits_cfg, tmp_path, capsys):
+    assert distill(tmp_path, "train.epochs=3") == 0
+    out = capsys.readouterr().out
+    assert "teacher test accuracy" in out and "student test accuracy" in out
+    run = tmp_path / "runs" / "e2e"
+    table = pq.read_table(run / "metrics.parquet")
+    assert table.schema == SCHEMA
+    rows = table.to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(0 <= r["test_acc"] <= 1 and 0 <= r["val_acc"] <= 1 and 0 <= r["proxy"] <= 1 for r in rows)
+    assert rows[-1]["images"] == 3 * 2 * (2 + 2) * 32
+    assert rows[0]["config/loss.alpha"] == 5.0 and rows[0]["method"] == "defaults"
+
+    state = torch.load(run / "checkpoints/last/state.pt", weights_only=True)
+    meta = json.loads((run / "checkpoints/last/meta.json").read_text())
+    assert meta["epoch"] == 3 and set(state) >= {"student", "generator", "student_opt", "generator_opt"}
+
+    summary = json.loads((run / "summary.json").read_text())
+    best_epoch = max(rows, key=lambda r: r["val_acc"])["epoch"]  # first maximum, as the run keeps it
+    assert summary["selected_by"] == {"metric": "val_acc", "value": max(r["val_acc"] for r in rows), "epoch": best_epoch}
+    assert summary["best"]["test_acc"] == rows[best_epoch - 1]["test_acc"]
+    card = json.loads((run / "best/student.json").read_text())
+    student = build_model(card["arch"], card["num_classes"], card["channels"])
+    student.load_state_dict(load_file(run / "best/student.safetensors"))
+    assert (run / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_validation_split_the_proxy_selects(digits_cfg, tmp_path):
+    assert distill(tmp_path, "data.val_size=0") == 0
+    summary = json.loads((tmp_path / "runs/e2e/summary.json").read_text())
+    assert summary["selected_by"]["metric"] == "proxy"
+    assert all(r["val_acc"] is None for r in pq.read_table(tmp_path / "runs/e2e/metrics.parquet").to_pylist())
+
+
+def test_a_second_run_of_the_same_name_gets_a_new_directory(digits_cfg, tmp_path):
+    assert distill(tmp_path, "train.epochs=1") == 0
+    assert distill(tmp_path, "train.epochs=1") == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "results")
+    assert len(runs) == 2 and runs[0] == "e2e" and runs[1].startswith("e2e-")
+    from cpsc_ray.results import read_results
+
+    trials = read_results([str(tmp_path / "runs")]).trials
+    assert sorted(trials["experiment"]) == runs and set(trials["kind"]) == {"distill"}
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_continues_from_the_last_checkpoint(digits_cfg, tmp_path, monkeypatch):
+    assert main(["distill", "--name", "unbroken", *TINY, "train.epochs=4", f"output_dir={tmp_path / 'runs'}"]) == 0
+    unbroken = pq.read_table(tmp_path / "runs/unbroken/metrics.parquet").to_pylist()
+
+    real_run_epoch = DistillRun.run_epoch
+
+    def crash_after_epoch_3(self):
+        row = real_run_epoch(self)
+        if row["epoch"] == 3:
+            raise Crash()
+        return row
+
+    monkeypatch.setattr(DistillRun, "run_epoch", crash_after_epoch_3)
+    with pytest.raises(Crash):
+        distill(tmp_path, "train.epochs=4", "train.checkpoint_every=2")
+    run = tmp_path / "runs/e2e"
+    assert json.loads((run / "checkpoints/last/meta.json").read_text())["epoch"] == 2
+    assert [r["epoch"] for r in pq.read_table(run / "metrics.parquet").to_pylist()] == [1, 2, 3]
+
+    monkeypatch.setattr(DistillRun, "run_epoch", real_run_epoch)
+    assert main(["distill", "--resume", "e2e", f"output_dir={tmp_path / 'runs'}"]) == 0
+    resumed = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    for before, after in zip(unbroken, resumed):
+        assert before["test_acc"] == after["test_acc"] and before["s_total"] == after["s_total"]
+
+
+def test_teacher_command_writes_weights_and_card(tmp_path, capsys):
+    assert main(["teacher", "--out", str(tmp_path / "t"), "teacher_training.epochs=1", "data.val_size=100"]) == 0
+    card = json.loads((tmp_path / "t/teacher.json").read_text())
+    assert card["arch"] == "digits_teacher" and card["num_classes"] == 10 and card["input_size"] == 16
+    assert 0 < card["test_acc"] <= 1 and card["val_acc"] is not None
+    weights = load_file(tmp_path / "t/teacher.safetensors")
+    build_model("digits_teacher", 10, 1).load_state_dict(weights)
+
+
+def test_config_command_prints_overrides(capsys):
+    assert main(["config", "loss.alpha=2.5"]) == 0
+    assert "alpha: 2.5" in capsys.readouterr().out
+
+
+def test_every_shipped_config_validates():
+    from cpsc_ray.config import load_config, shipped_config_names
+
+    names = shipped_config_names()
+    assert "digits" in names and len(names) >= 7
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name

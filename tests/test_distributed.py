@@ -1,0 +1,120 @@
+"""Ray Train: DDP across 2 CPU workers (gloo), checkpoints, recovery from a killed worker."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+
+from cpsc_ray.cli import main
+from cpsc_ray.config import RunConfig, with_values
+from cpsc_ray.run import read_checkpoint
+from cpsc_ray.storage import Storage
+from conftest import TINY
+
+
+def ddp_probe_loop(config: dict) -> None:
+    """Runs inside each Ray Train worker: one epoch, then compares what the ranks hold."""
+    import ray.train
+
+    from cpsc_ray.distill import prepare_engine
+    from cpsc_ray.engine import noise_seed
+    from cpsc_ray.losses import BNStatisticsPrior, supervised_contrastive
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    engine = prepare_engine(cfg, torch.device("cpu")).engine
+    engine.train_epoch()
+    rank = dist.get_rank()
+
+    def gathered(tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, tensor.contiguous())
+        return out
+
+    params = torch.cat([p.detach().flatten() for p in engine.student.parameters()])
+    generator_params = torch.cat([p.detach().flatten() for p in engine.generator.parameters()])
+    engine.noise.manual_seed(noise_seed(cfg.seed, rank, engine.epoch))
+    z, y = engine.draw()
+    with torch.no_grad():
+        images = engine.generator(z, y)
+    all_params, all_generator, all_images = gathered(params), gathered(generator_params), gathered(images)
+
+    # The BN prior and SupCon see the global batch: equal to one process computing them on all of it.
+    with engine.bn_prior.capture():
+        engine.teacher(images)
+    distributed_bn = engine.bn_prior().item()
+    features = torch.nn.functional.normalize(torch.randn(len(y), 2, 8, generator=torch.Generator().manual_seed(rank)), dim=2)
+    distributed_scl = engine.generator_loss.terms["scl"].gather
+    scl = supervised_contrastive(distributed_scl(features), distributed_scl(y), 0.5, 0.5).item()
+    local_prior = BNStatisticsPrior(engine.teacher)
+    with local_prior.capture():
+        engine.teacher(torch.cat(all_images))
+    single_bn = local_prior().item()
+    single_scl = supervised_contrastive(torch.cat(gathered(features)), torch.cat(gathered(y)), 0.5, 0.5).item()
+    # Train V2 keeps the metrics of the latest checkpoint as the run's result, so rank 0 attaches one.
+    directory = tempfile.mkdtemp()
+    Path(directory, "probe.txt").write_text("ddp probe")
+    checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+    ray.train.report(checkpoint=checkpoint, metrics={
+        "rank0_params_equal_rank1": bool(torch.equal(all_params[0], all_params[1])),
+        "generators_equal": bool(torch.equal(all_generator[0], all_generator[1])),
+        "batches_differ": bool(not torch.equal(all_images[0], all_images[1])),
+        "bn_distributed": distributed_bn, "bn_single": single_bn,
+        "scl_distributed": scl, "scl_single": single_scl,
+        "world_size": dist.get_world_size(), "local_batch": engine.local_batch,
+    })
+
+
+def test_ddp_keeps_ranks_in_step_and_draws_different_batches(ray_local, digits_cfg, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        ddp_probe_loop,
+        train_loop_config={"cfg": with_values(digits_cfg, {"loss.train_projection_head": True}).model_dump()},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name="ddp-probe", storage_path=str(tmp_path)),
+    )
+    metrics = trainer.fit().metrics
+    assert metrics["world_size"] == 2 and metrics["local_batch"] == digits_cfg.train.batch_size // 2
+    assert metrics["rank0_params_equal_rank1"] and metrics["generators_equal"]
+    assert metrics["batches_differ"]
+    assert metrics["bn_distributed"] == pytest.approx(metrics["bn_single"], rel=1e-4)
+    assert metrics["scl_distributed"] == pytest.approx(metrics["scl_single"], rel=1e-5)
+
+
+def distill_workers(tmp_path: Path, *extra: str) -> int:
+    return main(["distill", "--name", "dist", "--workers", "2", "--storage", str(tmp_path / "runs"), *TINY, *extra])
+
+
+def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_local, digits_cfg, tmp_path, capsys):
+    code = distill_workers(tmp_path, "train.epochs=4", "train.checkpoint_every=2", "--max-failures", "1",
+                           "--inject-fault-at-epoch", "4")
+    assert code == 0, capsys.readouterr().err
+    run = tmp_path / "runs/dist"
+    assert "killed at the start of epoch 4" in (run / ".fault-injected").read_text()
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["workers"] == 2 for r in rows)
+    assert rows[-1]["images"] == 4 * 2 * (2 + 2) * 32  # restored counters, not restarted ones
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["last"]["test_acc"] == rows[-1]["test_acc"]
+
+
+def test_without_retries_the_run_fails_clearly_and_keeps_its_checkpoints(ray_local, digits_cfg, tmp_path, capsys):
+    code = distill_workers(tmp_path, "train.epochs=3", "--max-failures", "0", "--inject-fault-at-epoch", "3")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "run dist failed" in err and "--resume dist" in err
+    run = Storage(str(tmp_path / "runs/dist"))
+    checkpoints = [d for d in run.list_dirs() if d.startswith("checkpoint_")]
+    assert checkpoints
+    epochs = sorted(read_checkpoint(run.child(d))[1]["epoch"] for d in checkpoints)
+    assert epochs[-1] == 2
+    rows = pq.read_table(tmp_path / "runs/dist/metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2]

@@ -1,0 +1,137 @@
+"""The engine: exact continuation after save/restore, a frozen teacher, hyperparameters that win
+over restored optimizer state, divergence detection."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from cpsc_ray.config import with_values
+from cpsc_ray.distill import prepare_engine
+from cpsc_ray.engine import DivergenceError
+from cpsc_ray.schedules import multistep, warmup_cosine
+
+
+def roundtrip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_states_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_states_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_restore_continues_bit_identically(tiny_cfg):
+    cfg = with_values(tiny_cfg, {"train.epochs": 3})
+    unbroken = prepare_engine(cfg).engine
+    unbroken.train_epoch()
+    saved = roundtrip(unbroken.state_dict())
+    unbroken.train_epoch()
+    unbroken.train_epoch()
+
+    resumed = prepare_engine(cfg).engine
+    resumed.load_state_dict(saved)
+    assert resumed.epoch == 1
+    resumed.train_epoch()
+    last = resumed.train_epoch()
+
+    a, b = resumed.state_dict(), unbroken.state_dict()
+    a["counters"].pop("device_seconds"), b["counters"].pop("device_seconds")  # wall-clock, not state
+    assert_states_equal(a, b)
+    assert last["epoch"] == 3 and last["images"] == unbroken.images_synthesized
+
+
+def test_teacher_is_frozen_and_never_saved(tiny_cfg):
+    engine = prepare_engine(tiny_cfg).engine
+    before = {k: v.clone() for k, v in engine.teacher.state_dict().items()}
+    engine.train_epoch()
+    assert not engine.teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in engine.teacher.parameters())
+    assert_states_equal(engine.teacher.state_dict(), before)  # running stats untouched too
+    assert "teacher" not in engine.state_dict()
+
+
+def test_projection_head_is_fixed_by_default_and_trained_on_request(tiny_cfg):
+    fixed = prepare_engine(tiny_cfg).engine
+    head_before = {k: v.clone() for k, v in fixed.head.state_dict().items()}
+    fixed.train_epoch()
+    assert_states_equal(fixed.head.state_dict(), head_before)
+
+    trained = prepare_engine(with_values(tiny_cfg, {"loss.train_projection_head": True})).engine
+    trained.train_epoch()
+    assert any(not torch.equal(v, head_before[k]) for k, v in trained.head.state_dict().items())
+
+
+def test_hyperparameters_win_over_restored_optimizer_state(tiny_cfg):
+    source = prepare_engine(tiny_cfg).engine
+    source.train_epoch()
+    state = roundtrip(source.state_dict())
+    perturbed = with_values(tiny_cfg, {"student.lr": 0.37, "generator.lr": 0.0021, "loss.alpha": 1.5, "loss.temperature": 0.2})
+    clone = prepare_engine(perturbed).engine
+    clone.load_state_dict(state)
+    progress = 1 / tiny_cfg.train.epochs
+    expected_student = 0.37 * warmup_cosine(progress, tiny_cfg.student.warmup_fraction)
+    expected_generator = 0.0021 * multistep(progress, tiny_cfg.generator.lr_milestones, tiny_cfg.generator.lr_gamma)
+    assert math.isclose(clone.student_opt.param_groups[0]["lr"], expected_student)
+    assert math.isclose(clone.generator_opt.param_groups[0]["lr"], expected_generator)
+    assert clone.student_loss.weights["ikd"] == 1.5 and clone.generator_loss.weights["ikd"] == -1.5
+    assert clone.generator_loss.terms["scl"].temperature == 0.2
+    assert_states_equal(clone.student.state_dict(), source.student.state_dict())
+
+
+def test_model_shaping_keys_cannot_change_mid_run(tiny_cfg):
+    engine = prepare_engine(tiny_cfg).engine
+    with pytest.raises(ValueError, match="generator.nz"):
+        engine.apply_hyperparameters(with_values(tiny_cfg, {"generator.nz": 3}))
+
+
+def test_divergence_is_detected(tiny_cfg):
+    engine = prepare_engine(with_values(tiny_cfg, {"student.lr": 1e6, "student.warmup_fraction": 0.0})).engine
+    with pytest.raises(DivergenceError, match="epoch 1"):
+        engine.train_epoch()
+
+
+def test_epoch_metrics_name_every_term_and_count_images(tiny_cfg):
+    engine = prepare_engine(tiny_cfg).engine
+    metrics = engine.train_epoch()
+    t = tiny_cfg.train
+    assert metrics["images"] == t.iterations_per_epoch * (t.g_steps + t.s_steps) * t.batch_size
+    for name in ("g_kd", "g_ikd", "g_bn", "g_scl", "g_ce", "g_total", "s_kd", "s_ikd", "s_ce", "s_total"):
+        assert math.isfinite(metrics[name]), name
+    g = tiny_cfg.loss
+    expected_total = -metrics["g_kd"] - g.alpha * metrics["g_ikd"] + g.beta * metrics["g_bn"] + g.gamma * metrics["g_scl"] + g.eta * metrics["g_ce"]
+    assert math.isclose(metrics["g_total"], expected_total, rel_tol=1e-4)
+
+
+def test_ablation_weight_zero_leaves_term_out_of_metrics(tiny_cfg):
+    engine = prepare_engine(with_values(tiny_cfg, {"loss.gamma": 0.0, "loss.beta": 0.0})).engine
+    metrics = engine.train_epoch()
+    assert metrics["g_scl"] is None and metrics["g_bn"] is None and metrics["g_kd"] is not None
+    assert engine.bn_prior is None
+
+
+def test_schedules():
+    assert warmup_cosine(0.0, 0.1) == 0.0
+    assert math.isclose(warmup_cosine(0.05, 0.1), 0.5)
+    assert math.isclose(warmup_cosine(0.1, 0.1), 1.0)
+    assert math.isclose(warmup_cosine(0.55, 0.1), 0.5)
+    assert math.isclose(warmup_cosine(1.0, 0.1), 0.0, abs_tol=1e-12)
+    assert multistep(0.05, [0.1, 0.3], 0.1) == 1.0
+    assert math.isclose(multistep(0.2, [0.1, 0.3], 0.1), 0.1)
+    assert math.isclose(multistep(0.9, [0.1, 0.3], 0.1), 0.01)

@@ -1,0 +1,139 @@
+"""Bad input gets a one-line error that names the field and the fix, and loses nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cpsc_ray.cli import main
+from cpsc_ray.config import ConfigError, load_config, with_values
+from cpsc_ray.distill import prepare_engine
+from cpsc_ray.models import build_model
+from cpsc_ray.run import CheckpointError, read_checkpoint
+from cpsc_ray.storage import Storage
+from cpsc_ray.teacher import load_teacher
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_it():
+    assert "loss.alpah: unknown key" in error_of(load_config, "digits", ["loss.alpah=1"])
+
+
+def test_wrong_type_names_field_and_value():
+    message = error_of(load_config, "digits", ["train.epochs=many"])
+    assert "train.epochs" in message and "'many'" in message
+
+
+def test_unknown_config_lists_shipped_ones():
+    assert "digits" in error_of(load_config, "nonsense", [])
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    assert "not valid YAML" in error_of(load_config, str(bad), [])
+
+
+def test_override_without_equals():
+    assert "dotted.key=value" in error_of(load_config, "digits", ["loss.alpha"])
+
+
+def test_teacher_arch_and_builder_are_exclusive():
+    assert "exactly one of teacher.arch" in error_of(load_config, "digits", ["teacher.builder=x:y"])
+
+
+def test_cifar_needs_teacher_weights_and_data_root(digits_cfg):
+    from cpsc_ray.data import load_splits
+
+    cfg = with_values(digits_cfg, {"data.dataset": "cifar10", "teacher.arch": "resnet18", "teacher.weights": None})
+    assert "teacher.weights: required" in error_of(load_teacher, cfg)
+    assert "data.root" in error_of(lambda: load_splits(cfg.data, augment=False))
+
+
+def _save(tmp_path, model, name="t.pt", card=None):
+    path = tmp_path / name
+    torch.save(model.state_dict(), path)
+    if card is not None:
+        path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+def test_teacher_with_other_class_count(digits_cfg, tmp_path):
+    path = _save(tmp_path, build_model("digits_teacher", 5, 1))
+    message = error_of(load_teacher, with_values(digits_cfg, {"teacher.weights": str(path)}))
+    assert "teacher.weights" in message and "size mismatch" in message
+
+
+def test_teacher_card_with_other_input_size(digits_cfg, tmp_path):
+    card = {"arch": "digits_teacher", "dataset": "digits", "num_classes": 10, "input_size": 32, "channels": 1,
+            "mean": [0.3], "std": [0.3]}
+    path = _save(tmp_path, build_model("digits_teacher", 10, 1), card=card)
+    message = error_of(load_teacher, with_values(digits_cfg, {"teacher.weights": str(path)}))
+    assert "input_size=32" in message and "data.dataset=digits" in message
+
+
+def test_stated_class_count_must_match_dataset(digits_cfg):
+    message = error_of(load_teacher, with_values(digits_cfg, {"teacher.num_classes": 100}))
+    assert "teacher.num_classes" in message and "100" in message
+
+
+def test_missing_teacher_file(digits_cfg, tmp_path):
+    message = error_of(load_teacher, with_values(digits_cfg, {"teacher.weights": str(tmp_path / "none.pt")}))
+    assert "does not exist" in message
+
+
+def byo(digits_cfg, tmp_path, builder, **extra):
+    model = getattr(__import__("byo_models"), builder)()
+    path = _save(tmp_path, model)
+    values = {"teacher.arch": None, "teacher.builder": f"byo_models:{builder}", "teacher.weights": str(path), **extra}
+    return with_values(digits_cfg, values)
+
+
+def test_builder_teacher_without_features_asks_for_feature_layer(digits_cfg, tmp_path):
+    assert "teacher.feature_layer" in error_of(load_teacher, byo(digits_cfg, tmp_path, "plain_cnn"))
+
+
+def test_feature_layer_that_does_not_exist_lists_layers(digits_cfg, tmp_path):
+    message = error_of(load_teacher, byo(digits_cfg, tmp_path, "plain_cnn", **{"teacher.feature_layer": "avgpool"}))
+    assert "no layer 'avgpool'" in message and "'4'" not in message and "4" in message
+
+
+def test_builder_teacher_distils_through_a_feature_tap(digits_cfg, tmp_path):
+    cfg = byo(digits_cfg, tmp_path, "plain_cnn", **{"teacher.feature_layer": "4", "output_dir": str(tmp_path / "runs")})
+    engine = prepare_engine(cfg).engine
+    metrics = engine.train_epoch()
+    assert metrics["g_scl"] is not None and engine.head is not None  # 8-wide teacher feature vs 64-wide student
+
+
+def test_teacher_without_bn_and_positive_beta(digits_cfg, tmp_path):
+    cfg = byo(digits_cfg, tmp_path, "no_bn_cnn", **{"teacher.feature_layer": "3"})
+    assert "loss.beta=0" in error_of(prepare_engine, cfg)
+    assert prepare_engine(with_values(cfg, {"loss.beta": 0.0})).engine.bn_prior is None
+
+
+def test_unimportable_builder(digits_cfg, tmp_path):
+    cfg = with_values(digits_cfg, {"teacher.arch": None, "teacher.builder": "no_such_module:f"})
+    assert "teacher.builder" in error_of(load_teacher, cfg)
+
+
+def test_damaged_checkpoint_is_named(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "state.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "ckpt" / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="ckpt"):
+        read_checkpoint(Storage(str(tmp_path / "ckpt")))
+    assert (tmp_path / "ckpt" / "state.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_resume_of_unknown_run(tiny_cfg, capsys):
+    assert main(["distill", "--resume", "nothing-here", f"output_dir={tiny_cfg.output_dir}"]) == 2
+    assert "--resume nothing-here" in capsys.readouterr().err

@@ -1,0 +1,158 @@
+"""Every loss term against a value computed by hand (pure-Python arithmetic, stored here), and the
+weighted sums' behaviour: zero weights skip work, gradients reach the generator, never the teacher."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cpsc_ray.config import LossConfig
+from cpsc_ray.generators import build_generator
+from cpsc_ray.losses import (
+    BNStatisticsPrior,
+    ChannelMoments,
+    LossTerm,
+    SynthBatch,
+    WeightedSum,
+    generator_objective,
+    kd_divergence,
+    logit_distance,
+    student_objective,
+    supervised_contrastive,
+)
+from cpsc_ray.models import build_model
+
+S = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
+T = torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.0, 0.0]])
+Y = torch.tensor([2, 0])
+
+
+def close(value: torch.Tensor, expected: float) -> bool:
+    return math.isclose(value.item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_kd_is_teacher_to_student_kl_batch_mean():
+    assert close(kd_divergence(S[:1], T[:1]), 1.1504207652088825)
+    assert close(kd_divergence(S, T), 0.6796757358004483)
+
+
+def test_kd_temperature_scales_softmax_and_multiplies_by_t_squared():
+    assert close(kd_divergence(S[:1], T[:1], temperature=4.0), 1.3196299121538528)
+
+
+@pytest.mark.parametrize(
+    "form, expected", [("mse", 1.5416666666666667), ("log_mse", 0.4328640822962789), ("log_norm", 1.1123117757621668)]
+)
+def test_logit_distance_forms(form, expected):
+    assert close(logit_distance(S, T, form), expected)
+
+
+def test_pseudo_label_ce_is_on_logits_not_probabilities():
+    batch = SynthBatch(labels=Y, teacher_logits=T, student_logits=S)
+    ce = student_objective(LossConfig(alpha=0, eta=1.0)).terms["ce"](batch)
+    assert close(ce, 0.9795253391882158)
+
+
+def test_supervised_contrastive_against_hand_computation():
+    student = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
+    teacher = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8], [-1.0, 0.0], [1.0, -0.5]]), dim=1)
+    features = torch.stack([student, teacher], dim=1)
+    loss = supervised_contrastive(features, torch.tensor([0, 1, 0]), temperature=0.5, base_temperature=0.5)
+    assert close(loss, 1.4701012776145073)
+
+
+def test_contrastive_term_normalises_features():
+    student = torch.tensor([[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
+    teacher = torch.tensor([[0.6, 0.8], [-4.0, 0.0], [2.0, -1.0]])
+    batch = SynthBatch(torch.tensor([0, 1, 0]), T, S, teacher_features=teacher, student_features=student)
+    term = generator_objective(LossConfig(temperature=0.5, beta=0), None).terms["scl"]
+    assert close(term(batch), 1.4701012776145073)
+
+
+def test_bn_prior_against_hand_computation():
+    bn = nn.BatchNorm2d(2).eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0]))
+    bn.running_var.copy_(torch.tensor([2.0, 0.5]))
+    model = nn.Sequential(bn)
+    x = torch.tensor([[[[1.0, 2.0]], [[0.0, -2.0]]], [[[3.0, 6.0]], [[1.0, -3.0]]]])
+    prior = BNStatisticsPrior(model)
+    with prior.capture():
+        model(x)
+    assert close(prior(), 5.0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channel_moments_values_and_gradient(memory_format):
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_(True)
+    mean, mean_square = ChannelMoments.apply(x)
+    assert torch.allclose(mean, x.mean(dim=(0, 2, 3))) and torch.allclose(mean_square, (x * x).mean(dim=(0, 2, 3)))
+    assert torch.autograd.gradcheck(ChannelMoments.apply, (x,))
+
+
+def test_bn_prior_hooks_record_only_inside_capture_and_are_removable():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval()
+    prior = BNStatisticsPrior(model)
+    model(torch.randn(2, 1, 3, 3))
+    with pytest.raises(RuntimeError, match="capture"):
+        prior()
+    prior.close()
+    assert not model[1]._forward_hooks
+
+
+def test_bn_prior_needs_batchnorm():
+    with pytest.raises(ValueError, match="loss.beta=0"):
+        BNStatisticsPrior(nn.Sequential(nn.Conv2d(1, 2, 1)))
+
+
+class Exploding(LossTerm):
+    def forward(self, batch):
+        raise AssertionError("a zero-weight term must not be computed")
+
+
+def test_zero_weight_terms_are_not_computed():
+    total_weighted = WeightedSum({"a": (2.0, student_objective(LossConfig()).terms["kd"]), "b": (0.0, Exploding())})
+    total, parts = total_weighted(SynthBatch(Y, T, S))
+    assert set(parts) == {"a"}
+    assert close(total, 2 * 0.6796757358004483)
+
+
+def test_contrast_off_means_no_features_needed():
+    assert generator_objective(LossConfig(beta=0), None).needs_features
+    assert not generator_objective(LossConfig(beta=0, gamma=0), None).needs_features
+
+
+def test_weights_follow_method_md_signs():
+    cfg = LossConfig(alpha=5, beta=1, gamma=0.7, eta=0.7)
+    prior = BNStatisticsPrior(nn.Sequential(nn.BatchNorm2d(1)))
+    g = generator_objective(cfg, prior)
+    assert g.weights == {"kd": -1.0, "ikd": -5.0, "scl": 0.7, "ce": 0.7, "bn": 1.0}
+    assert student_objective(cfg).weights == {"kd": 1.0, "ikd": 5.0, "ce": 0.7}
+
+
+@pytest.mark.parametrize("term", ["kd", "ikd", "bn", "scl", "ce"])
+def test_each_generator_term_reaches_the_generator_and_never_the_teacher(term):
+    torch.manual_seed(0)
+    teacher = build_model("digits_teacher", 10, 1).eval().requires_grad_(False)
+    student = build_model("digits_student", 10, 1).requires_grad_(False)
+    head = nn.Linear(student.feature_dim, teacher.feature_dim).requires_grad_(False)
+    generator = build_generator("upsample", "conditional", 8, 4, 1, 16, 10)
+    weights = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "eta": 0.0}
+    weights.update({"ikd": {"alpha": 1.0}, "bn": {"beta": 1.0}, "scl": {"gamma": 1.0}, "ce": {"eta": 1.0}}.get(term, {}))
+    prior = BNStatisticsPrior(teacher)
+    objective = generator_objective(LossConfig(**weights), prior)
+    if term != "kd":
+        objective = WeightedSum({term: (1.0, objective.terms[term])})
+    z, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    images = generator(z, y)
+    with prior.capture():
+        t_logits, t_features = teacher(images, return_features=True)
+    s_logits, s_features = student(images, return_features=True)
+    total, _ = objective(SynthBatch(y, t_logits, s_logits, t_features, head(s_features)))
+    total.backward()
+    grads = [p.grad for p in generator.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum().item() for g in grads) > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in student.parameters())

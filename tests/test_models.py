@@ -1,0 +1,91 @@
+"""Model registry, the (logits, features) API, generators and the class-conditional BN block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cpsc_ray.generators import ConditionalBatchNorm2d, build_generator
+from cpsc_ray.models import MODELS, build_model
+
+FEATURE_DIMS = {
+    "resnet18": 512, "resnet34": 512, "wrn_16_1": 64, "wrn_16_2": 128, "wrn_40_1": 64, "wrn_40_2": 128,
+    "vgg8_bn": 512, "vgg11_bn": 512, "digits_teacher": 128, "digits_student": 64,
+}
+
+
+def test_registry_holds_every_model_of_the_issue():
+    assert set(MODELS.names()) == set(FEATURE_DIMS)
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(KeyError, match="resnet18"):
+        build_model("resnet19", 10)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
+def test_models_give_logits_and_penultimate_features(name):
+    channels, size = (1, 16) if name.startswith("digits") else (3, 32)
+    model = build_model(name, num_classes=7, channels=channels).eval()
+    x = torch.randn(2, channels, size, size)
+    logits, features = model(x, return_features=True)
+    assert logits.shape == (2, 7)
+    assert features.shape == (2, FEATURE_DIMS[name]) == (2, model.feature_dim)
+    assert torch.equal(model(x), logits)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+def test_resnets_take_64x64_tiny_imagenet_input(name):
+    assert build_model(name, 200).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 200)
+
+
+def test_conditional_bn_gives_each_class_its_own_output_for_the_same_input():
+    block = ConditionalBatchNorm2d(num_classes=3, channels=4)
+    nn.init.normal_(block.scale.weight)
+    nn.init.normal_(block.shift.weight)
+    x = torch.randn(1, 4, 5, 5).repeat(3, 1, 1, 1)
+    out = block(x, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+    # Same class, same input, same output: the difference comes from the class embedding only.
+    assert torch.allclose(block(x, torch.tensor([1, 1, 1]))[0], out[1])
+
+
+def test_conditional_bn_starts_as_plain_normalisation():
+    block = ConditionalBatchNorm2d(num_classes=3, channels=2)
+    x = torch.randn(8, 2, 3, 3)
+    assert torch.allclose(block(x, torch.zeros(8, dtype=torch.long)), nn.BatchNorm2d(2, affine=False)(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, size", [("upsample", 32), ("upsample", 16), ("dcgan", 64)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generators_shapes(arch, size, channels):
+    generator = build_generator(arch, "conditional", nz=16, ngf=8, channels=channels, image_size=size, num_classes=5)
+    assert generator(torch.randn(4, 16), torch.tensor([0, 1, 2, 3])).shape == (4, channels, size, size)
+
+
+def test_auto_picks_upsample_up_to_32_and_dcgan_above():
+    assert type(build_generator("auto", "conditional", 8, 4, 3, 32, 10)).__name__ == "UpsampleGenerator"
+    assert type(build_generator("auto", "conditional", 8, 4, 3, 64, 10)).__name__ == "DCGANGenerator"
+
+
+def test_unconditional_generator_ignores_labels():
+    generator = build_generator("upsample", "unconditional", 8, 4, 3, 32, 10).eval()
+    z = torch.randn(2, 8)
+    assert torch.equal(generator(z, torch.tensor([0, 1])), generator(z, torch.tensor([5, 9])))
+    assert not any(isinstance(m, ConditionalBatchNorm2d) for m in generator.modules())
+
+
+def test_conditional_generator_depends_on_labels():
+    generator = build_generator("upsample", "conditional", 8, 4, 3, 32, 10)
+    for m in generator.modules():
+        if isinstance(m, ConditionalBatchNorm2d):
+            nn.init.normal_(m.scale.weight)
+    generator.eval()
+    z = torch.randn(2, 8)
+    assert not torch.allclose(generator(z, torch.tensor([0, 1])), generator(z, torch.tensor([5, 9])))
+
+
+def test_generator_rejects_sizes_its_architecture_cannot_make():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        build_generator("dcgan", "conditional", 8, 4, 3, 40, 10)
