@@ -1,0 +1,127 @@
+"""``cpsc-ray finalize``: rerun the configuration an experiment selected from scratch over several
+seeds, measure it, and export the student.
+
+The selected configuration is the trial with the best selection metric (validation accuracy or the
+proxy; never test accuracy). For PBT and PB2 that trial's hyperparameters changed along its
+lineage, so its schedule is replayed, as Ray's ``PopulationBasedTrainingReplay`` does: the configs
+of the trials whose state it inherited, each from the epoch it took effect.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from typing import Any
+
+import pandas as pd
+import ray
+import torch
+from safetensors.torch import load
+
+from cpsc_ray.config import ConfigError, RunConfig, with_values
+from cpsc_ray.distill import execute, new_run_name
+from cpsc_ray.models import build_model
+from cpsc_ray.results import publish, read_results
+from cpsc_ray.storage import Storage
+
+Schedule = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)
+
+
+def _row_config(row: pd.Series) -> dict[str, Any]:
+    values = {}
+    for column, value in row.items():
+        if not column.startswith("config/"):
+            continue
+        if isinstance(value, str) and value[:1] in "[{":
+            value = json.loads(value)
+        elif value is not None and value != value:  # NaN stands for None in pandas
+            value = None
+        elif hasattr(value, "item"):
+            value = value.item()
+        values[column.removeprefix("config/")] = value
+    return values
+
+
+def replay_schedule(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, until: int) -> Schedule:
+    """The config in effect at every epoch 1..until of the state ``trial_id`` holds at ``until``."""
+    clones = lineage[(lineage.trial_id == trial_id) & (lineage.epoch < until)].sort_values("epoch")
+    start = 1
+    schedule: Schedule = []
+    if not clones.empty:
+        clone = clones.iloc[-1]
+        schedule = replay_schedule(epochs, lineage, clone.source_trial_id, int(clone.epoch))
+        start = int(clone.epoch) + 1
+    own = epochs[(epochs.trial_id == trial_id) & (epochs.epoch >= start) & (epochs.epoch <= until)].sort_values("epoch")
+    for _, row in own.iterrows():
+        config = _row_config(row)
+        if not schedule or schedule[-1][1] != config:
+            schedule.append((int(row.epoch), config))
+    return schedule
+
+
+def select(root: Storage, experiment: str) -> tuple[pd.Series, Schedule]:
+    results = read_results([root.uri("results")], experiments=[experiment])
+    trials = results.trials[(results.trials.kind == "tune") & ~results.trials.diverged.astype(bool)]
+    if trials.empty or trials.score.isna().all():
+        raise ConfigError(f"finalize {experiment}: no finished, non-diverged trial with a score under {root.uri('results')}")
+    winner = trials.loc[trials.score.idxmax()]
+    return winner, replay_schedule(results.epochs, results.lineage, winner.trial_id, int(winner.epochs))
+
+
+def _configs(base: RunConfig, schedule: Schedule, seed: int, name: str, output_dir: str) -> list[tuple[int, RunConfig]]:
+    fixed = {"seed": seed, "name": name, "output_dir": output_dir}
+    return [(epoch, with_values(base, {**values, **fixed})) for epoch, values in schedule]
+
+
+def _finalize_seed(configs: list[tuple[int, RunConfig]], outputs: str, final: str, trial_id: str, method: str):
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    storage = Storage(outputs)
+    summary, history = execute(configs[0][1], storage, final, progress=False, schedule=configs, kind="finalize",
+                               trial_id=trial_id, method=method)
+    export_student(storage)
+    return summary, history
+
+
+def export_student(run: Storage) -> None:
+    """Beside best/student.safetensors and student.json: ``student.pt2``, a torch.export program
+    that runs with plain PyTorch (``torch.export.load(path).module()(images)``)."""
+    card = run.read_json("best/student.json")
+    model = build_model(card["arch"], card["num_classes"], card["channels"], **card["kwargs"]).eval()
+    model.load_state_dict(load(run.read_bytes("best/student.safetensors")))
+    example = torch.zeros(2, card["channels"], card["input_size"], card["input_size"])
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    run.write_bytes("best/student.pt2", buffer.getvalue())
+
+
+def finalize(experiment: str, seeds: int, storage: str | None = None, gpus: float = 0.0, cpus: float = 1.0) -> dict[str, Any]:
+    root = Storage(storage or ".")
+    if not root.exists(f"{experiment}/cpsc/setup.json"):
+        raise ConfigError(f"finalize {experiment}: no tuning experiment of that name under {root.uri()} (give --storage)")
+    setup = root.read_json(f"{experiment}/cpsc/setup.json")
+    base = RunConfig.model_validate(setup["base"])
+    winner, schedule = select(root, experiment)
+    final = new_run_name(root, f"{experiment}-final")
+    if not ray.is_initialized():
+        ray.init()
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finalize_seed)
+    pending = [
+        task.remote(_configs(base, schedule, base.seed + 1000 + k, f"seed{k}", root.uri(final)), root.uri(final, f"seed{k}"),
+                    final, f"seed{k}", setup["method"])
+        for k in range(seeds)
+    ]
+    outcomes = ray.get(pending)
+    summaries = [summary for summary, _ in outcomes]
+    publish(root, final, [row for _, history in outcomes for row in history], [])
+    chosen = [s["best"]["test_acc"] for s in summaries if s["best"]]
+    result = {
+        "experiment": experiment, "final": final, "winner": winner.trial_id, "winner_score": float(winner.score),
+        "schedule": schedule, "seeds": seeds, "test_at_best": chosen,
+        "test_mean": statistics.mean(chosen) if chosen else None,
+        "test_std": statistics.stdev(chosen) if len(chosen) > 1 else 0.0,
+        "students": [s["run_dir"] + "/best" for s in summaries],
+    }
+    root.write_json(f"{final}/finalize.json", result)
+    return result

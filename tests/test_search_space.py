@@ -1,0 +1,71 @@
+"""Search-space files: the shipped ones load, and each kind of error names the file, the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from cpsc_ray.search_space import SearchSpaceError, available_spaces, load_search_space
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def error(tmp_path, text: str, pbt: bool = False) -> str:
+    with pytest.raises(SearchSpaceError) as info:
+        space = load_search_space(write(tmp_path, text))
+        if pbt:
+            space.check_perturbable()
+    assert str(tmp_path / "space.yaml") in str(info.value)
+    return str(info.value)
+
+
+def test_shipped_spaces_load_by_name():
+    names = available_spaces()
+    assert {"cpsc_optuna", "cpsc_pbt", "digits_optuna", "digits_pbt", "cpsc_optuna_cifar10"} <= set(names)
+    for name in names:
+        space = load_search_space(name)
+        assert space.params and set(space.to_tune()) == set(space.params)
+    for name in ("cpsc_pbt", "digits_pbt"):
+        load_search_space(name).check_perturbable()
+    optuna = load_search_space("cpsc_optuna")
+    assert {"loss.alpha", "loss.beta", "loss.gamma", "loss.eta", "loss.temperature", "loss.kd_temperature",
+            "generator.lr", "student.lr", "train.g_steps", "train.s_steps", "generator.nz", "generator.ngf"} == set(optuna.params)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    message = error(tmp_path, "params:\n  loss.alpah: {distribution: uniform, low: 1, high: 2}\n")
+    assert "loss.alpah is not a run-config key" in message and "did you mean loss.alpha" in message
+
+
+def test_unknown_distribution(tmp_path):
+    message = error(tmp_path, "params:\n  loss.alpha: {distribution: lognormal, low: 1, high: 2}\n")
+    assert "loss.alpha" in message and "unknown distribution 'lognormal'" in message and "loguniform" in message
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("{distribution: uniform, low: 2, high: 1}", "empty range"),
+    ("{distribution: int, low: 3, high: 3}", "empty range"),
+    ("{distribution: choice, values: []}", "non-empty list"),
+    ("{distribution: loguniform, low: 0, high: 1}", "low > 0"),
+])
+def test_empty_or_impossible_ranges(tmp_path, spec, expected):
+    assert expected in error(tmp_path, f"params:\n  loss.alpha: {spec}\n")
+
+
+def test_a_model_shaping_key_cannot_be_perturbed_by_pbt(tmp_path):
+    message = error(tmp_path, "params:\n  generator.nz: {distribution: choice, values: [32, 64]}\n", pbt=True)
+    assert "generator.nz cannot be perturbed mid-run" in message and "--seed-from" in message
+
+
+def test_values_outside_the_config_constraints_are_refused(tmp_path):
+    message = error(tmp_path, "params:\n  train.g_steps: {distribution: int, low: 0, high: 3}\n")
+    assert "train.g_steps" in message
+
+
+def test_missing_params_and_unknown_names(tmp_path):
+    assert "params:" in error(tmp_path, "loss.alpha: {distribution: uniform, low: 1, high: 2}\n")
+    with pytest.raises(SearchSpaceError, match="cpsc_pbt"):
+        load_search_space("no_such_space")

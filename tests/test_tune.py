@@ -1,0 +1,142 @@
+"""Ray Tune on the digits default with tiny budgets on the shared 2-CPU Ray instance: Optuna with
+ASHA, PBT and PB2 that exploit and explore (single- and multi-worker trials), resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from ray.tune import Callback, ExperimentAnalysis
+
+from cpsc_ray.config import with_values
+from cpsc_ray.results import read_results
+from cpsc_ray.run import read_checkpoint, state_digest
+from cpsc_ray.schedules import multistep, warmup_cosine
+from cpsc_ray.storage import Storage
+from cpsc_ray.tune import TuneOptions, run_tune
+
+
+def options(tmp_path, name: str, **kwargs) -> TuneOptions:
+    return TuneOptions(storage=str(tmp_path / "runs"), name=name, **kwargs)
+
+
+def test_optuna_with_asha_writes_what_the_trials_reported(ray_local, digits_cfg, tmp_path):
+    cfg = with_values(digits_cfg, {"train.epochs": 3})
+    summary = run_tune(cfg, options(tmp_path, "opt", space="digits_optuna", search="optuna", scheduler="asha", num_samples=4))
+    assert len(summary["trials"]) == 4 and not summary["errored"]
+    results = read_results([str(tmp_path / "runs")], experiments=["opt"])
+    assert set(results.epochs.method) == {"optuna+asha"} and set(results.epochs.kind) == {"tune"}
+    assert {c for c in results.epochs.columns if c.startswith("config/")} >= {"config/loss.alpha", "config/data.val_size"}
+
+    analysis = ExperimentAnalysis(str(tmp_path / "runs" / "opt"))
+    reported = pd.concat(analysis.trial_dataframes.values(), ignore_index=True)
+    assert len(reported) == len(results.epochs)  # early-stopped trials included, one row per epoch each
+    merged = results.epochs.merge(reported, on=["trial_id", "epoch"], suffixes=("", "_reported"))
+    assert len(merged) == len(results.epochs)
+    for column in ("test_acc", "val_acc", "s_total", "images", "device_s"):
+        assert (merged[column] - merged[f"{column}_reported"]).abs().max() < 1e-9, column
+    assert (merged["score"] == merged["val_acc"]).all()
+    # Each trial's sampled values are in its rows, so the schema holds whatever was searched.
+    for trial_id, rows in results.epochs.groupby("trial_id"):
+        config = analysis.get_all_configs()[next(p for p in analysis.get_all_configs() if trial_id in p)]
+        assert math.isclose(rows["config/loss.alpha"].iloc[0], config["loss.alpha"])
+    trials = results.trials.set_index("trial_id")
+    assert trials.images.sum() == results.epochs.groupby("trial_id").images.max().sum()
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAfter(Callback):
+    """Stops the experiment once, at the start of a step after k trials have finished. (Tune stores
+    callbacks with the experiment, so the restored copy finds the marker and lets the run go on.)"""
+
+    def __init__(self, finished: int, marker):
+        self.finished = finished
+        self.marker = marker
+
+    def on_step_begin(self, iteration, trials, **info):
+        if sum(t.status == "TERMINATED" for t in trials) >= self.finished and not self.marker.exists():
+            self.marker.write_text("interrupted")
+            raise Interrupted()
+
+
+def test_an_interrupted_experiment_resumes_without_repeating_finished_trials(ray_local, digits_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    cfg = with_values(digits_cfg, {"train.epochs": 2})
+    opts = options(tmp_path, "resumable", space="digits_pbt", num_samples=4, max_concurrent=1)
+    with pytest.raises(Interrupted):
+        run_tune(cfg, opts, callbacks=[InterruptAfter(2, tmp_path / "interrupted")])
+    trials_dir = tmp_path / "runs/resumable/cpsc/trials"
+    finished = {p.name: p.joinpath("metrics.parquet").stat().st_mtime_ns for p in trials_dir.iterdir()
+                if len(pd.read_parquet(p / "metrics.parquet")) == 2}
+    assert len(finished) >= 2
+    summary = run_tune(cfg, opts, resume=True)
+    assert not summary["errored"]
+    assert len(summary["trials"]) == 4 and all(t["epochs"] == 2 for t in summary["trials"])
+    for trial_id, mtime in finished.items():
+        assert (trials_dir / trial_id / "metrics.parquet").stat().st_mtime_ns == mtime, trial_id
+
+
+def check_exploits(root: str, experiment: str, epochs: int, every_exploit_explores: bool = True) -> pd.DataFrame:
+    """PB2 keeps the source's config until it has seen a reward change (its first perturbation), PBT
+    always perturbs (or resamples) every mutation key."""
+    results = read_results([root], experiments=[experiment])
+    explored = []
+    lineage = results.lineage
+    assert len(lineage) >= 1, "PBT never exploited"
+    for record in lineage.itertuples():
+        # Right after the restore the trial held exactly the source's checkpointed state...
+        state, meta = read_checkpoint(Storage(record.source_checkpoint))
+        assert meta["identity"]["trial_id"] == record.source_trial_id and meta["epoch"] == record.epoch
+        assert state_digest(state) == record.state_digest
+        # ...and ran with its own (perturbed) hyperparameters, not the restored optimizer's.
+        after = json.loads(record.config_after)
+        progress = record.epoch / epochs
+        assert math.isclose(record.lr_student, after["student.lr"] * warmup_cosine(progress, after["student.warmup_fraction"]))
+        assert math.isclose(record.lr_generator, after["generator.lr"] * multistep(
+            progress, after["generator.lr_milestones"], after["generator.lr_gamma"]))
+        weights = json.loads(record.loss_weights)
+        assert weights["student"] == {"kd": 1.0, "ikd": after["loss.alpha"], "ce": after["loss.eta"]}
+        assert weights["generator"]["bn"] == after["loss.beta"] and weights["generator"]["scl"] == after["loss.gamma"]
+        assert weights["temperature"] == after["loss.temperature"]
+        source_rows = results.epochs[(results.epochs.trial_id == record.source_trial_id) & (results.epochs.epoch == record.epoch)]
+        mutated = ("loss.alpha", "loss.beta", "loss.gamma", "loss.eta", "loss.temperature", "student.lr", "generator.lr")
+        explored.append(any(after[k] != source_rows[f"config/{k}"].iloc[0] for k in mutated))
+    assert all(explored) if every_exploit_explores else any(explored), f"explore changed nothing: {explored}"
+    return results
+
+
+@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
+def test_population_based_training_exploits_and_explores(ray_local, digits_cfg, tmp_path, scheduler):
+    cfg = with_values(digits_cfg, {"train.epochs": 4})
+    summary = run_tune(cfg, options(tmp_path, scheduler, space="digits_pbt", scheduler=scheduler, num_samples=4,
+                                    keep_checkpoints=None, search_seed=1))
+    assert not summary["errored"]
+    results = check_exploits(str(tmp_path / "runs"), scheduler, epochs=4, every_exploit_explores=scheduler == "pbt")
+    assert_one_row_per_trained_epoch(results.epochs, total=4)
+
+
+def assert_one_row_per_trained_epoch(epochs: pd.DataFrame, total: int) -> None:
+    """A trial's rows continue from a cloned epoch: no epoch twice, and a gap only after an epoch it
+    diverged in (it trains no more until PBT clones a better trial into it)."""
+    for trial_id, rows in epochs.groupby("trial_id"):
+        rows = rows.sort_values("epoch")
+        seen = list(rows.epoch)
+        assert seen[0] == 1 and len(set(seen)) == len(seen), (trial_id, seen)
+        for before, after in zip(seen, seen[1:]):
+            assert after == before + 1 or rows[rows.epoch == before].diverged.iloc[0], (trial_id, seen)
+        assert seen[-1] == total or rows.diverged.iloc[-1], (trial_id, seen)
+
+
+def test_multi_worker_trials_run_in_rounds_and_exploit(ray_local, digits_cfg, tmp_path):
+    cfg = with_values(digits_cfg, {"train.epochs": 3})
+    summary = run_tune(cfg, options(tmp_path, "rounds", space="digits_pbt", scheduler="pbt", num_samples=2,
+                                    workers_per_trial=2, cpus_per_worker=0.5, keep_checkpoints=None, search_seed=3))
+    assert not summary["errored"]
+    results = check_exploits(str(tmp_path / "runs"), "rounds", epochs=3)
+    assert set(results.epochs.workers) == {2}
+    assert_one_row_per_trained_epoch(results.epochs, total=3)
