@@ -112,7 +112,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
     print(f"\n{args.experiment}: trial {result['winner']} selected (score {_pct(result['winner_score'])}); "
           f"{len(result['schedule'])} hyperparameter phase(s) replayed over {result['seeds']} seeds")
     print(f"  test accuracy at the best validation epoch: {_pct(result['test_mean'])} +/- "
-          f"{100 * result['test_std']:.2f} over {len(result['test_at_best'])} seeds")
+          f"{100 * result['test_std']:.2f} over {len(result['test_at_best'])} seeds"
+          + (f" ({result['diverged']} seed(s) diverged)" if result["diverged"] else ""))
     for path in result["students"]:
         print(f"  student: {path}/student.safetensors (+ student.json, student.pt2)")
     return 0

@@ -21,6 +21,7 @@ from safetensors.torch import load
 
 from cpsc_ray.config import ConfigError, RunConfig, with_values
 from cpsc_ray.distill import execute, new_run_name
+from cpsc_ray.engine import DivergenceError
 from cpsc_ray.models import build_model
 from cpsc_ray.results import publish, read_results
 from cpsc_ray.storage import Storage
@@ -75,10 +76,14 @@ def _configs(base: RunConfig, schedule: Schedule, seed: int, name: str, output_d
 
 
 def _finalize_seed(configs: list[tuple[int, RunConfig]], outputs: str, final: str, trial_id: str, method: str):
+    """One seed's rerun; a diverged seed returns no summary but keeps its rows (compute was spent)."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     storage = Storage(outputs)
-    summary, history = execute(configs[0][1], storage, final, progress=False, schedule=configs, kind="finalize",
-                               trial_id=trial_id, method=method)
+    try:
+        summary, history = execute(configs[0][1], storage, final, progress=False, schedule=configs,
+                                   kind="finalize", trial_id=trial_id, method=method)
+    except DivergenceError:
+        return None, storage.read_parquet("metrics.parquet").to_pylist()
     export_student(storage)
     return summary, history
 
@@ -113,12 +118,12 @@ def finalize(experiment: str, seeds: int, storage: str | None = None, gpus: floa
         for k in range(seeds)
     ]
     outcomes = ray.get(pending)
-    summaries = [summary for summary, _ in outcomes]
+    summaries = [summary for summary, _ in outcomes if summary is not None]
     publish(root, final, [row for _, history in outcomes for row in history], [])
     chosen = [s["best"]["test_acc"] for s in summaries if s["best"]]
     result = {
         "experiment": experiment, "final": final, "winner": winner.trial_id, "winner_score": float(winner.score),
-        "schedule": schedule, "seeds": seeds, "test_at_best": chosen,
+        "schedule": schedule, "seeds": seeds, "diverged": seeds - len(summaries), "test_at_best": chosen,
         "test_mean": statistics.mean(chosen) if chosen else None,
         "test_std": statistics.stdev(chosen) if len(chosen) > 1 else 0.0,
         "students": [s["run_dir"] + "/best" for s in summaries],

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from ray.tune import Callback, ExperimentAnalysis
+from safetensors.torch import load_file
 
 from cpsc_ray.config import with_values
+from cpsc_ray.models import build_model
 from cpsc_ray.results import read_results
 from cpsc_ray.run import read_checkpoint, state_digest
 from cpsc_ray.schedules import multistep, warmup_cosine
 from cpsc_ray.storage import Storage
 from cpsc_ray.tune import TuneOptions, run_tune
+
+
+SPACES = Path(__file__).parent / "spaces"
 
 
 def options(tmp_path, name: str, **kwargs) -> TuneOptions:
@@ -110,14 +117,59 @@ def check_exploits(root: str, experiment: str, epochs: int, every_exploit_explor
     return results
 
 
-@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
-def test_population_based_training_exploits_and_explores(ray_local, digits_cfg, tmp_path, scheduler):
+@pytest.fixture(scope="module")
+def pbt_experiment(ray_local, digits_cfg, tmp_path_factory):
+    """One PBT experiment (4 trials, 4 epochs) shared by the PBT and finalize tests."""
+    root = tmp_path_factory.mktemp("pbt") / "runs"
     cfg = with_values(digits_cfg, {"train.epochs": 4})
-    summary = run_tune(cfg, options(tmp_path, scheduler, space="digits_pbt", scheduler=scheduler, num_samples=4,
+    summary = run_tune(cfg, TuneOptions(space=str(SPACES / "calm_pbt.yaml"), scheduler="pbt", num_samples=4,
+                                        keep_checkpoints=None, search_seed=1, storage=str(root), name="pbt"))
+    assert not summary["errored"]
+    return root
+
+
+def test_pbt_exploits_and_explores(pbt_experiment):
+    results = check_exploits(str(pbt_experiment), "pbt", epochs=4)
+    assert_one_row_per_trained_epoch(results.epochs, total=4)
+
+
+def test_pb2_exploits_and_explores(ray_local, digits_cfg, tmp_path):
+    cfg = with_values(digits_cfg, {"train.epochs": 4})
+    summary = run_tune(cfg, options(tmp_path, "pb2", space="digits_pbt", scheduler="pb2", num_samples=4,
                                     keep_checkpoints=None, search_seed=1))
     assert not summary["errored"]
-    results = check_exploits(str(tmp_path / "runs"), scheduler, epochs=4, every_exploit_explores=scheduler == "pbt")
+    results = check_exploits(str(tmp_path / "runs"), "pb2", epochs=4, every_exploit_explores=False)
     assert_one_row_per_trained_epoch(results.epochs, total=4)
+
+
+def test_finalize_replays_the_winners_schedule_over_seeds_and_exports_it(pbt_experiment):
+    from cpsc_ray.finalize import finalize
+
+    result = finalize("pbt", seeds=2, storage=str(pbt_experiment))
+    tuned = read_results([str(pbt_experiment)], experiments=["pbt"])
+    winner = tuned.trials.loc[tuned.trials[~tuned.trials.diverged].score.idxmax()]
+    assert result["winner"] == winner.trial_id
+    # The schedule ends with the winner's own final config and starts at epoch 1.
+    schedule = result["schedule"]
+    assert schedule[0][0] == 1 and schedule[-1][1]["loss.alpha"] == winner["config/loss.alpha"]
+    final = read_results([str(pbt_experiment)], experiments=[result["final"]])
+    assert set(final.epochs.trial_id) == {"seed0", "seed1"} and set(final.epochs.kind) == {"finalize"}
+    assert set(final.epochs.method) == {"pbt"} and final.epochs.seed.nunique() == 2
+    for _, rows in final.epochs.groupby("trial_id"):
+        assert sorted(rows.epoch) == [1, 2, 3, 4]
+        for _, row in rows.iterrows():
+            in_effect = [values for start, values in schedule if start <= row.epoch][-1]
+            assert math.isclose(row["config/loss.alpha"], in_effect["loss.alpha"])
+            assert math.isclose(row["config/student.lr"], in_effect["student.lr"])
+    assert result["diverged"] == 0 and len(result["test_at_best"]) == 2 and 0 <= result["test_mean"] <= 1
+
+    student_dir = result["students"][0]
+    card = json.loads(open(f"{student_dir}/student.json").read())
+    images = torch.randn(3, card["channels"], card["input_size"], card["input_size"])
+    model = build_model(card["arch"], card["num_classes"], card["channels"]).eval()
+    model.load_state_dict(load_file(f"{student_dir}/student.safetensors"))
+    exported = torch.export.load(f"{student_dir}/student.pt2").module()
+    assert torch.allclose(exported(images), model(images), atol=1e-5)
 
 
 def assert_one_row_per_trained_epoch(epochs: pd.DataFrame, total: int) -> None:
@@ -134,7 +186,7 @@ def assert_one_row_per_trained_epoch(epochs: pd.DataFrame, total: int) -> None:
 
 def test_multi_worker_trials_run_in_rounds_and_exploit(ray_local, digits_cfg, tmp_path):
     cfg = with_values(digits_cfg, {"train.epochs": 3})
-    summary = run_tune(cfg, options(tmp_path, "rounds", space="digits_pbt", scheduler="pbt", num_samples=2,
+    summary = run_tune(cfg, options(tmp_path, "rounds", space=str(SPACES / "calm_pbt.yaml"), scheduler="pbt", num_samples=2,
                                     workers_per_trial=2, cpus_per_worker=0.5, keep_checkpoints=None, search_seed=3))
     assert not summary["errored"]
     results = check_exploits(str(tmp_path / "runs"), "rounds", epochs=3)
