@@ -28,7 +28,9 @@ def main() -> None:
     torch.set_num_threads(2)
     runs = []
     for seed in args.seeds:
-        cfg = load_config(args.config, [*args.overrides, f"seed={seed}", f"name=seed{seed}", f"output_dir={args.output_dir}"])
+        cfg = load_config(
+            args.config, [*args.overrides, f"seed={seed}", f"name=seed{seed}", f"output_dir={args.output_dir}"]
+        )
         started = time.perf_counter()
         summary = run_in_process(cfg, progress=False)
         runs.append({"seed": seed, "wall_s": time.perf_counter() - started, **summary})

@@ -29,7 +29,12 @@ from torch import nn
 from cpsc_ray.config import RunConfig, with_values
 from cpsc_ray.engine import DistillEngine, ImageSpec
 from cpsc_ray.generators import build_generator
-from cpsc_ray.losses import BNStatisticsPrior, SynthBatch, generator_objective, student_objective
+from cpsc_ray.losses import (
+    BNStatisticsPrior,
+    SynthBatch,
+    generator_objective,
+    student_objective,
+)
 from cpsc_ray.models import build_model
 
 PAIRS = {"resnet34-resnet18": ("resnet34", "resnet18"), "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2")}
@@ -41,9 +46,14 @@ def run_config(teacher: str, student: str, args: argparse.Namespace, **train) ->
     return with_values(
         RunConfig(),
         {
-            "teacher.arch": teacher, "student.arch": student, "train.device": args.device,
-            "train.batch_size": args.batch, "train.g_steps": args.g_steps, "train.s_steps": args.s_steps,
-            "train.iterations_per_epoch": 1, "train.epochs": 1000,
+            "teacher.arch": teacher,
+            "student.arch": student,
+            "train.device": args.device,
+            "train.batch_size": args.batch,
+            "train.g_steps": args.g_steps,
+            "train.s_steps": args.s_steps,
+            "train.iterations_per_epoch": 1,
+            "train.epochs": 1000,
             **{f"train.{k}": v for k, v in train.items()},
         },
     )
@@ -74,11 +84,16 @@ def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.
     cfg = run_config(teacher_name, student_name, args)
     teacher = build_model(teacher_name, CLASSES).to(device).eval()  # parameters still require grad
     student = build_model(student_name, CLASSES).to(device).train()
-    generator = build_generator("upsample", "conditional", cfg.generator.nz, cfg.generator.ngf, 3, SIZE, CLASSES).to(device)
+    generator = build_generator("upsample", "conditional", cfg.generator.nz, cfg.generator.ngf, 3, SIZE, CLASSES).to(
+        device
+    )
     head = None
     if student.feature_dim != teacher.feature_dim:
-        head = nn.Sequential(nn.Linear(student.feature_dim, student.feature_dim), nn.ReLU(),
-                             nn.Linear(student.feature_dim, teacher.feature_dim)).to(device)
+        head = nn.Sequential(
+            nn.Linear(student.feature_dim, student.feature_dim),
+            nn.ReLU(),
+            nn.Linear(student.feature_dim, teacher.feature_dim),
+        ).to(device)
     prior = ReferenceBNPrior(teacher)
     g_loss, s_loss = generator_objective(cfg.loss, prior), student_objective(cfg.loss)
     student_opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -99,7 +114,9 @@ def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.
         for _ in range(args.g_steps):
             z = nn.Parameter(torch.randn(args.batch, cfg.generator.nz, device=device))
             y = torch.randint(0, CLASSES, (args.batch,), device=device)
-            optimizer = torch.optim.Adam([{"params": generator.parameters()}, {"params": [z]}], 1e-3, betas=(0.5, 0.999))
+            optimizer = torch.optim.Adam(
+                [{"params": generator.parameters()}, {"params": [z]}], 1e-3, betas=(0.5, 0.999)
+            )
             optimizer.zero_grad()
             with autocast():
                 images = generator(z, y)
@@ -159,19 +176,28 @@ def main() -> None:
                 t, s, args, amp=True, channels_last=True, compile=True
             ),
         }
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    )
     results = []
     for pair in args.pairs:
         teacher, student = PAIRS[pair]
         for variant, measure in variants.items():
             samples = sorted(measure(teacher, student) for _ in range(args.repeats))
-            results.append({"pair": pair, "variant": variant, "images_per_s": samples[len(samples) // 2], "samples": samples})
+            results.append(
+                {"pair": pair, "variant": variant, "images_per_s": samples[len(samples) // 2], "samples": samples}
+            )
             print(f"{pair:20s} {variant:36s} {results[-1]['images_per_s']:10.1f} images/s  {samples}", flush=True)
         reference = next(r["images_per_s"] for r in results if r["pair"] == pair and r["variant"] == "reference")
         for r in results:
             if r["pair"] == pair:
                 r["speedup_vs_reference"] = r["images_per_s"] / reference
-    print(f"machine: {machine}; batch {args.batch}, G {args.g_steps}, S {args.s_steps}, {args.iterations} timed iterations")
+    print(
+        f"machine: {machine}; batch {args.batch}, G {args.g_steps}, S {args.s_steps}, "
+        f"{args.iterations} timed iterations"
+    )
     for r in results:
         print(f"  {r['pair']:20s} {r['variant']:36s} {r['images_per_s']:9.1f} img/s  x{r['speedup_vs_reference']:.2f}")
     if args.json:

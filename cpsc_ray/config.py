@@ -38,7 +38,8 @@ class TeacherConfig(Section):
     builder: str | None = Field(None, description="'package.module:function' that returns the model")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the builder")
     weights: str | None = Field(
-        None, description="weights file (.pt state dict or .safetensors); 'auto': the cached teacher, trained if missing"
+        None,
+        description="weights file (.pt state dict or .safetensors); 'auto': the cached teacher, trained if missing",
     )
     feature_layer: str | None = Field(
         None, description="module name whose output is the penultimate feature, for models without return_features"
@@ -92,7 +93,9 @@ class GeneratorConfig(Section):
     @model_validator(mode="after")
     def _milestones_in_run(self) -> "GeneratorConfig":
         if any(not 0 <= m <= 1 for m in self.lr_milestones):
-            raise ValueError(f"generator.lr_milestones: fractions of the run in [0, 1] expected, got {self.lr_milestones}")
+            raise ValueError(
+                f"generator.lr_milestones: fractions of the run in [0, 1] expected, got {self.lr_milestones}"
+            )
         return self
 
 

@@ -42,14 +42,24 @@ class Prepared:
     selection: str | None
 
 
-def prepare_engine(cfg: RunConfig, device: torch.device | None = None, kind: str = "distill", trial_id: str = "run",
-                   experiment: str = "", method: str | None = None) -> Prepared:
+def prepare_engine(
+    cfg: RunConfig,
+    device: torch.device | None = None,
+    kind: str = "distill",
+    trial_id: str = "run",
+    experiment: str = "",
+    method: str | None = None,
+) -> Prepared:
     device = device or pick_device(cfg.train.device)
     teacher = load_teacher(cfg)
     eval_sets = build_eval_sets(cfg, teacher, device)
-    spec = ImageSpec(teacher.info.num_classes, teacher.info.channels, teacher.info.image_size, teacher.mean, teacher.std)
-    teacher_acc = teacher.card.test_acc if teacher.card and teacher.card.test_acc is not None else top1(
-        teacher.model.to(device), eval_sets["test"], device
+    spec = ImageSpec(
+        teacher.info.num_classes, teacher.info.channels, teacher.info.image_size, teacher.mean, teacher.std
+    )
+    teacher_acc = (
+        teacher.card.test_acc
+        if teacher.card and teacher.card.test_acc is not None
+        else top1(teacher.model.to(device), eval_sets["test"], device)
     )
     try:
         engine = DistillEngine(cfg, teacher.model, spec, eval_sets, device)
@@ -123,7 +133,9 @@ def execute(
         if run.checkpoint_due():
             run.write_last_checkpoint()
         bar.update(1)
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("s_total", "val_acc", "proxy", "test_acc") if row.get(k) is not None})
+        bar.set_postfix(
+            {k: f"{row[k]:.3f}" for k in ("s_total", "val_acc", "proxy", "test_acc") if row.get(k) is not None}
+        )
     bar.close()
     summary = run.finish()
     summary["run_dir"] = outputs.uri()

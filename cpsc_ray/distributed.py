@@ -22,9 +22,9 @@ from ray.train.torch import TorchTrainer
 
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.distill import ensure_teacher, open_run, prepare_engine
+from cpsc_ray.engine import DivergenceError
 from cpsc_ray.probe import load_or_make_probe
 from cpsc_ray.results import publish
-from cpsc_ray.engine import DivergenceError
 from cpsc_ray.run import (
     DistillRun,
     checkpoint_files,
@@ -63,12 +63,23 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    prepared = prepare_engine(cfg, device, kind=loop["kind"], trial_id=loop["trial_id"], experiment=loop["experiment"],
-                              method=loop.get("method"))
+    prepared = prepare_engine(
+        cfg,
+        device,
+        kind=loop["kind"],
+        trial_id=loop["trial_id"],
+        experiment=loop["experiment"],
+        method=loop.get("method"),
+    )
     engine = prepared.engine
     outputs = Storage(loop["outputs"])
-    run = DistillRun(engine, prepared.identity, outputs if rank == 0 else None,
-                     loop.get("selection") or prepared.selection, keep_best=loop.get("keep_best", True))
+    run = DistillRun(
+        engine,
+        prepared.identity,
+        outputs if rank == 0 else None,
+        loop.get("selection") or prepared.selection,
+        keep_best=loop.get("keep_best", True),
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a worker failure
         with checkpoint.as_directory() as directory:
@@ -93,7 +104,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
                     write_checkpoint_dir(Path(directory), checkpoint_files(engine, run.meta()))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+                ray.train.report(
+                    metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+                )
         else:
             ray.train.report(metrics)
     if rank == 0 and run.done and loop["kind"] == "distill":
@@ -140,8 +153,12 @@ def run_distributed(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg.model_dump(), "outputs": outputs.uri(), "kind": "distill", "trial_id": "run",
-            "experiment": name, "fault_epoch": fault_epoch,
+            "config": cfg.model_dump(),
+            "outputs": outputs.uri(),
+            "kind": "distill",
+            "trial_id": "run",
+            "experiment": name,
+            "fault_epoch": fault_epoch,
         },
         scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
         run_config=ray.train.RunConfig(

@@ -21,14 +21,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cpsc_ray.config import RunConfig
 from cpsc_ray.generators import build_generator
-from cpsc_ray.losses import BNStatisticsPrior, SynthBatch, WeightedSum, generator_objective, student_objective
+from cpsc_ray.losses import (
+    BNStatisticsPrior,
+    SynthBatch,
+    WeightedSum,
+    generator_objective,
+    student_objective,
+)
 from cpsc_ray.models import build_model
 from cpsc_ray.schedules import multistep, warmup_cosine
 
 GENERATOR_TERMS = ("kd", "ikd", "bn", "scl", "ce")
 STUDENT_TERMS = ("kd", "ikd", "ce")
-LOSS_METRICS = tuple(f"g_{t}" for t in GENERATOR_TERMS) + ("g_total",) + tuple(f"s_{t}" for t in STUDENT_TERMS) + (
-    "s_total",
+LOSS_METRICS = (
+    tuple(f"g_{t}" for t in GENERATOR_TERMS) + ("g_total",) + tuple(f"s_{t}" for t in STUDENT_TERMS) + ("s_total",)
 )
 
 
@@ -122,8 +128,13 @@ class DistillEngine:
         self.student = build_model(cfg.student.arch, spec.num_classes, spec.channels, **cfg.student.kwargs)
         self.student.to(self.device, memory_format=self.memory_format)
         self.generator = build_generator(
-            cfg.generator.arch, cfg.generator.kind, cfg.generator.nz, cfg.generator.ngf,
-            spec.channels, spec.image_size, spec.num_classes,
+            cfg.generator.arch,
+            cfg.generator.kind,
+            cfg.generator.nz,
+            cfg.generator.ngf,
+            spec.channels,
+            spec.image_size,
+            spec.num_classes,
         ).to(self.device, memory_format=self.memory_format)
         teacher_dim = self._feature_dim(self.teacher)
         self.head = (
@@ -136,8 +147,11 @@ class DistillEngine:
 
         fused = {"fused": True} if on_cuda else {}
         self.student_opt = torch.optim.SGD(
-            self.student.parameters(), lr=cfg.student.lr, momentum=cfg.student.momentum,
-            weight_decay=cfg.student.weight_decay, **fused,
+            self.student.parameters(),
+            lr=cfg.student.lr,
+            momentum=cfg.student.momentum,
+            weight_decay=cfg.student.weight_decay,
+            **fused,
         )
         generator_params = list(self.generator.parameters())
         if self.head is not None and cfg.loss.train_projection_head:
@@ -173,8 +187,9 @@ class DistillEngine:
         }
         self.noise = torch.Generator(device=self.device)
         self.epoch = 0
-        self.images_synthesized = 0
+        self.images_synthesized = 0  # over the state's whole history, inherited ones included after a clone
         self.device_seconds = 0.0
+        self.last_epoch_cost: dict[str, float] = {}
         self.apply_hyperparameters(cfg)
 
     # ----- hyperparameters -------------------------------------------------------------------
@@ -205,7 +220,9 @@ class DistillEngine:
 
     def _set_learning_rates(self, progress: float) -> None:
         student_lr = self.cfg.student.lr * warmup_cosine(progress, self.cfg.student.warmup_fraction)
-        generator_lr = self.cfg.generator.lr * multistep(progress, self.cfg.generator.lr_milestones, self.cfg.generator.lr_gamma)
+        generator_lr = self.cfg.generator.lr * multistep(
+            progress, self.cfg.generator.lr_milestones, self.cfg.generator.lr_gamma
+        )
         for group in self.student_opt.param_groups:
             group["lr"] = student_lr
         for group in self.generator_opt.param_groups:
@@ -298,6 +315,7 @@ class DistillEngine:
         images = cfg.iterations_per_epoch * (cfg.g_steps + cfg.s_steps) * cfg.batch_size
         self.images_synthesized += images
         self.device_seconds += seconds * self.world_size
+        self.last_epoch_cost = {"epoch_images": images, "epoch_s": seconds}
         if all_finite < 1:
             raise DivergenceError(f"a loss became NaN or infinite in epoch {self.epoch}")
         metrics = {name: None for name in LOSS_METRICS}
@@ -307,6 +325,7 @@ class DistillEngine:
             lr_student=self.student_opt.param_groups[0]["lr"],
             lr_generator=self.generator_opt.param_groups[0]["lr"],
             images=self.images_synthesized,
+            epoch_images=images,
             images_per_s=images / seconds,
             epoch_s=seconds,
             device_s=self.device_seconds,
@@ -325,7 +344,10 @@ class DistillEngine:
         self.student.eval()
         results = {}
         for name, eval_set in self.eval_sets.items():
-            images, labels = eval_set.images[self.rank :: self.world_size], eval_set.labels[self.rank :: self.world_size]
+            images, labels = (
+                eval_set.images[self.rank :: self.world_size],
+                eval_set.labels[self.rank :: self.world_size],
+            )
             counts = torch.zeros(2, device=self.device)
             for start in range(0, len(labels), self.cfg.eval.batch_size):
                 with self._autocast():

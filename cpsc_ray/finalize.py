@@ -65,7 +65,9 @@ def select(root: Storage, experiment: str) -> tuple[pd.Series, Schedule]:
     results = read_results([root.uri("results")], experiments=[experiment])
     trials = results.trials[(results.trials.kind == "tune") & ~results.trials.diverged.astype(bool)]
     if trials.empty or trials.score.isna().all():
-        raise ConfigError(f"finalize {experiment}: no finished, non-diverged trial with a score under {root.uri('results')}")
+        raise ConfigError(
+            f"finalize {experiment}: no finished, non-diverged trial with a score under {root.uri('results')}"
+        )
     winner = trials.loc[trials.score.idxmax()]
     return winner, replay_schedule(results.epochs, results.lineage, winner.trial_id, int(winner.epochs))
 
@@ -80,8 +82,16 @@ def _finalize_seed(configs: list[tuple[int, RunConfig]], outputs: str, final: st
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     storage = Storage(outputs)
     try:
-        summary, history = execute(configs[0][1], storage, final, progress=False, schedule=configs,
-                                   kind="finalize", trial_id=trial_id, method=method)
+        summary, history = execute(
+            configs[0][1],
+            storage,
+            final,
+            progress=False,
+            schedule=configs,
+            kind="finalize",
+            trial_id=trial_id,
+            method=method,
+        )
     except DivergenceError:
         return None, storage.read_parquet("metrics.parquet").to_pylist()
     export_student(storage)
@@ -101,10 +111,14 @@ def export_student(run: Storage) -> None:
     run.write_bytes("best/student.pt2", buffer.getvalue())
 
 
-def finalize(experiment: str, seeds: int, storage: str | None = None, gpus: float = 0.0, cpus: float = 1.0) -> dict[str, Any]:
+def finalize(
+    experiment: str, seeds: int, storage: str | None = None, gpus: float = 0.0, cpus: float = 1.0
+) -> dict[str, Any]:
     root = Storage(storage or ".")
     if not root.exists(f"{experiment}/cpsc/setup.json"):
-        raise ConfigError(f"finalize {experiment}: no tuning experiment of that name under {root.uri()} (give --storage)")
+        raise ConfigError(
+            f"finalize {experiment}: no tuning experiment of that name under {root.uri()} (give --storage)"
+        )
     setup = root.read_json(f"{experiment}/cpsc/setup.json")
     base = RunConfig.model_validate(setup["base"])
     winner, schedule = select(root, experiment)
@@ -113,8 +127,13 @@ def finalize(experiment: str, seeds: int, storage: str | None = None, gpus: floa
         ray.init()
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finalize_seed)
     pending = [
-        task.remote(_configs(base, schedule, base.seed + 1000 + k, f"seed{k}", root.uri(final)), root.uri(final, f"seed{k}"),
-                    final, f"seed{k}", setup["method"])
+        task.remote(
+            _configs(base, schedule, base.seed + 1000 + k, f"seed{k}", root.uri(final)),
+            root.uri(final, f"seed{k}"),
+            final,
+            f"seed{k}",
+            setup["method"],
+        )
         for k in range(seeds)
     ]
     outcomes = ray.get(pending)
@@ -122,8 +141,14 @@ def finalize(experiment: str, seeds: int, storage: str | None = None, gpus: floa
     publish(root, final, [row for _, history in outcomes for row in history], [])
     chosen = [s["best"]["test_acc"] for s in summaries if s["best"]]
     result = {
-        "experiment": experiment, "final": final, "winner": winner.trial_id, "winner_score": float(winner.score),
-        "schedule": schedule, "seeds": seeds, "diverged": seeds - len(summaries), "test_at_best": chosen,
+        "experiment": experiment,
+        "final": final,
+        "winner": winner.trial_id,
+        "winner_score": float(winner.score),
+        "schedule": schedule,
+        "seeds": seeds,
+        "diverged": seeds - len(summaries),
+        "test_at_best": chosen,
         "test_mean": statistics.mean(chosen) if chosen else None,
         "test_std": statistics.stdev(chosen) if len(chosen) > 1 else 0.0,
         "students": [s["run_dir"] + "/best" for s in summaries],

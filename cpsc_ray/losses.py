@@ -209,8 +209,10 @@ class BNStatisticsPrior(LossTerm):
         variances = mean_squares - means * means
         total = means.new_zeros(())
         for layer, mean, var in zip(self.layers, means.split(self._widths), variances.split(self._widths)):
-            total = total + torch.linalg.vector_norm(var - layer.running_var) + torch.linalg.vector_norm(
-                mean - layer.running_mean
+            total = (
+                total
+                + torch.linalg.vector_norm(var - layer.running_var)
+                + torch.linalg.vector_norm(mean - layer.running_mean)
             )
         return total
 
@@ -255,7 +257,9 @@ class WeightedSum(nn.Module):
         return total, {name: value.detach() for name, value in values.items()}
 
 
-def generator_objective(cfg: LossConfig, bn_prior: BNStatisticsPrior | None, gather: Gather | None = None) -> WeightedSum:
+def generator_objective(
+    cfg: LossConfig, bn_prior: BNStatisticsPrior | None, gather: Gather | None = None
+) -> WeightedSum:
     ikd_form = "log_mse" if cfg.ikd_form == "log" else "mse"
     terms: dict[str, tuple[float, LossTerm]] = {
         "kd": (-1.0, KDTerm(cfg.kd_temperature)),

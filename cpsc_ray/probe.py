@@ -34,7 +34,9 @@ def probe_name(weights: Path, cfg: EvalConfig) -> str:
 
 
 def total_variation(images: Tensor) -> Tensor:
-    return (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean() + (images[:, :, :, 1:] - images[:, :, :, :-1]).abs().mean()
+    return (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean() + (
+        images[:, :, :, 1:] - images[:, :, :, :-1]
+    ).abs().mean()
 
 
 def synthesize_probe(
@@ -68,7 +70,9 @@ def synthesize_probe(
         if prior is not None:
             prior.close()
     with torch.no_grad():
-        predicted = torch.cat([teacher(images[i : i + PROBE_BATCH]).argmax(1) for i in range(0, len(images), PROBE_BATCH)])
+        predicted = torch.cat(
+            [teacher(images[i : i + PROBE_BATCH]).argmax(1) for i in range(0, len(images), PROBE_BATCH)]
+        )
     return images.cpu(), predicted.cpu()
 
 

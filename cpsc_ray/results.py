@@ -40,7 +40,8 @@ IDENTITY = {
 }
 PROGRESS = {
     "epoch": pa.int64(),
-    "images": pa.int64(),
+    "images": pa.int64(),  # synthesized over the state's history (a PBT clone inherits its source's)
+    "epoch_images": pa.int64(),  # synthesized in this epoch by this trial: sum these for compute totals
     "images_per_s": pa.float64(),
     "epoch_s": pa.float64(),
     "wall_s": pa.float64(),
@@ -90,9 +91,7 @@ def config_columns() -> dict[str, pa.DataType]:
     return columns
 
 
-SCHEMA = pa.schema(
-    [pa.field(n, t) for n, t in {**IDENTITY, **PROGRESS, **config_columns(), **VERSIONS}.items()]
-)
+SCHEMA = pa.schema([pa.field(n, t) for n, t in {**IDENTITY, **PROGRESS, **config_columns(), **VERSIONS}.items()])
 
 
 def method_label(cfg: RunConfig) -> str:
@@ -104,7 +103,11 @@ def versions() -> dict[str, str]:
     import ray
     import torch
 
-    return {"cpsc_ray_version": cpsc_ray.__version__, "torch_version": torch.__version__, "ray_version": ray.__version__}
+    return {
+        "cpsc_ray_version": cpsc_ray.__version__,
+        "torch_version": torch.__version__,
+        "ray_version": ray.__version__,
+    }
 
 
 def config_row(cfg: RunConfig) -> dict[str, Any]:
@@ -128,8 +131,8 @@ TRIAL_SUMMARY = {
     "score": pa.float64(),  # best value of the selection metric: what tuning maximised
     "best_epoch": pa.int64(),
     "epochs": pa.int64(),
-    "images": pa.int64(),
-    "device_s": pa.float64(),
+    "images": pa.int64(),  # synthesized by this trial itself (not what a PBT clone inherited)
+    "device_s": pa.float64(),  # spent by this trial itself: its epochs' seconds times its workers
     "wall_s": pa.float64(),
     "diverged": pa.bool_(),
     "best_val_acc": pa.float64(),
@@ -140,12 +143,22 @@ TRIAL_SUMMARY = {
     "last_test_acc": pa.float64(),
 }
 TRIALS_SCHEMA = pa.schema([pa.field(n, t) for n, t in {**TRIAL_SUMMARY, **config_columns(), **VERSIONS}.items()])
-LINEAGE_SCHEMA = pa.schema([
-    ("experiment", pa.string()), ("dataset", pa.string()), ("trial_id", pa.string()),
-    ("source_trial_id", pa.string()), ("epoch", pa.int64()), ("source_checkpoint", pa.string()),
-    ("state_digest", pa.string()), ("lr_student", pa.float64()), ("lr_generator", pa.float64()),
-    ("loss_weights", pa.string()), ("config_before", pa.string()), ("config_after", pa.string()),
-])
+LINEAGE_SCHEMA = pa.schema(
+    [
+        ("experiment", pa.string()),
+        ("dataset", pa.string()),
+        ("trial_id", pa.string()),
+        ("source_trial_id", pa.string()),
+        ("epoch", pa.int64()),
+        ("source_checkpoint", pa.string()),
+        ("state_digest", pa.string()),
+        ("lr_student", pa.float64()),
+        ("lr_generator", pa.float64()),
+        ("loss_weights", pa.string()),
+        ("config_before", pa.string()),
+        ("config_after", pa.string()),
+    ]
+)
 TABLES = {"epochs": SCHEMA, "trials": TRIALS_SCHEMA, "lineage": LINEAGE_SCHEMA}
 PARTITIONS = ("dataset", "experiment")
 
@@ -167,12 +180,19 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     summary = {k: last.get(k) for k in IDENTITY}
     summary.update(
-        score=best[selection] if best else None, best_epoch=best["epoch"] if best else None,
-        epochs=last["epoch"], images=last.get("images"), device_s=last.get("device_s"), wall_s=last.get("wall_s"),
+        score=best[selection] if best else None,
+        best_epoch=best["epoch"] if best else None,
+        epochs=last["epoch"],
+        images=sum(r.get("epoch_images") or 0 for r in rows),
+        device_s=sum((r.get("epoch_s") or 0.0) * (r.get("workers") or 1) for r in rows),
+        wall_s=last.get("wall_s"),
         diverged=any(bool(r.get("diverged")) for r in rows),
-        best_val_acc=extreme("val_acc"), last_val_acc=latest("val_acc"),
-        best_proxy=extreme("proxy"), last_proxy=latest("proxy"),
-        test_at_best=best.get("test_acc") if best else None, last_test_acc=latest("test_acc"),
+        best_val_acc=extreme("val_acc"),
+        last_val_acc=latest("val_acc"),
+        best_proxy=extreme("proxy"),
+        last_proxy=latest("proxy"),
+        test_at_best=best.get("test_acc") if best else None,
+        last_test_acc=latest("test_acc"),
     )
     summary.update({k: v for k, v in last.items() if k.startswith("config/") or k in VERSIONS})
     return summary
@@ -181,10 +201,17 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def lineage_rows(experiment: str, dataset: str, trial_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
-            "experiment": experiment, "dataset": dataset, "trial_id": trial_id,
-            "source_trial_id": r["source_trial_id"], "epoch": r["epoch"], "source_checkpoint": r["source_checkpoint"],
-            "state_digest": r["state_digest"], "lr_student": r["lr_student"], "lr_generator": r["lr_generator"],
-            "loss_weights": json.dumps(r["loss_weights"]), "config_before": json.dumps(r["config_before"]),
+            "experiment": experiment,
+            "dataset": dataset,
+            "trial_id": trial_id,
+            "source_trial_id": r["source_trial_id"],
+            "epoch": r["epoch"],
+            "source_checkpoint": r["source_checkpoint"],
+            "state_digest": r["state_digest"],
+            "lr_student": r["lr_student"],
+            "lr_generator": r["lr_generator"],
+            "loss_weights": json.dumps(r["loss_weights"]),
+            "config_before": json.dumps(r["config_before"]),
             "config_after": json.dumps(r["config_after"]),
         }
         for r in records
@@ -218,12 +245,17 @@ def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
         rows = trials.read_parquet(f"{trial_id}/metrics.parquet").to_pylist()
         epochs.extend(rows)
         if trials.exists(f"{trial_id}/lineage.json"):
-            lineage.extend(lineage_rows(experiment, rows[0]["dataset"], trial_id, trials.read_json(f"{trial_id}/lineage.json")))
+            lineage.extend(
+                lineage_rows(experiment, rows[0]["dataset"], trial_id, trials.read_json(f"{trial_id}/lineage.json"))
+            )
     if not epochs:
         raise ValueError(f"experiment {experiment}: no trial finished an epoch; nothing to collect")
     publish(root, experiment, epochs, lineage)
-    summaries = sorted((summarize_trial([r for r in epochs if r["trial_id"] == t]) for t in {r["trial_id"] for r in epochs}),
-                       key=lambda r: -1 if r["score"] is None else r["score"], reverse=True)
+    summaries = sorted(
+        (summarize_trial([r for r in epochs if r["trial_id"] == t]) for t in {r["trial_id"] for r in epochs}),
+        key=lambda r: -1 if r["score"] is None else r["score"],
+        reverse=True,
+    )
     return {"experiment": experiment, "results": root.uri("results"), "trials": summaries}
 
 
@@ -255,8 +287,13 @@ def _read_table(location: str, name: str, experiments: list[str] | None) -> "pd.
                 f"{fragment.path}: not a cpsc-ray {name} table of this version (columns differ: {missing[:5]}); "
                 "rewrite it with this cpsc-ray or point at another results directory"
             )
-    table = ds.dataset(storage.path(name), filesystem=storage.fs, format="parquet", partitioning=partitioning,
-                       schema=pa.unify_schemas([expected, partitioning.schema])).to_table()
+    table = ds.dataset(
+        storage.path(name),
+        filesystem=storage.fs,
+        format="parquet",
+        partitioning=partitioning,
+        schema=pa.unify_schemas([expected, partitioning.schema]),
+    ).to_table()
     if experiments:
         table = table.filter(pc.is_in(table["experiment"], pa.array(experiments)))
     return table.to_pandas()

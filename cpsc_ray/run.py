@@ -61,7 +61,8 @@ def read_checkpoint(storage: Storage, relative: str = "") -> tuple[dict, dict]:
         meta = json.loads(storage.read_text(f"{relative}/{META_FILE}" if relative else META_FILE))
         state = torch.load(
             io.BytesIO(storage.read_bytes(f"{relative}/{STATE_FILE}" if relative else STATE_FILE)),
-            map_location="cpu", weights_only=True,
+            map_location="cpu",
+            weights_only=True,
         )
     except Exception as err:  # noqa: BLE001 - torch and json raise many types for a damaged file
         raise CheckpointError(f"checkpoint {where}: cannot be read ({type(err).__name__}: {err})") from None
@@ -148,17 +149,33 @@ class DistillRun:
             train_metrics = self.engine.train_epoch()
         except DivergenceError:
             engine = self.engine
-            self._record({**self.identity, "epoch": engine.epoch, "images": engine.images_synthesized,
-                          "device_s": engine.device_seconds, "wall_s": self.wall_s(), "diverged": True})
+            self._record(
+                {
+                    **self.identity,
+                    **engine.last_epoch_cost,
+                    "epoch": engine.epoch,
+                    "images": engine.images_synthesized,
+                    "device_s": engine.device_seconds,
+                    "wall_s": self.wall_s(),
+                    "diverged": True,
+                }
+            )
             raise
         epoch = self.engine.epoch
         due = epoch % self.cfg.eval.every == 0 or self.done
         measured = self.engine.evaluate() if due else {}
         row = {**self.identity, **train_metrics, "wall_s": self.wall_s(), "diverged": False}
-        row.update({metric: measured.get(name) for name, metric in (("val", "val_acc"), ("proxy", "proxy"), ("test", "test_acc"))})
+        row.update(
+            {
+                metric: measured.get(name)
+                for name, metric in (("val", "val_acc"), ("proxy", "proxy"), ("test", "test_acc"))
+            }
+        )
         self._record(row)
-        if self.selection and row[self.selection] is not None and (
-            self.best["value"] is None or row[self.selection] > self.best["value"]
+        if (
+            self.selection
+            and row[self.selection] is not None
+            and (self.best["value"] is None or row[self.selection] > self.best["value"])
         ):
             self.best = {"metric": self.selection, "value": row[self.selection], "epoch": epoch}
             self._write_best()
@@ -246,12 +263,17 @@ def record_exploit(outputs: Storage, engine: DistillEngine, exploit: dict[str, A
     """PBT lineage: which trial this one cloned, at which epoch, the configs before and after, and
     what is in effect right after the restore (state digest, learning rates, loss weights)."""
     lineage = outputs.read_json("lineage.json") if outputs.exists("lineage.json") else []
-    lineage.append({
-        **exploit,
-        "state_digest": state_digest(engine.state_dict()),
-        "lr_student": engine.student_opt.param_groups[0]["lr"],
-        "lr_generator": engine.generator_opt.param_groups[0]["lr"],
-        "loss_weights": {"generator": engine.generator_loss.weights, "student": engine.student_loss.weights,
-                         "temperature": engine.cfg.loss.temperature},
-    })
+    lineage.append(
+        {
+            **exploit,
+            "state_digest": state_digest(engine.state_dict()),
+            "lr_student": engine.student_opt.param_groups[0]["lr"],
+            "lr_generator": engine.generator_opt.param_groups[0]["lr"],
+            "loss_weights": {
+                "generator": engine.generator_loss.weights,
+                "student": engine.student_loss.weights,
+                "temperature": engine.cfg.loss.temperature,
+            },
+        }
+    )
     outputs.write_json("lineage.json", lineage)

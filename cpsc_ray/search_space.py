@@ -25,10 +25,27 @@ from cpsc_ray.config import ConfigError, RunConfig, flatten
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 
 # Keys that shape the models, the data or the teacher: a running trial cannot take a new value.
-FIXED_DURING_RUN = ("data.", "teacher.", "teacher_training.", "student.arch", "student.kwargs", "generator.kind",
-                    "generator.arch", "generator.nz", "generator.ngf", "loss.train_projection_head", "train.epochs",
-                    "train.iterations_per_epoch", "train.batch_size", "train.device", "train.compile", "seed",
-                    "name", "output_dir", "eval.")
+FIXED_DURING_RUN = (
+    "data.",
+    "teacher.",
+    "teacher_training.",
+    "student.arch",
+    "student.kwargs",
+    "generator.kind",
+    "generator.arch",
+    "generator.nz",
+    "generator.ngf",
+    "loss.train_projection_head",
+    "train.epochs",
+    "train.iterations_per_epoch",
+    "train.batch_size",
+    "train.device",
+    "train.compile",
+    "seed",
+    "name",
+    "output_dir",
+    "eval.",
+)
 
 
 class SearchSpaceError(ConfigError):
@@ -107,7 +124,8 @@ def locate(space: str) -> Path:
         if (directory / f"{space}.yaml").is_file():
             return directory / f"{space}.yaml"
     raise SearchSpaceError(
-        f"search space {space!r}: no such file or named space; give a YAML path or one of: {', '.join(available_spaces())}"
+        f"search space {space!r}: no such file or named space; give a YAML path or one of: "
+        f"{', '.join(available_spaces())}"
     )
 
 
@@ -125,7 +143,8 @@ def parse_param(source: str, key: str, spec: Any, config_keys: dict[str, Any]) -
         raise SearchSpaceError(f"search space {source}: {key} is not a run-config key{hint}")
     if not isinstance(spec, dict) or "distribution" not in spec:
         raise SearchSpaceError(
-            f"search space {source}: {key}: expected a mapping with 'distribution' ({', '.join(DISTRIBUTIONS)}), got {spec!r}"
+            f"search space {source}: {key}: expected a mapping with 'distribution' "
+            f"({', '.join(DISTRIBUTIONS)}), got {spec!r}"
         )
     kind = spec["distribution"]
     if kind not in DISTRIBUTIONS:
@@ -143,7 +162,9 @@ def parse_param(source: str, key: str, spec: Any, config_keys: dict[str, Any]) -
     else:
         low, high = _number(source, key, spec, "low"), _number(source, key, spec, "high")
         if not low < high:
-            raise SearchSpaceError(f"search space {source}: {key}: empty range, low={low:g} must be below high={high:g}")
+            raise SearchSpaceError(
+                f"search space {source}: {key}: empty range, low={low:g} must be below high={high:g}"
+            )
         if kind == "loguniform" and low <= 0:
             raise SearchSpaceError(f"search space {source}: {key}: loguniform needs low > 0, got {low:g}")
         if kind == "int" and (low != int(low) or high != int(high)):
@@ -164,7 +185,9 @@ def load_search_space(space: str, base: RunConfig | None = None) -> SearchSpace:
         raise SearchSpaceError(f"search space {source}: expected a non-empty 'params:' mapping of dotted config keys")
     unknown = set(tree) - {"params", "description"}
     if unknown:
-        raise SearchSpaceError(f"search space {source}: unknown top-level key(s) {sorted(unknown)}; use params, description")
+        raise SearchSpaceError(
+            f"search space {source}: unknown top-level key(s) {sorted(unknown)}; use params, description"
+        )
     base = base or RunConfig()
     config_keys = flatten(base)
     params = {key: parse_param(source, key, spec, config_keys) for key, spec in tree["params"].items()}
@@ -186,4 +209,6 @@ def _check_samples_validate(source: str, base: RunConfig, params: dict[str, Para
         try:
             with_values(base, values)
         except ConfigError as err:
-            raise SearchSpaceError(f"search space {source}: its {corner} corner is not a valid run config: {err}") from None
+            raise SearchSpaceError(
+                f"search space {source}: its {corner} corner is not a valid run config: {err}"
+            ) from None

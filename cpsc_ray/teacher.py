@@ -89,7 +89,9 @@ def _import_builder(spec: str):
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"teacher.builder: cannot import {spec!r} ({err}); is its package installed on this node?") from None
+        raise ConfigError(
+            f"teacher.builder: cannot import {spec!r} ({err}); is its package installed on this node?"
+        ) from None
 
 
 def _supports_features(model: nn.Module) -> bool:
@@ -136,8 +138,15 @@ def read_weights(path: Path) -> dict[str, Tensor]:
 
 def _stated(cfg: TeacherConfig, card: TeacherCard | None, info: DatasetInfo) -> None:
     """Every statement about the teacher (config fields, sidecar) must agree with the dataset."""
-    for field, expected in (("num_classes", info.num_classes), ("input_size", info.image_size), ("channels", info.channels)):
-        for source, value in ((f"teacher.{field}", getattr(cfg, field)), ("teacher.weights sidecar", getattr(card, field, None))):
+    for field, expected in (
+        ("num_classes", info.num_classes),
+        ("input_size", info.image_size),
+        ("channels", info.channels),
+    ):
+        for source, value in (
+            (f"teacher.{field}", getattr(cfg, field)),
+            ("teacher.weights sidecar", getattr(card, field, None)),
+        ):
             if value is not None and value != expected:
                 raise ConfigError(
                     f"{source}: the teacher has {field}={value} but data.dataset={info.name} gives {expected}; "
@@ -158,7 +167,11 @@ def resolve_weights(cfg: RunConfig) -> str:
             return weights
         return str(Path(weights).expanduser())
     key = json.dumps(
-        [cfg.data.model_dump(exclude={"num_workers"}), cfg.teacher.model_dump(exclude={"weights"}), cfg.teacher_training.model_dump()],
+        [
+            cfg.data.model_dump(exclude={"num_workers"}),
+            cfg.teacher.model_dump(exclude={"weights"}),
+            cfg.teacher_training.model_dump(),
+        ],
         sort_keys=True,
     )
     slot = f"{cfg.data.dataset}-{cfg.teacher.arch or 'custom'}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -236,21 +249,31 @@ def load_teacher(cfg: RunConfig) -> Teacher:
     return Teacher(model, location, path, card, mean, std, info)
 
 
-def train_teacher(cfg: RunConfig, out: Path | None = None, device: torch.device | None = None, progress: bool = True) -> Path:
+def train_teacher(
+    cfg: RunConfig, out: Path | None = None, device: torch.device | None = None, progress: bool = True
+) -> Path:
     """Train the configured teacher architecture on real data (SGD, cosine, standard augmentation) and
     write ``teacher.safetensors`` plus its JSON card; the val hold-out is excluded from training."""
     if cfg.teacher.arch is None:
-        raise ConfigError("teacher.arch: cpsc-ray trains registry architectures only; a builder teacher brings its weights")
+        raise ConfigError(
+            "teacher.arch: cpsc-ray trains registry architectures only; a builder teacher brings its weights"
+        )
     auto = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": "auto"})})
     target = out / WEIGHTS_NAME if out else Path(resolve_weights(auto))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tcfg = cfg.teacher_training
     torch.manual_seed(tcfg.seed)
     splits = load_splits(cfg.data, augment=True)
-    model = build_model(cfg.teacher.arch, splits.info.num_classes, splits.info.channels, **cfg.teacher.kwargs).to(device)
+    model = build_model(cfg.teacher.arch, splits.info.num_classes, splits.info.channels, **cfg.teacher.kwargs).to(
+        device
+    )
     loader = DataLoader(
-        splits.train, batch_size=tcfg.batch_size, shuffle=True, drop_last=len(splits.train) > tcfg.batch_size,
-        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(tcfg.seed),
+        splits.train,
+        batch_size=tcfg.batch_size,
+        shuffle=True,
+        drop_last=len(splits.train) > tcfg.batch_size,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(tcfg.seed),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     steps = tcfg.epochs * len(loader)
@@ -266,12 +289,17 @@ def train_teacher(cfg: RunConfig, out: Path | None = None, device: torch.device 
             scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     card = TeacherCard(
-        arch=cfg.teacher.arch, dataset=splits.info.name, num_classes=splits.info.num_classes,
-        input_size=splits.info.image_size, channels=splits.info.channels,
-        mean=list(splits.info.mean), std=list(splits.info.std),
+        arch=cfg.teacher.arch,
+        dataset=splits.info.name,
+        num_classes=splits.info.num_classes,
+        input_size=splits.info.image_size,
+        channels=splits.info.channels,
+        mean=list(splits.info.mean),
+        std=list(splits.info.std),
         test_acc=top1(model, materialize(splits.test), device),
         val_acc=top1(model, materialize(splits.val), device) if splits.val is not None else None,
-        epochs=tcfg.epochs, seed=tcfg.seed,
+        epochs=tcfg.epochs,
+        seed=tcfg.seed,
     )
     write_teacher(target, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, card)
     return target

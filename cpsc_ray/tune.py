@@ -65,6 +65,7 @@ class TuneOptions:
     cpus_per_worker: float = 1.0
     max_concurrent: int | None = None
     perturbation_interval: int = 1  # epochs between PBT decisions (and checkpoints)
+    budget_images: int | None = None  # stop the experiment once its trials synthesized this many images
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
     seed_from: str | None = None
     storage: str | None = None
@@ -107,10 +108,33 @@ def trial_config(base: RunConfig, values: dict[str, Any], trial_id: str) -> RunC
     return with_values(base, {**coerced, "seed": base.seed + trial_seed_offset(trial_id), "name": trial_id})
 
 
-def tune_metrics(row: dict[str, Any], score: float | None) -> dict[str, Any]:
+def tune_metrics(row: dict[str, Any], score: float | None, images_spent: int) -> dict[str, Any]:
+    """What a trial reports to Tune: the row's numbers, the objective as ``score``, and the images it
+    synthesized since its last report (``images_spent``, what a compute budget adds up)."""
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
     metrics["score"] = WORST_SCORE if row.get("diverged") or score is None else score
+    metrics["images_spent"] = images_spent
+    metrics["report_id"] = uuid.uuid4().hex  # Tune repeats a finished trial's last result; count it once
     return metrics
+
+
+class ComputeBudget(tune.Stopper):
+    """Ends the experiment once its trials together have synthesized ``images`` images, so search
+    methods compare at equal compute (step counts are themselves searched, so trials differ in cost)."""
+
+    def __init__(self, images: int):
+        self.images = images
+        self.spent = 0
+        self.counted: set[str] = set()
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if result.get("report_id") not in self.counted:
+            self.counted.add(result.get("report_id"))
+            self.spent += int(result.get("images_spent", 0))
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.images
 
 
 def load_trial_checkpoint(directory: str) -> tuple[dict, dict, str]:
@@ -145,8 +169,13 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         lineage = outputs.read_json("lineage.json") if outputs.exists("lineage.json") else []
         # A paused trial is restored from its latest checkpoint, which may be the clone it already recorded.
         if source != trial_id and not (lineage and lineage[-1]["source_checkpoint"] == start[2]):
-            exploit = {"source_trial_id": source, "epoch": start[1]["epoch"], "source_checkpoint": start[2],
-                       "config_before": before, "config_after": flatten(cfg)}
+            exploit = {
+                "source_trial_id": source,
+                "epoch": start[1]["epoch"],
+                "source_checkpoint": start[2],
+                "config_before": before,
+                "config_after": flatten(cfg),
+            }
     if setup["workers"] > 1:
         _trial_in_rounds(cfg, setup, trial_id, outputs, start, exploit)
     else:
@@ -155,8 +184,9 @@ def tune_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 def _trial_in_process(cfg: RunConfig, setup: dict, trial_id: str, outputs: Storage, start, exploit) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prepared = prepare_engine(cfg, device, kind="tune", trial_id=trial_id, experiment=setup["experiment"],
-                              method=setup["method"])
+    prepared = prepare_engine(
+        cfg, device, kind="tune", trial_id=trial_id, experiment=setup["experiment"], method=setup["method"]
+    )
     engine = prepared.engine
     run = DistillRun(engine, prepared.identity, outputs, setup["metric"], keep_best=False)
     if start is not None:
@@ -174,7 +204,7 @@ def _trial_in_process(cfg: RunConfig, setup: dict, trial_id: str, outputs: Stora
             _report_diverged(run.history[-1], setup, cfg)
             return
         score = row[setup["metric"]] if row[setup["metric"]] is not None else score
-        metrics = tune_metrics(row, score)
+        metrics = tune_metrics(row, score, row["epoch_images"])
         if engine.epoch % interval == 0 or run.done:
             with tempfile.TemporaryDirectory() as directory:
                 write_checkpoint_dir(Path(directory), checkpoint_files(engine, run.meta()))
@@ -185,12 +215,13 @@ def _trial_in_process(cfg: RunConfig, setup: dict, trial_id: str, outputs: Stora
 
 def _report_diverged(row: dict[str, Any], setup: dict, cfg: RunConfig) -> None:
     """Report the worst score; under PBT keep the population's pace until a better trial is cloned in."""
-    metrics = tune_metrics(row, None)
+    metrics = tune_metrics(row, None, row.get("epoch_images") or 0)
     if not setup["population_based"]:
         tune.report(metrics)
         return
     for epoch in range(int(row["epoch"]), cfg.train.epochs + 1):
-        tune.report({**metrics, "epoch": epoch})
+        idle = {"images_spent": 0, "report_id": uuid.uuid4().hex} if epoch != row["epoch"] else {}
+        tune.report({**metrics, "epoch": epoch, **idle})
 
 
 def _trial_in_rounds(cfg: RunConfig, setup: dict, trial_id: str, outputs: Storage, start, exploit) -> None:
@@ -211,28 +242,38 @@ def _trial_in_rounds(cfg: RunConfig, setup: dict, trial_id: str, outputs: Storag
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "config": cfg.model_dump(), "outputs": outputs.uri(), "kind": "tune", "trial_id": trial_id,
-                "experiment": setup["experiment"], "method": setup["method"], "start_state": state_uri,
-                "stop_epoch": stop, "exploit": exploit, "selection": setup["metric"], "keep_best": False,
+                "config": cfg.model_dump(),
+                "outputs": outputs.uri(),
+                "kind": "tune",
+                "trial_id": trial_id,
+                "experiment": setup["experiment"],
+                "method": setup["method"],
+                "start_state": state_uri,
+                "stop_epoch": stop,
+                "exploit": exploit,
+                "selection": setup["metric"],
+                "keep_best": False,
             },
             scaling_config=scaling(setup["workers"], setup["gpus_per_worker"], setup["cpus_per_worker"]),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=rounds.uri(), failure_config=FailureConfig(max_failures=setup["max_failures"]),
+                name=name,
+                storage_path=rounds.uri(),
+                failure_config=FailureConfig(max_failures=setup["max_failures"]),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
         )
         result = trainer.fit()
         exploit = None
-        metrics = dict(result.metrics or {})
-        if metrics.get("diverged"):
-            _report_diverged(metrics, setup, cfg)
+        history = outputs.read_parquet("metrics.parquet").to_pylist()
+        spent = sum(r["epoch_images"] or 0 for r in history if r["epoch"] > epoch)
+        if history[-1]["diverged"]:
+            _report_diverged({**history[-1], "epoch_images": spent}, setup, cfg)
             return
         state_uri = rounds.uri(name, Path(result.checkpoint.path).name)
-        history = outputs.read_parquet("metrics.parquet").to_pylist()
         score = next((r[setup["metric"]] for r in reversed(history) if r[setup["metric"]] is not None), None)
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, POINTER).write_text(json.dumps({"state": state_uri}))
-            tune.report(tune_metrics(metrics, score), checkpoint=Checkpoint.from_directory(directory))
+            tune.report(tune_metrics(history[-1], score, spent), checkpoint=Checkpoint.from_directory(directory))
         _drop_old_rounds(rounds, keep=2)
         epoch = stop
 
@@ -257,8 +298,11 @@ def build_search(options: TuneOptions, space: SearchSpace, metric_mode: tuple, s
         from ray.tune.search.optuna import OptunaSearch
 
         metric, mode = metric_mode
-        sampler = (optuna.samplers.NSGAIISampler(seed=options.search_seed) if isinstance(metric, list)
-                   else optuna.samplers.TPESampler(seed=options.search_seed))
+        sampler = (
+            optuna.samplers.NSGAIISampler(seed=options.search_seed)
+            if isinstance(metric, list)
+            else optuna.samplers.TPESampler(seed=options.search_seed)
+        )
         return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=seeds)
     # A synchronous population must exist whole (paused trials release their resources), so only
     # searches without a population are capped.
@@ -267,16 +311,27 @@ def build_search(options: TuneOptions, space: SearchSpace, metric_mode: tuple, s
 
 
 def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        PopulationBasedTraining,
+    )
 
     if options.scheduler == "fifo":
         return FIFOScheduler()
     if options.scheduler == "asha":
-        return ASHAScheduler(time_attr="epoch", metric="score", mode="max", max_t=epochs,
-                             grace_period=options.grace_period, reduction_factor=2)
+        return ASHAScheduler(
+            time_attr="epoch",
+            metric="score",
+            mode="max",
+            max_t=epochs,
+            grace_period=options.grace_period,
+            reduction_factor=2,
+        )
     space.check_perturbable()
-    common = dict(time_attr="epoch", metric="score", mode="max", perturbation_interval=options.perturbation_interval,
-                  synch=True)
+    common = dict(
+        time_attr="epoch", metric="score", mode="max", perturbation_interval=options.perturbation_interval, synch=True
+    )
     if options.scheduler == "pbt":
         return PopulationBasedTraining(hyperparam_mutations=space.to_tune(), **common)
     from ray.tune.schedulers.pb2 import PB2
@@ -303,7 +358,9 @@ def _column_value(row, key: str) -> Any:
     return None if value != value else value.item() if hasattr(value, "item") else value  # NaN -> None
 
 
-def run_tune(cfg: RunConfig, options: TuneOptions, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+def run_tune(
+    cfg: RunConfig, options: TuneOptions, resume: bool = False, callbacks: list | None = None
+) -> dict[str, Any]:
     """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary.
     ``callbacks`` are Ray Tune callbacks, for programmatic use."""
     from ray.tune import CheckpointConfig, FailureConfig, TuneConfig, Tuner
@@ -330,12 +387,20 @@ def run_tune(cfg: RunConfig, options: TuneOptions, resume: bool = False, callbac
     cfg = _resolve_teacher(cfg, options)
     checkpoint_every = options.perturbation_interval if options.population_based else cfg.train.checkpoint_every
     setup = {
-        "base": cfg.model_dump(), "experiment": experiment, "method": options.method, "metric": metric,
-        "trials": root.uri(experiment, "cpsc", "trials"), "rounds": root.uri(experiment, "cpsc", "rounds"),
-        "workers": options.workers_per_trial, "gpus_per_worker": options.gpus_per_worker,
-        "cpus_per_worker": options.cpus_per_worker, "max_failures": options.max_failures,
-        "checkpoint_every": checkpoint_every, "population_based": options.population_based,
-        "searched_keys": sorted(space.params), "options": asdict(options),
+        "base": cfg.model_dump(),
+        "experiment": experiment,
+        "method": options.method,
+        "metric": metric,
+        "trials": root.uri(experiment, "cpsc", "trials"),
+        "rounds": root.uri(experiment, "cpsc", "rounds"),
+        "workers": options.workers_per_trial,
+        "gpus_per_worker": options.gpus_per_worker,
+        "cpus_per_worker": options.cpus_per_worker,
+        "max_failures": options.max_failures,
+        "checkpoint_every": checkpoint_every,
+        "population_based": options.population_based,
+        "searched_keys": sorted(space.params),
+        "options": asdict(options),
     }
     root.write_json(f"{experiment}/cpsc/setup.json", setup)
     seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
@@ -349,13 +414,19 @@ def run_tune(cfg: RunConfig, options: TuneOptions, resume: bool = False, callbac
         _trainable(setup),
         param_space=space.to_tune(),
         tune_config=TuneConfig(  # metric and mode live in the searcher and the scheduler
-            search_alg=search, scheduler=scheduler, num_samples=options.num_samples,
-            max_concurrent_trials=(options.max_concurrent or _fitting_concurrency(options)) if options.search == "optuna" else None,
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=options.num_samples,
+            max_concurrent_trials=(options.max_concurrent or _fitting_concurrency(options))
+            if options.search == "optuna"
+            else None,
         ),
         run_config=tune.RunConfig(
-            name=experiment, storage_path=root.uri(),
+            name=experiment,
+            storage_path=root.uri(),
             checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
             failure_config=FailureConfig(max_failures=options.max_failures),
+            stop=ComputeBudget(options.budget_images) if options.budget_images else None,
             callbacks=callbacks,
             verbose=1,
         ),
@@ -381,8 +452,10 @@ def _trainable(setup: dict[str, Any]):
 def _fitting_concurrency(options: TuneOptions) -> int:
     """As many trials at once as the cluster can hold whole, so no worker group waits on a timeout."""
     available = ray.cluster_resources()
-    per_trial = {"CPU": options.cpus_per_worker * options.workers_per_trial,
-                 "GPU": options.gpus_per_worker * options.workers_per_trial}
+    per_trial = {
+        "CPU": options.cpus_per_worker * options.workers_per_trial,
+        "GPU": options.gpus_per_worker * options.workers_per_trial,
+    }
     fits = [int(available.get(k, 0) // v) for k, v in per_trial.items() if v > 0]
     return max(1, min(fits)) if fits else 1
 

@@ -53,7 +53,12 @@ def ray_local(session_cache):
     import ray
 
     tests_dir = str(Path(__file__).parent)  # so workers can import loops defined in test modules
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": tests_dir}},
+    )
     yield ray
     ray.shutdown()

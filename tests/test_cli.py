@@ -9,13 +9,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
 from cpsc_ray.cli import main
 from cpsc_ray.models import build_model
 from cpsc_ray.results import SCHEMA
 from cpsc_ray.run import DistillRun
-from conftest import TINY
 
 
 def distill(tmp_path: Path, *extra: str) -> int:

@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import TINY
 
 from cpsc_ray.cli import main
 from cpsc_ray.config import RunConfig, with_values
 from cpsc_ray.run import read_checkpoint
 from cpsc_ray.storage import Storage
-from conftest import TINY
 
 
 def ddp_probe_loop(config: dict) -> None:
@@ -48,7 +48,9 @@ def ddp_probe_loop(config: dict) -> None:
     with engine.bn_prior.capture():
         engine.teacher(images)
     distributed_bn = engine.bn_prior().item()
-    features = torch.nn.functional.normalize(torch.randn(len(y), 2, 8, generator=torch.Generator().manual_seed(rank)), dim=2)
+    features = torch.nn.functional.normalize(
+        torch.randn(len(y), 2, 8, generator=torch.Generator().manual_seed(rank)), dim=2
+    )
     distributed_scl = engine.generator_loss.terms["scl"].gather
     scl = supervised_contrastive(distributed_scl(features), distributed_scl(y), 0.5, 0.5).item()
     local_prior = BNStatisticsPrior(engine.teacher)
@@ -60,14 +62,20 @@ def ddp_probe_loop(config: dict) -> None:
     directory = tempfile.mkdtemp()
     Path(directory, "probe.txt").write_text("ddp probe")
     checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-    ray.train.report(checkpoint=checkpoint, metrics={
-        "rank0_params_equal_rank1": bool(torch.equal(all_params[0], all_params[1])),
-        "generators_equal": bool(torch.equal(all_generator[0], all_generator[1])),
-        "batches_differ": bool(not torch.equal(all_images[0], all_images[1])),
-        "bn_distributed": distributed_bn, "bn_single": single_bn,
-        "scl_distributed": scl, "scl_single": single_scl,
-        "world_size": dist.get_world_size(), "local_batch": engine.local_batch,
-    })
+    ray.train.report(
+        checkpoint=checkpoint,
+        metrics={
+            "rank0_params_equal_rank1": bool(torch.equal(all_params[0], all_params[1])),
+            "generators_equal": bool(torch.equal(all_generator[0], all_generator[1])),
+            "batches_differ": bool(not torch.equal(all_images[0], all_images[1])),
+            "bn_distributed": distributed_bn,
+            "bn_single": single_bn,
+            "scl_distributed": scl,
+            "scl_single": single_scl,
+            "world_size": dist.get_world_size(),
+            "local_batch": engine.local_batch,
+        },
+    )
 
 
 def test_ddp_keeps_ranks_in_step_and_draws_different_batches(ray_local, digits_cfg, tmp_path):
@@ -93,8 +101,9 @@ def distill_workers(tmp_path: Path, *extra: str) -> int:
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_local, digits_cfg, tmp_path, capsys):
-    code = distill_workers(tmp_path, "train.epochs=4", "train.checkpoint_every=2", "--max-failures", "1",
-                           "--inject-fault-at-epoch", "4")
+    code = distill_workers(
+        tmp_path, "train.epochs=4", "train.checkpoint_every=2", "--max-failures", "1", "--inject-fault-at-epoch", "4"
+    )
     assert code == 0, capsys.readouterr().err
     run = tmp_path / "runs/dist"
     assert "killed at the start of epoch 4" in (run / ".fault-injected").read_text()

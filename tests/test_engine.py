@@ -82,7 +82,9 @@ def test_hyperparameters_win_over_restored_optimizer_state(tiny_cfg):
     source = prepare_engine(tiny_cfg).engine
     source.train_epoch()
     state = roundtrip(source.state_dict())
-    perturbed = with_values(tiny_cfg, {"student.lr": 0.37, "generator.lr": 0.0021, "loss.alpha": 1.5, "loss.temperature": 0.2})
+    perturbed = with_values(
+        tiny_cfg, {"student.lr": 0.37, "generator.lr": 0.0021, "loss.alpha": 1.5, "loss.temperature": 0.2}
+    )
     clone = prepare_engine(perturbed).engine
     clone.load_state_dict(state)
     progress = 1 / tiny_cfg.train.epochs
@@ -115,7 +117,13 @@ def test_epoch_metrics_name_every_term_and_count_images(tiny_cfg):
     for name in ("g_kd", "g_ikd", "g_bn", "g_scl", "g_ce", "g_total", "s_kd", "s_ikd", "s_ce", "s_total"):
         assert math.isfinite(metrics[name]), name
     g = tiny_cfg.loss
-    expected_total = -metrics["g_kd"] - g.alpha * metrics["g_ikd"] + g.beta * metrics["g_bn"] + g.gamma * metrics["g_scl"] + g.eta * metrics["g_ce"]
+    expected_total = (
+        -metrics["g_kd"]
+        - g.alpha * metrics["g_ikd"]
+        + g.beta * metrics["g_bn"]
+        + g.gamma * metrics["g_scl"]
+        + g.eta * metrics["g_ce"]
+    )
     assert math.isclose(metrics["g_total"], expected_total, rel_tol=1e-4)
 
 

@@ -74,8 +74,15 @@ def test_teacher_with_other_class_count(digits_cfg, tmp_path):
 
 
 def test_teacher_card_with_other_input_size(digits_cfg, tmp_path):
-    card = {"arch": "digits_teacher", "dataset": "digits", "num_classes": 10, "input_size": 32, "channels": 1,
-            "mean": [0.3], "std": [0.3]}
+    card = {
+        "arch": "digits_teacher",
+        "dataset": "digits",
+        "num_classes": 10,
+        "input_size": 32,
+        "channels": 1,
+        "mean": [0.3],
+        "std": [0.3],
+    }
     path = _save(tmp_path, build_model("digits_teacher", 10, 1), card=card)
     message = error_of(load_teacher, with_values(digits_cfg, {"teacher.weights": str(path)}))
     assert "input_size=32" in message and "data.dataset=digits" in message

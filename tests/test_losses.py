@@ -140,7 +140,9 @@ def test_each_generator_term_reaches_the_generator_and_never_the_teacher(term):
     head = nn.Linear(student.feature_dim, teacher.feature_dim).requires_grad_(False)
     generator = build_generator("upsample", "conditional", 8, 4, 1, 16, 10)
     weights = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "eta": 0.0}
-    weights.update({"ikd": {"alpha": 1.0}, "bn": {"beta": 1.0}, "scl": {"gamma": 1.0}, "ce": {"eta": 1.0}}.get(term, {}))
+    weights.update(
+        {"ikd": {"alpha": 1.0}, "bn": {"beta": 1.0}, "scl": {"gamma": 1.0}, "ce": {"eta": 1.0}}.get(term, {})
+    )
     prior = BNStatisticsPrior(teacher)
     objective = generator_objective(LossConfig(**weights), prior)
     if term != "kd":

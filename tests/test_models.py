@@ -10,8 +10,16 @@ from cpsc_ray.generators import ConditionalBatchNorm2d, build_generator
 from cpsc_ray.models import MODELS, build_model
 
 FEATURE_DIMS = {
-    "resnet18": 512, "resnet34": 512, "wrn_16_1": 64, "wrn_16_2": 128, "wrn_40_1": 64, "wrn_40_2": 128,
-    "vgg8_bn": 512, "vgg11_bn": 512, "digits_teacher": 128, "digits_student": 64,
+    "resnet18": 512,
+    "resnet34": 512,
+    "wrn_16_1": 64,
+    "wrn_16_2": 128,
+    "wrn_40_1": 64,
+    "wrn_40_2": 128,
+    "vgg8_bn": 512,
+    "vgg11_bn": 512,
+    "digits_teacher": 128,
+    "digits_student": 64,
 }
 
 

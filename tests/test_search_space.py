@@ -31,8 +31,20 @@ def test_shipped_spaces_load_by_name():
     for name in ("cpsc_pbt", "digits_pbt"):
         load_search_space(name).check_perturbable()
     optuna = load_search_space("cpsc_optuna")
-    assert {"loss.alpha", "loss.beta", "loss.gamma", "loss.eta", "loss.temperature", "loss.kd_temperature",
-            "generator.lr", "student.lr", "train.g_steps", "train.s_steps", "generator.nz", "generator.ngf"} == set(optuna.params)
+    assert {
+        "loss.alpha",
+        "loss.beta",
+        "loss.gamma",
+        "loss.eta",
+        "loss.temperature",
+        "loss.kd_temperature",
+        "generator.lr",
+        "student.lr",
+        "train.g_steps",
+        "train.s_steps",
+        "generator.nz",
+        "generator.ngf",
+    } == set(optuna.params)
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
@@ -45,12 +57,15 @@ def test_unknown_distribution(tmp_path):
     assert "loss.alpha" in message and "unknown distribution 'lognormal'" in message and "loguniform" in message
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("{distribution: uniform, low: 2, high: 1}", "empty range"),
-    ("{distribution: int, low: 3, high: 3}", "empty range"),
-    ("{distribution: choice, values: []}", "non-empty list"),
-    ("{distribution: loguniform, low: 0, high: 1}", "low > 0"),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("{distribution: uniform, low: 2, high: 1}", "empty range"),
+        ("{distribution: int, low: 3, high: 3}", "empty range"),
+        ("{distribution: choice, values: []}", "non-empty list"),
+        ("{distribution: loguniform, low: 0, high: 1}", "low > 0"),
+    ],
+)
 def test_empty_or_impossible_ranges(tmp_path, spec, expected):
     assert expected in error(tmp_path, f"params:\n  loss.alpha: {spec}\n")
 

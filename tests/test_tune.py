@@ -21,7 +21,6 @@ from cpsc_ray.schedules import multistep, warmup_cosine
 from cpsc_ray.storage import Storage
 from cpsc_ray.tune import TuneOptions, run_tune
 
-
 SPACES = Path(__file__).parent / "spaces"
 
 
@@ -31,11 +30,16 @@ def options(tmp_path, name: str, **kwargs) -> TuneOptions:
 
 def test_optuna_with_asha_writes_what_the_trials_reported(ray_local, digits_cfg, tmp_path):
     cfg = with_values(digits_cfg, {"train.epochs": 3})
-    summary = run_tune(cfg, options(tmp_path, "opt", space="digits_optuna", search="optuna", scheduler="asha", num_samples=4))
+    summary = run_tune(
+        cfg, options(tmp_path, "opt", space="digits_optuna", search="optuna", scheduler="asha", num_samples=4)
+    )
     assert len(summary["trials"]) == 4 and not summary["errored"]
     results = read_results([str(tmp_path / "runs")], experiments=["opt"])
     assert set(results.epochs.method) == {"optuna+asha"} and set(results.epochs.kind) == {"tune"}
-    assert {c for c in results.epochs.columns if c.startswith("config/")} >= {"config/loss.alpha", "config/data.val_size"}
+    assert {c for c in results.epochs.columns if c.startswith("config/")} >= {
+        "config/loss.alpha",
+        "config/data.val_size",
+    }
 
     analysis = ExperimentAnalysis(str(tmp_path / "runs" / "opt"))
     reported = pd.concat(analysis.trial_dataframes.values(), ignore_index=True)
@@ -44,13 +48,32 @@ def test_optuna_with_asha_writes_what_the_trials_reported(ray_local, digits_cfg,
     assert len(merged) == len(results.epochs)
     for column in ("test_acc", "val_acc", "s_total", "images", "device_s"):
         assert (merged[column] - merged[f"{column}_reported"]).abs().max() < 1e-9, column
-    assert (merged["score"] == merged["val_acc"]).all()
+    healthy = ~merged["diverged"].astype(bool)
+    assert (merged.loc[healthy, "score"] == merged.loc[healthy, "val_acc"]).all()
+    assert (merged.loc[~healthy, "score"] == -1.0).all()
     # Each trial's sampled values are in its rows, so the schema holds whatever was searched.
     for trial_id, rows in results.epochs.groupby("trial_id"):
         config = analysis.get_all_configs()[next(p for p in analysis.get_all_configs() if trial_id in p)]
         assert math.isclose(rows["config/loss.alpha"].iloc[0], config["loss.alpha"])
     trials = results.trials.set_index("trial_id")
-    assert trials.images.sum() == results.epochs.groupby("trial_id").images.max().sum()
+    assert (
+        trials.images.sum()
+        == results.epochs.epoch_images.sum()
+        == results.epochs.groupby("trial_id").images.max().sum()
+    )
+
+
+def test_a_compute_budget_ends_the_experiment(ray_local, digits_cfg, tmp_path):
+    cfg = with_values(digits_cfg, {"train.epochs": 2})
+    per_trial = 2 * cfg.train.iterations_per_epoch * 12 * cfg.train.batch_size  # at most 6 G + 6 S steps
+    summary = run_tune(
+        cfg,
+        options(tmp_path, "budget", space="digits_pbt", num_samples=30, max_concurrent=1, budget_images=2 * per_trial),
+    )
+    spent = read_results([str(tmp_path / "runs")], experiments=["budget"]).epochs.epoch_images.sum()
+    # One trial at a time: the experiment ends right after the epoch that crosses the budget.
+    assert 2 * per_trial <= spent < 2 * per_trial + per_trial // 2
+    assert len(summary["trials"]) < 30
 
 
 class Interrupted(Exception):
@@ -71,15 +94,20 @@ class InterruptAfter(Callback):
             raise Interrupted()
 
 
-def test_an_interrupted_experiment_resumes_without_repeating_finished_trials(ray_local, digits_cfg, tmp_path, monkeypatch):
+def test_an_interrupted_experiment_resumes_without_repeating_finished_trials(
+    ray_local, digits_cfg, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
     cfg = with_values(digits_cfg, {"train.epochs": 2})
     opts = options(tmp_path, "resumable", space="digits_pbt", num_samples=4, max_concurrent=1)
     with pytest.raises(Interrupted):
         run_tune(cfg, opts, callbacks=[InterruptAfter(2, tmp_path / "interrupted")])
     trials_dir = tmp_path / "runs/resumable/cpsc/trials"
-    finished = {p.name: p.joinpath("metrics.parquet").stat().st_mtime_ns for p in trials_dir.iterdir()
-                if len(pd.read_parquet(p / "metrics.parquet")) == 2}
+    finished = {
+        p.name: p.joinpath("metrics.parquet").stat().st_mtime_ns
+        for p in trials_dir.iterdir()
+        if len(pd.read_parquet(p / "metrics.parquet")) == 2
+    }
     assert len(finished) >= 2
     summary = run_tune(cfg, opts, resume=True)
     assert not summary["errored"]
@@ -103,15 +131,29 @@ def check_exploits(root: str, experiment: str, epochs: int, every_exploit_explor
         # ...and ran with its own (perturbed) hyperparameters, not the restored optimizer's.
         after = json.loads(record.config_after)
         progress = record.epoch / epochs
-        assert math.isclose(record.lr_student, after["student.lr"] * warmup_cosine(progress, after["student.warmup_fraction"]))
-        assert math.isclose(record.lr_generator, after["generator.lr"] * multistep(
-            progress, after["generator.lr_milestones"], after["generator.lr_gamma"]))
+        assert math.isclose(
+            record.lr_student, after["student.lr"] * warmup_cosine(progress, after["student.warmup_fraction"])
+        )
+        assert math.isclose(
+            record.lr_generator,
+            after["generator.lr"] * multistep(progress, after["generator.lr_milestones"], after["generator.lr_gamma"]),
+        )
         weights = json.loads(record.loss_weights)
         assert weights["student"] == {"kd": 1.0, "ikd": after["loss.alpha"], "ce": after["loss.eta"]}
         assert weights["generator"]["bn"] == after["loss.beta"] and weights["generator"]["scl"] == after["loss.gamma"]
         assert weights["temperature"] == after["loss.temperature"]
-        source_rows = results.epochs[(results.epochs.trial_id == record.source_trial_id) & (results.epochs.epoch == record.epoch)]
-        mutated = ("loss.alpha", "loss.beta", "loss.gamma", "loss.eta", "loss.temperature", "student.lr", "generator.lr")
+        source_rows = results.epochs[
+            (results.epochs.trial_id == record.source_trial_id) & (results.epochs.epoch == record.epoch)
+        ]
+        mutated = (
+            "loss.alpha",
+            "loss.beta",
+            "loss.gamma",
+            "loss.eta",
+            "loss.temperature",
+            "student.lr",
+            "generator.lr",
+        )
         explored.append(any(after[k] != source_rows[f"config/{k}"].iloc[0] for k in mutated))
     assert all(explored) if every_exploit_explores else any(explored), f"explore changed nothing: {explored}"
     return results
@@ -122,8 +164,18 @@ def pbt_experiment(ray_local, digits_cfg, tmp_path_factory):
     """One PBT experiment (4 trials, 4 epochs) shared by the PBT and finalize tests."""
     root = tmp_path_factory.mktemp("pbt") / "runs"
     cfg = with_values(digits_cfg, {"train.epochs": 4})
-    summary = run_tune(cfg, TuneOptions(space=str(SPACES / "calm_pbt.yaml"), scheduler="pbt", num_samples=4,
-                                        keep_checkpoints=None, search_seed=1, storage=str(root), name="pbt"))
+    summary = run_tune(
+        cfg,
+        TuneOptions(
+            space=str(SPACES / "calm_pbt.yaml"),
+            scheduler="pbt",
+            num_samples=4,
+            keep_checkpoints=None,
+            search_seed=1,
+            storage=str(root),
+            name="pbt",
+        ),
+    )
     assert not summary["errored"]
     return root
 
@@ -135,8 +187,12 @@ def test_pbt_exploits_and_explores(pbt_experiment):
 
 def test_pb2_exploits_and_explores(ray_local, digits_cfg, tmp_path):
     cfg = with_values(digits_cfg, {"train.epochs": 4})
-    summary = run_tune(cfg, options(tmp_path, "pb2", space="digits_pbt", scheduler="pb2", num_samples=4,
-                                    keep_checkpoints=None, search_seed=1))
+    summary = run_tune(
+        cfg,
+        options(
+            tmp_path, "pb2", space="digits_pbt", scheduler="pb2", num_samples=4, keep_checkpoints=None, search_seed=1
+        ),
+    )
     assert not summary["errored"]
     results = check_exploits(str(tmp_path / "runs"), "pb2", epochs=4, every_exploit_explores=False)
     assert_one_row_per_trained_epoch(results.epochs, total=4)
@@ -186,8 +242,20 @@ def assert_one_row_per_trained_epoch(epochs: pd.DataFrame, total: int) -> None:
 
 def test_multi_worker_trials_run_in_rounds_and_exploit(ray_local, digits_cfg, tmp_path):
     cfg = with_values(digits_cfg, {"train.epochs": 3})
-    summary = run_tune(cfg, options(tmp_path, "rounds", space=str(SPACES / "calm_pbt.yaml"), scheduler="pbt", num_samples=2,
-                                    workers_per_trial=2, cpus_per_worker=0.5, keep_checkpoints=None, search_seed=3))
+    summary = run_tune(
+        cfg,
+        options(
+            tmp_path,
+            "rounds",
+            space=str(SPACES / "calm_pbt.yaml"),
+            scheduler="pbt",
+            num_samples=2,
+            workers_per_trial=2,
+            cpus_per_worker=0.5,
+            keep_checkpoints=None,
+            search_seed=3,
+        ),
+    )
     assert not summary["errored"]
     results = check_exploits(str(tmp_path / "runs"), "rounds", epochs=3)
     assert set(results.epochs.workers) == {2}

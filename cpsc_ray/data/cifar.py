@@ -14,9 +14,7 @@ from cpsc_ray.data.common import (
     DatasetInfo,
     Splits,
     check_native_size,
-    make_splits,
-    seeded_permutation,
-    to_normalised_tensor,
+    official_splits,
 )
 
 # dataset -> (display name, torchvision class, classes, mean, std)
@@ -67,14 +65,4 @@ def load(cfg: DataConfig, info: DatasetInfo, *, augment: bool, mean: Sequence[fl
             f"re-extract them from a fresh {cls.filename}"
         ) from None
     augmentation = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
-    return make_splits(
-        info,
-        train,
-        seeded_permutation(len(train), cfg.split_seed),
-        cfg.val_size,
-        test,
-        list(range(len(test))),
-        to_normalised_tensor(augmentation, mean, std),
-        to_normalised_tensor([], mean, std),
-        f"{label} training images",
-    )
+    return official_splits(info, cfg, train, test, augmentation, mean, std, f"{label} training images")

@@ -97,3 +97,29 @@ def check_native_size(image_size: int | None, native: int, label: str) -> None:
         raise DataError(
             f"data.image_size: {label} images are {native}x{native}; set {native} or leave it unset (got {image_size})"
         )
+
+
+def official_splits(
+    info: DatasetInfo,
+    cfg: Any,
+    train: Dataset,
+    test: Dataset,
+    augmentation: list[Callable],
+    mean: Sequence[float],
+    std: Sequence[float],
+    what: str,
+    preprocess: Sequence[Callable] = (),
+) -> Splits:
+    """Train and test as the dataset ships them; the validation hold-out comes out of train.
+    ``preprocess`` (e.g. a resize) applies to every split, ``augmentation`` to train only."""
+    return make_splits(
+        info,
+        train,
+        seeded_permutation(len(train), cfg.split_seed),
+        cfg.val_size,
+        test,
+        list(range(len(test))),
+        to_normalised_tensor([*preprocess, *augmentation], mean, std),
+        to_normalised_tensor(list(preprocess), mean, std),
+        what,
+    )

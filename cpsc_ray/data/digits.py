@@ -11,7 +11,13 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
 
 from cpsc_ray.config import DataConfig
-from cpsc_ray.data.common import DatasetInfo, Splits, make_splits, seeded_permutation, to_normalised_tensor
+from cpsc_ray.data.common import (
+    DatasetInfo,
+    Splits,
+    make_splits,
+    seeded_permutation,
+    to_normalised_tensor,
+)
 
 DEFAULT_SIZE = 16
 TEST_SIZE = 360  # digits has no official test split; this many images are fixed aside per split_seed

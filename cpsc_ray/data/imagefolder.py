@@ -10,7 +10,7 @@ from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
 from cpsc_ray.config import DataConfig
-from cpsc_ray.data.common import DataError, DatasetInfo, Splits, make_splits, seeded_permutation, to_normalised_tensor
+from cpsc_ray.data.common import DataError, DatasetInfo, Splits, official_splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,14 +58,4 @@ def load(cfg: DataConfig, info: DatasetInfo, *, augment: bool, mean: Sequence[fl
     size = info.image_size
     resize = [v2.Resize(size), v2.CenterCrop(size)]
     augmentation = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()] if augment else []
-    return make_splits(
-        info,
-        train,
-        seeded_permutation(len(train), cfg.split_seed),
-        cfg.val_size,
-        test,
-        list(range(len(test))),
-        to_normalised_tensor(resize + augmentation, mean, std),
-        to_normalised_tensor(resize, mean, std),
-        "imagefolder training images",
-    )
+    return official_splits(info, cfg, train, test, augmentation, mean, std, "imagefolder training images", resize)

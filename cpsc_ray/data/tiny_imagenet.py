@@ -15,9 +15,7 @@ from cpsc_ray.data.common import (
     DatasetInfo,
     Splits,
     check_native_size,
-    make_splits,
-    seeded_permutation,
-    to_normalised_tensor,
+    official_splits,
 )
 
 FOLDER = "tiny-imagenet-200"
@@ -103,14 +101,4 @@ def load(cfg: DataConfig, info: DatasetInfo, *, augment: bool, mean: Sequence[fl
     train = ImageFiles(_train_samples(cfg, directory, label_of))
     test = ImageFiles(_test_samples(cfg, directory, label_of))
     augmentation = [v2.RandomCrop(64, padding=8), v2.RandomHorizontalFlip()] if augment else []
-    return make_splits(
-        info,
-        train,
-        seeded_permutation(len(train), cfg.split_seed),
-        cfg.val_size,
-        test,
-        list(range(len(test))),
-        to_normalised_tensor(augmentation, mean, std),
-        to_normalised_tensor([], mean, std),
-        "Tiny-ImageNet training images",
-    )
+    return official_splits(info, cfg, train, test, augmentation, mean, std, "Tiny-ImageNet training images")
