@@ -143,6 +143,8 @@ def execute(
 
 
 def run_in_process(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    if not resume:
+        load_teacher(ensure_teacher(cfg, progress))  # a teacher that does not fit fails before a run dir exists
     cfg, outputs, name = open_run(cfg, resume)
     summary, history = execute(cfg, outputs, name, resume=bool(resume), progress=progress)
     publish(Storage(cfg.output_dir), name, history, [])

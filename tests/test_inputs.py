@@ -67,10 +67,13 @@ def _save(tmp_path, model, name="t.pt", card=None):
     return path
 
 
-def test_teacher_with_other_class_count(digits_cfg, tmp_path):
+def test_teacher_with_other_class_count(digits_cfg, tmp_path, capsys):
     path = _save(tmp_path, build_model("digits_teacher", 5, 1))
     message = error_of(load_teacher, with_values(digits_cfg, {"teacher.weights": str(path)}))
     assert "teacher.weights" in message and "size mismatch" in message
+    runs = tmp_path / "runs"
+    assert main(["distill", f"teacher.weights={path}", f"output_dir={runs}"]) == 2
+    assert "size mismatch" in capsys.readouterr().err and not runs.exists()  # no half-made run directory
 
 
 def test_teacher_card_with_other_input_size(digits_cfg, tmp_path):
