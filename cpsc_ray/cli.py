@@ -91,6 +91,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         minimize_device_seconds=args.minimize_device_seconds, workers_per_trial=args.workers_per_trial,
         gpus_per_worker=args.gpus_per_trial / args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         max_concurrent=args.max_concurrent, perturbation_interval=args.perturbation_interval,
+        budget_images=args.budget_images,
         grace_period=args.grace_period, seed_from=args.seed_from, storage=args.storage, name=args.name,
         keep_checkpoints=args.keep_checkpoints or None, max_failures=args.max_failures, search_seed=args.search_seed,
     )
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster holds whole")
     tuning.add_argument("--perturbation-interval", type=int, default=1, help="epochs between PBT decisions")
     tuning.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    tuning.add_argument("--budget-images", type=int, help="end the experiment once its trials synthesized this many "
+                        "images in all (compare search methods at equal compute)")
     tuning.add_argument("--keep-checkpoints", type=int, default=3, help="per trial (0 keeps all)")
     tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
     tuning.add_argument("--search-seed", type=int, default=0)
