@@ -86,6 +86,12 @@ class Storage:
     def read_parquet(self, relative: str) -> pa.Table:
         return pq.read_table(self.path(relative), filesystem=self.fs)
 
+    def copy_in(self, source_uri: str, relative: str) -> None:
+        """Copy a directory (any filesystem pyarrow reads) to ``relative`` under this root."""
+        source = Storage(source_uri)
+        self.makedirs(relative)
+        pafs.copy_files(source.root, self.path(relative), source_filesystem=source.fs, destination_filesystem=self.fs)
+
     def delete_dir(self, relative: str) -> None:
         if self.exists(relative):
             self.fs.delete_dir(self.path(relative))

@@ -236,6 +236,11 @@ def _trial_in_rounds(cfg: RunConfig, setup: dict, trial_id: str, outputs: Storag
     rounds = Storage(setup["rounds"]).child(trial_id)
     state_uri = start[2] if start else None
     epoch = start[1]["epoch"] if start else 0
+    if exploit is not None:
+        # Our own copy of the cloned state: the source may drop that round before ours gets workers.
+        clone = f"e{epoch:05d}-clone-{uuid.uuid4().hex[:8]}"
+        rounds.copy_in(state_uri, clone)
+        state_uri = rounds.uri(clone)
     while epoch < cfg.train.epochs:
         stop = min(epoch + setup["checkpoint_every"], cfg.train.epochs)
         name = f"e{epoch:05d}-{uuid.uuid4().hex[:8]}"  # a fresh name: Train V2 would resume a reused one
@@ -274,12 +279,14 @@ def _trial_in_rounds(cfg: RunConfig, setup: dict, trial_id: str, outputs: Storag
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, POINTER).write_text(json.dumps({"state": state_uri}))
             tune.report(tune_metrics(history[-1], score, spent), checkpoint=Checkpoint.from_directory(directory))
-        _drop_old_rounds(rounds, keep=2)
+        if setup["keep_checkpoints"]:
+            _drop_old_rounds(rounds, keep=setup["keep_checkpoints"])
         epoch = stop
 
 
 def _drop_old_rounds(rounds: Storage, keep: int) -> None:
-    """A trial's latest rounds are what other trials may still clone; older ones only fill the disk."""
+    """Rounds are kept like Tune keeps the pointers to them: the latest ones, which a live trial may
+    still clone; older ones only fill the disk."""
     for name in rounds.list_dirs()[:-keep]:
         rounds.delete_dir(name)
 
@@ -398,6 +405,7 @@ def run_tune(
         "cpus_per_worker": options.cpus_per_worker,
         "max_failures": options.max_failures,
         "checkpoint_every": checkpoint_every,
+        "keep_checkpoints": options.keep_checkpoints,
         "population_based": options.population_based,
         "searched_keys": sorted(space.params),
         "options": asdict(options),
