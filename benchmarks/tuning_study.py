@@ -11,21 +11,26 @@ Every run uses the same per-run budget (``--epochs``). Results land in ``--stora
 printed and written as JSON.
 
     python benchmarks/tuning_study.py --storage runs/study --json study.json
+
+Parts whose results are already in ``--storage`` are reused, so an interrupted study goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+from pathlib import Path
 
 import ray
 import torch
 
 from cpsc_ray.config import load_config
 from cpsc_ray.distill import run_in_process
-from cpsc_ray.finalize import finalize
-from cpsc_ray.results import read_results
+from cpsc_ray.finalize import finalize, select
+from cpsc_ray.results import ResultsError, read_results
+from cpsc_ray.storage import Storage
 from cpsc_ray.tune import TuneOptions, run_tune
 
 METHODS = {
@@ -40,6 +45,14 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} +/- {100 * spread:.2f}"
 
 
+def done(storage: str) -> set[str]:
+    """Experiments whose results are already published under ``storage``: the study resumes by part."""
+    try:
+        return set(read_results([storage]).trials.experiment)
+    except ResultsError:
+        return set()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storage", default="runs/study")
@@ -51,28 +64,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     ray.init(num_cpus=2, include_dashboard=True)
-    cfg = load_config("digits", [f"train.epochs={args.epochs}", f"output_dir={args.storage}"])
+    common = [f"train.epochs={args.epochs}", f"output_dir={args.storage}"]
+    cfg = load_config("digits", common)
     t = cfg.train
     run_images = t.epochs * t.iterations_per_epoch * (t.g_steps + t.s_steps) * t.batch_size
 
-    table = {}
-    defaults = []
+    # A part whose results are published is not rerun; an interrupted search starts over.
     for seed in range(args.seeds):
-        summary = run_in_process(
-            load_config(
-                "digits",
-                [f"train.epochs={args.epochs}", f"output_dir={args.storage}", f"seed={seed}", f"name=defaults-s{seed}"],
-            ),
-            progress=False,
-        )
-        defaults.append(summary)
-    table["defaults"] = {
-        "search_images": 0,
-        "trials": 0,
-        "best_val": max(s["best"]["val_acc"] for s in defaults),
-        "test_at_best": [s["best"]["test_acc"] for s in defaults],
-        "final_images": sum(s["images"] for s in defaults),
-    }
+        if f"defaults-s{seed}" not in done(args.storage):
+            run_in_process(load_config("digits", [*common, f"seed={seed}", f"name=defaults-s{seed}"]), progress=False)
     for method in args.methods:
         options = TuneOptions(
             storage=args.storage,
@@ -82,20 +82,37 @@ def main() -> None:
             search_seed=0,
             **METHODS[method],
         )
-        run_tune(cfg, options)
-        trials = read_results([args.storage], experiments=[options.name]).trials
-        result = finalize(options.name, args.seeds, args.storage)
-        final = read_results([args.storage], experiments=[result["final"]]).trials
+        if options.name not in done(args.storage):
+            shutil.rmtree(Path(args.storage) / options.name, ignore_errors=True)
+            run_tune(cfg, options)
+        if f"{options.name}-final" not in done(args.storage):
+            finalize(options.name, args.seeds, args.storage)
+
+    results = read_results([args.storage])
+    trials = results.trials
+    defaults = trials[trials.experiment.str.fullmatch(r"defaults-s\d+")]
+    table = {
+        "defaults": {
+            "search_images": 0,
+            "trials": 0,
+            "best_val": float(defaults.best_val_acc.max()),
+            "test_at_best": defaults.test_at_best.tolist(),
+            "final_images": int(defaults.images.sum()),
+        }
+    }
+    for method in args.methods:
+        search = trials[trials.experiment == f"study-{method}"]
+        final = trials[trials.experiment == f"study-{method}-final"]
+        picked = final[~final.diverged.astype(bool)]
         table[method] = {
-            "search_images": int(trials.images.sum()),
-            "trials": len(trials),
-            "best_val": float(trials.score.max()),
-            "test_at_best": result["test_at_best"],
-            "diverged_seeds": result["diverged"],
+            "search_images": int(search.images.sum()),
+            "trials": len(search),
+            "diverged_trials": int(search.diverged.astype(bool).sum()),
+            "best_val": float(search.score.max()),
+            "test_at_best": picked.test_at_best.tolist(),
+            "diverged_seeds": len(final) - len(picked),
             "final_images": int(final.images.sum()),
-            "winner": result["winner"],
-            "schedule_phases": len(result["schedule"]),
-            "final_config": result["schedule"][-1][1],
+            "winner": select(Storage(args.storage), f"study-{method}")[0].trial_id,
         }
     print(
         f"\nper-run budget {run_images:,} images ({args.epochs} epochs); search budget "
