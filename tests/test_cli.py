@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -41,12 +42,22 @@ def test_distill_writes_a_complete_run_directory(digits_cfg, tmp_path, capsys):
 
     summary = json.loads((run / "summary.json").read_text())
     best_epoch = max(rows, key=lambda r: r["val_acc"])["epoch"]  # first maximum, as the run keeps it
-    assert summary["selected_by"] == {"metric": "val_acc", "value": max(r["val_acc"] for r in rows), "epoch": best_epoch}
+    assert summary["selected_by"] == {
+        "metric": "val_acc",
+        "value": max(r["val_acc"] for r in rows),
+        "epoch": best_epoch,
+    }
     assert summary["best"]["test_acc"] == rows[best_epoch - 1]["test_acc"]
     card = json.loads((run / "best/student.json").read_text())
     student = build_model(card["arch"], card["num_classes"], card["channels"])
     student.load_state_dict(load_file(run / "best/student.safetensors"))
     assert (run / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The run ends by pointing at its own report, built from the results it published.
+    assert f"report: {run / 'report' / 'report.html'}" in out
+    reported = pd.read_parquet(run / "report" / "summary.parquet")
+    assert list(reported.experiment) == ["e2e"] and reported.n.iloc[0] == 1
+    assert reported.test_mean.iloc[0] == pytest.approx(summary["best"]["test_acc"])
 
 
 def test_without_validation_split_the_proxy_selects(digits_cfg, tmp_path):

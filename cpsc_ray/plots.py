@@ -1,0 +1,187 @@
+"""The report's figures as PNG bytes.
+
+Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas, never through
+pyplot: no global backend switch and no open-figure registry in a process that may be a Ray driver.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
+
+DPI = 100
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return {label: palette(i % 10) for i, label in enumerate(labels)}
+
+
+def _percent_axis(ax) -> None:
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.grid(alpha=0.3)
+
+
+def _log_x(ax) -> None:
+    """A log axis labelled at 1, 2 and 5 per decade: searched ranges often span less than one decade."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def accuracy_per_epoch(search: pd.DataFrame, reruns: pd.DataFrame, selected: str | None, title: str) -> bytes:
+    """Validation and test accuracy per epoch, one line per trial. ``search`` holds trials (thin grey,
+    the ``selected`` one black), ``reruns`` seeds of a rerun or distill runs (coloured, labelled)."""
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    seeds = sorted(reruns.groupby(["experiment", "trial_id"]).groups) if not reruns.empty else []
+    colors = _colors([f"{e}/{t}" for e, t in seeds])
+    for ax, metric in zip(axes, ("val_acc", "test_acc")):
+        for trial_id, rows in search.groupby("trial_id"):
+            rows = rows.sort_values("epoch")
+            chosen = trial_id == selected
+            ax.plot(
+                rows.epoch,
+                rows[metric],
+                color="black" if chosen else "0.6",
+                lw=1.8 if chosen else 0.8,
+                label=f"selected trial {trial_id}" if chosen else None,
+                zorder=3 if chosen else 2,
+            )
+        for (experiment, trial_id), rows in reruns.groupby(["experiment", "trial_id"]):
+            rows = rows.sort_values("epoch")
+            label = f"{experiment}/{trial_id}"
+            ax.plot(
+                rows.epoch, rows[metric], color=colors[label], lw=1.4, ls="--" if not search.empty else "-", label=label
+            )
+        ax.set_title(metric)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _percent_axis(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if labels:
+        axes[1].legend(handles, labels, fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def accuracy_vs_compute(curves: pd.DataFrame, outcomes: pd.DataFrame, unit: str, title: str) -> bytes:
+    """Left: each trial's validation accuracy against the synthetic images its state has seen
+    (``curves``: epochs rows with a ``label`` column). Right: each row's test accuracy (mean, s.d.)
+    against the compute it spent in all (``outcomes``: label, test_mean, test_std, hours)."""
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colors = _colors(sorted(set(curves.label) | set(outcomes.label)))
+    for (label, _, _), rows in curves.groupby(["label", "experiment", "trial_id"]):
+        rows = rows.sort_values("epoch")
+        left.plot(rows.images, rows.val_acc, color=colors[label], lw=0.9, alpha=0.8)
+    for label in sorted(set(curves.label)):
+        left.plot([], [], color=colors[label], label=label)
+    left.set_xlabel("synthetic images (cumulative per trial)")
+    left.set_title("val_acc per trial")
+    left.legend(fontsize=7)
+    _percent_axis(left)
+    for row in outcomes.itertuples():
+        right.errorbar(
+            row.hours,
+            row.test_mean,
+            yerr=0 if pd.isna(row.test_std) else row.test_std,
+            fmt="o",
+            color=colors[row.label],
+            capsize=3,
+            label=f"{row.label} (n={row.n})",
+        )
+    if (outcomes.hours > 0).all():
+        _log_x(right)
+    right.set_xlabel(f"{unit}-hours spent (all trials and seeds)")
+    right.set_title("test accuracy of the selected configuration")
+    right.legend(fontsize=7)
+    _percent_axis(right)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def pbt_schedule(
+    schedule: list[tuple[int, dict[str, Any]]],
+    keys: Sequence[str],
+    until: int,
+    clones: list[tuple[int, str]],
+    title: str,
+) -> bytes:
+    """Each mutated hyperparameter along the selected trial's lineage: the value in effect during every
+    epoch (epoch e spans (e-1, e]), and dotted lines where the state was cloned from another trial."""
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(3.6 * columns, 2.4 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    epochs = range(1, until + 1)
+    for ax, key in zip(axes, keys):
+        values = [_in_effect(schedule, epoch).get(key) for epoch in epochs]
+        numbers = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan for v in values]
+        ax.stairs(numbers, range(0, until + 1), baseline=None, color="C0", lw=1.5)
+        finite = [v for v in numbers if not math.isnan(v)]
+        if finite and min(finite) > 0 and max(finite) / min(finite) > 10:
+            ax.set_yscale("log")
+        for epoch, _ in clones:
+            ax.axvline(epoch, color="C3", lw=0.8, ls=":")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    cloned = ", ".join(f"from {source} after epoch {epoch}" for epoch, source in clones) or "no clone"
+    fig.suptitle(f"{title}\nclones along the lineage: {cloned}", fontsize=9)
+    return _png(fig)
+
+
+def _in_effect(schedule: list[tuple[int, dict[str, Any]]], epoch: int) -> dict[str, Any]:
+    current: dict[str, Any] = {}
+    for start, config in schedule:
+        if start > epoch:
+            break
+        current = config
+    return current
+
+
+def sensitivity(points: pd.DataFrame, weights: Sequence[str], metric: str, title: str) -> bytes:
+    """The selection metric of each trial against each loss weight (the config at its best epoch);
+    ``points``: label, score, diverged and one column per weight."""
+    fig = Figure(figsize=(3.2 * len(weights), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(weights), sharey=True, squeeze=False).ravel()
+    colors = _colors(sorted(set(points.label)))
+    for ax, weight in zip(axes, weights):
+        for (label, diverged), rows in points.groupby(["label", "diverged"]):
+            ax.scatter(
+                rows[weight],
+                rows.score,
+                color=colors[label],
+                marker="x" if diverged else "o",
+                s=22,
+                label=f"{label}{' (diverged)' if diverged else ''}",
+            )
+        if (points[weight].dropna() > 0).all():
+            _log_x(ax)
+        ax.set_xlabel(weight)
+        _percent_axis(ax)
+    axes[0].set_ylabel(f"best {metric}")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)

@@ -1,0 +1,227 @@
+"""``cpsc-ray report`` on real results of two datasets (digits at 16 and at 8 pixels): distill runs
+at the paper's weights (two seeds) and at other weights, and a PBT experiment with a finalize rerun
+(reported with and without it). The tables are checked against numbers recomputed here from the
+Parquet rows; bad inputs must fail with one line naming the path and exit code 2."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import TINY
+
+from cpsc_ray.cli import main
+from cpsc_ray.config import load_config, with_values
+from cpsc_ray.distill import ensure_teacher, run_in_process
+from cpsc_ray.finalize import finalize
+from cpsc_ray.report import build_report, clones
+from cpsc_ray.results import ResultsError, read_results
+from cpsc_ray.tune import TuneOptions, run_tune
+
+CALM = str(Path(__file__).parent / "spaces" / "calm_pbt.yaml")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def storage(ray_local, digits_cfg, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("report") / "runs"
+    digits = digits_cfg.model_copy(update={"output_dir": str(root)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two busy cores spin more than they compute
+    try:
+        small = ensure_teacher(load_config("digits", [*TINY, "data.image_size=8", f"output_dir={root}"]), False)
+        for seed in (0, 1):
+            run_in_process(with_values(digits, {"seed": seed, "name": f"paper-{seed}"}), progress=False)
+        run_in_process(with_values(digits, {"loss.alpha": 2.0, "name": "alpha2"}), progress=False)
+        run_in_process(with_values(small, {"name": "paper-8px"}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    pbt = TuneOptions(
+        space=CALM, scheduler="pbt", num_samples=4, keep_checkpoints=None, search_seed=1, storage=str(root), name="pbt8"
+    )
+    run_tune(small, pbt)
+    return {"root": root, "final": finalize("pbt8", 2, str(root))}
+
+
+@pytest.fixture(scope="module")
+def report(storage, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report-out")
+    assert main(["report", str(storage["root"]), "-o", str(out)]) == 0
+    return out
+
+
+def expected(results, experiments: list[str], units: list[str] | None = None) -> dict:
+    """The numbers a row must show, recomputed from the Parquet rows: accuracy over ``units`` (the
+    experiments whose non-diverged trials it rests on; default: all), compute over every epoch row."""
+    trials = results.trials[results.trials.experiment.isin(units or experiments)]
+    trials = trials[~trials.diverged.astype(bool)]
+    epochs = results.epochs[results.epochs.experiment.isin(experiments)]
+    test = list(trials.test_at_best)
+    return {
+        "n": len(trials),
+        "test_mean": statistics.mean(test),
+        "test_std": statistics.stdev(test) if len(test) > 1 else None,
+        "val_mean": statistics.mean(trials.best_val_acc),
+        "last_test_mean": statistics.mean(trials.last_test_acc),
+        "device_s": float((epochs.epoch_s * epochs.workers).sum()),
+        "images": int(epochs.epoch_images.sum()),
+        "runs": int(epochs.groupby(["experiment", "trial_id"]).ngroups),
+    }
+
+
+def check_row(row: pd.Series, want: dict) -> None:
+    for key, value in want.items():
+        if value is None:
+            assert pd.isna(row[key]), key
+        else:
+            assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_the_tables_hold_what_the_parquet_rows_hold(storage, report):
+    results = read_results([str(storage["root"])])
+    summary = pd.read_parquet(report / "summary.parquet")
+    assert set(zip(summary.dataset, summary.method)) == {
+        ("digits", "defaults"),
+        ("digits", "manual"),
+        ("digits-8px", "defaults"),
+        ("digits-8px", "pbt"),
+    }
+    assert len(summary) == 4 and set(summary.compute_unit) == {"CPU"}
+    row = lambda dataset, method: summary[(summary.dataset == dataset) & (summary.method == method)].iloc[0]  # noqa: E731
+
+    paper = row("digits", "defaults")
+    assert paper.experiment == "paper-0, paper-1" and paper.kind == "distill" and pd.isna(paper.trials)
+    check_row(paper, expected(results, ["paper-0", "paper-1"]))
+    check_row(row("digits", "manual"), expected(results, ["alpha2"]))
+    check_row(row("digits-8px", "defaults"), expected(results, ["paper-8px"]))
+
+    # The search's row: accuracy over the finalize seeds, compute over every trial and every seed.
+    pbt = row("digits-8px", "pbt")
+    assert pbt.final_experiment == storage["final"]["final"] == "pbt8-final" and not pbt.single_run
+    assert pbt.selected_trial == storage["final"]["winner"] and pbt.trials == 4
+    check_row(pbt, expected(results, ["pbt8", "pbt8-final"], units=["pbt8-final"]))
+    assert pbt.test_mean == pytest.approx(storage["final"]["test_mean"])
+    assert pbt.search_device_s == pytest.approx(expected(results, ["pbt8"])["device_s"])
+
+    cross = pd.read_parquet(report / "cross_dataset.parquet")
+    assert set(zip(cross.dataset, cross.method)) == {
+        ("digits", "defaults"),
+        ("digits-8px", "defaults"),
+        ("digits-8px", "pbt"),
+    }
+    markdown = (report / "report.md").read_text()
+    for dataset in ("digits", "digits-8px"):
+        teacher = results.epochs[results.epochs.dataset == dataset].teacher_test_acc.iloc[0]
+        assert (
+            f"## {dataset}: digits_teacher → digits_student\n\nTeacher test accuracy: {100 * teacher:.2f}" in markdown
+        )
+    table = cross_table(markdown, ["dataset", "teacher → student", "defaults", "pbt"])  # no column for manual
+    assert table["digits"]["pbt"] == ""  # no runs: empty
+    want = expected(results, ["paper-0", "paper-1"])
+    assert table["digits"]["defaults"] == (
+        f"{100 * want['test_mean']:.2f} ± {100 * want['test_std']:.2f} (n=2) · {want['device_s'] / 3600:.3g} CPU-h"
+    )
+    want = expected(results, ["pbt8", "pbt8-final"], units=["pbt8-final"])
+    assert table["digits-8px"]["pbt"].startswith(f"{100 * want['test_mean']:.2f} ± {100 * want['test_std']:.2f} (n=2)")
+
+
+def test_without_its_rerun_a_search_reports_its_selected_trial_as_a_single_run(storage, tmp_path):
+    assert main(["report", str(storage["root"]), "-o", str(tmp_path), "--experiments", "pbt8", "paper-8px"]) == 0
+    results = read_results([str(storage["root"])], experiments=["pbt8"])
+    trials = results.trials[~results.trials.diverged.astype(bool)]
+    winner = trials.loc[trials.score.idxmax()]  # best validation accuracy, never test accuracy
+    pbt = pd.read_parquet(tmp_path / "summary.parquet").set_index("method").loc["pbt"]
+    assert pbt.single_run and pbt.n == 1 and pbt.selected_trial == winner.trial_id and pd.isna(pbt.final_experiment)
+    assert pbt.test_mean == pytest.approx(winner.test_at_best) and pd.isna(pbt.test_std)
+    assert pbt.device_s == pytest.approx(expected(results, ["pbt8"])["device_s"])  # every trial, stopped or not
+    table = cross_table((tmp_path / "report.md").read_text(), ["dataset", "teacher → student", "defaults", "pbt"])
+    assert table["digits-8px"]["pbt"].startswith(f"{100 * winner.test_at_best:.2f} (n=1†) · ")
+
+
+def cross_table(markdown: str, columns: list[str]) -> dict[str, dict[str, str]]:
+    """The cross-dataset table of a report.md, by dataset and column; checks its header."""
+    lines = [
+        line
+        for line in markdown.splitlines()
+        if line.startswith("| dataset |") or re.match(r"\| digits(-8px)? \| digits_teacher", line)
+    ]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    assert cells[0] == columns
+    return {row[0]: dict(zip(columns, row)) for row in cells[1:]}
+
+
+def test_the_html_is_self_contained_and_holds_the_plots(storage, report):
+    page = (report / "report.html").read_text()
+    images = re.findall(r"<img [^>]*src='([^']*)'", page)
+    # Per pair: accuracy against compute, accuracy per epoch of each row, loss-weight sensitivity; for
+    # PBT also the selected trial's hyperparameter schedule.
+    assert len(images) == (1 + 2 + 1) + (1 + 2 + 1 + 1)
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert all(base64.b64decode(src.split(",", 1)[1]).startswith(PNG) for src in images)
+    assert not re.search(r"<(link|script)\b|src='http", page)
+    for caption in (
+        "accuracy against compute",
+        "accuracy per epoch",
+        "loss-weight sensitivity",
+        "pbt8, hyperparameter schedule of the selected trial",
+    ):
+        assert caption in page
+    assert len(list((report / "plots").glob("*.png"))) == len(images)
+
+
+def test_the_schedule_follows_the_lineage(storage):
+    results = read_results([str(storage["root"])], experiments=["pbt8"])
+    assert not results.lineage.empty, "PBT never exploited"
+    for record in results.lineage.itertuples():
+        chain = clones(results.lineage, record.trial_id, record.epoch + 1)
+        assert chain[-1] == (record.epoch, record.source_trial_id)
+        assert [epoch for epoch, _ in chain] == sorted(epoch for epoch, _ in chain)
+
+
+def test_a_path_without_results_is_refused(tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "other" / "data.parquet")
+    for location in (tmp_path / "missing", tmp_path / "other"):
+        with pytest.raises(ResultsError, match="no cpsc-ray results here"):
+            build_report([str(location)], tmp_path / "out")
+        assert main(["report", str(location), "-o", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {location}: no cpsc-ray results here") and error.count("\n") == 1
+    (tmp_path / "empty" / "results" / "epochs").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+    assert "no runs in these results" in capsys.readouterr().err
+
+
+def test_parquet_of_another_schema_is_refused(tmp_path, capsys):
+    part = tmp_path / "results" / "epochs" / "dataset=digits" / "experiment=x"
+    part.mkdir(parents=True)
+    pq.write_table(pa.table({"epoch": [1], "accuracy": [0.5]}), part / "part-0.parquet")
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"{part}/part-0.parquet: not a cpsc-ray epochs table" in error and error.count("\n") == 1
+
+    (part / "part-0.parquet").write_bytes(b"not parquet at all")
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {tmp_path}: cannot read its results Parquet" in error and error.count("\n") == 1
+
+
+def test_an_experiment_in_two_locations_is_refused_and_one_location_twice_is_read_once(storage, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(storage["root"] / "results", copy / "results")
+    with pytest.raises(ResultsError, match="is under both"):
+        build_report([str(storage["root"]), str(copy)], tmp_path / "out")
+    build_report([str(storage["root"]), str(storage["root"]) + "/"], tmp_path / "twice")
+    build_report([str(storage["root"])], tmp_path / "once")
+    twice, once = (pd.read_parquet(tmp_path / d / "summary.parquet") for d in ("twice", "once"))
+    pd.testing.assert_frame_equal(twice, once)
+    assert main(["report", str(copy), "-o", str(tmp_path / "some"), "--experiments", "paper-8px"]) == 0
+    assert list(pd.read_parquet(tmp_path / "some" / "summary.parquet").experiment) == ["paper-8px"]
