@@ -96,7 +96,9 @@ def entrypoint(command: list[str]) -> str:
             f"{command[0]} as a job needs --storage: an absolute path on shared storage or a URI, where its runs "
             "and results outlive the job's temporary working directory"
         )
-    return shlex.join(["python", "-m", "cpsc_ray", *command])
+    # exec: the job's shell becomes the driver, so the process Ray signals on --stop is the driver
+    # itself; a shell that forked it could die first and leave the driver running on the head.
+    return "exec " + shlex.join(["python", "-m", "cpsc_ray", *command])
 
 
 def runtime_env(path: str | Path, working_dir: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:

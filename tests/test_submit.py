@@ -9,6 +9,7 @@ copy, so it can succeed only by running the uploaded code."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -84,19 +85,35 @@ class Head:
     env: dict[str, str]  # for clients: the token, this venv's tools, no RAY_ADDRESS
 
 
-def _stop(proc: subprocess.Popen) -> list[int]:
+def working_in(directory: Path) -> list[int]:
+    """Processes whose working directory is under ``directory``: a job's driver runs in its unpacked
+    working dir below the head's temp dir, in a process session of its own."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(os.readlink(f"/proc/{entry}/cwd")).is_relative_to(directory):
+                    members.append(int(entry))
+            except OSError:
+                pass
+    return members
+
+
+def _stop(proc: subprocess.Popen, temp: Path) -> list[int]:
     """Stop the head: ``ray start --block`` tears its processes down on SIGTERM; whatever remains in
-    its session after that is killed. Returns what had to be killed."""
+    its session, or still works in its temp dir (a job driver that outlived its job), is killed.
+    Returns what had to be killed."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    remaining = lambda: sorted(set(session_members(proc.pid)) | set(working_in(temp)))  # noqa: E731
     deadline = time.monotonic() + 20
-    while session_members(proc.pid) and time.monotonic() < deadline:
+    while remaining() and time.monotonic() < deadline:
         time.sleep(0.5)
-    leftovers = session_members(proc.pid)
+    leftovers = remaining()
     for pid in leftovers:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -158,7 +175,7 @@ def ray_head():
                 time.sleep(1)
         yield Head(url, token, gcs, env)
     finally:
-        leftovers = _stop(proc)
+        leftovers = _stop(proc, temp)
         shutil.rmtree(temp, ignore_errors=True)
     assert not leftovers, f"processes of the head outlived it: {leftovers}"
 
@@ -173,6 +190,19 @@ def checkout(tmp_path_factory) -> Path:
     shutil.copy(REPO / "cpsc_ray/configs/digits.yaml", root / "cpsc_ray/configs/submitted_digits.yaml")
     (root / "search_spaces/submitted_calm.yaml").write_text(SPACE)
     return root
+
+
+def running_with(argument: str) -> list[int]:
+    """Processes with ``argument`` on their command line."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if argument in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0"):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
 
 
 def submit(head: Head, checkout: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -223,7 +253,7 @@ def test_a_submitted_tuning_job_runs_the_uploaded_code(ray_head, checkout, digit
     assert result.stdout.splitlines()[0] == job_id
 
     info = JobServer(ray_head.url, token=ray_head.token).info(job_id)
-    assert info.entrypoint.startswith("python -m cpsc_ray tune --config submitted_digits")
+    assert info.entrypoint.startswith("exec python -m cpsc_ray tune --config submitted_digits")
     assert info.runtime_env["working_dir"].startswith("gcs://")  # the uploaded package, not a path on the head
     assert info.runtime_env["env_vars"]["CPSC_RAY_CACHE"] == str(session_cache)
     # The head has no GPU: a driver that asked for one would have stayed PENDING, never succeeded.
@@ -264,9 +294,19 @@ def test_jobs_are_stopped_failures_reported_and_wrong_tokens_refused(
     )
     assert long_run.returncode == 0, long_run.stderr
     job_id = long_run.stdout.strip()
+    # Stop it once it trains: the driver itself must end, not only the job's status.
+    deadline = time.monotonic() + 120
+    while not re.search(r"\d+/100000 \[", server.logs(job_id)):
+        assert time.monotonic() < deadline, f"the job never started training:\n{server.logs(job_id)}"
+        time.sleep(1)
     stopped = submit(ray_head, checkout, "--stop", job_id)
     assert stopped.returncode == 0 and job_id in stopped.stdout, stopped.stderr
     assert server.wait(job_id, timeout=90, report=None).value == "STOPPED"
+    drivers = lambda: running_with(str(tmp_path / "runs"))  # noqa: E731
+    deadline = time.monotonic() + 30
+    while drivers() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not drivers(), "the stopped job's driver is still running"
 
     failing = submit(
         ray_head,
