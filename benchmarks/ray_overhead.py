@@ -6,6 +6,7 @@ outputs), the training seconds the engine measured (sum of epoch times), and the
 against in-process: (wall - wall_in_process) / epochs.
 
     python benchmarks/ray_overhead.py [--epochs 4] [key=value ...]
+    python benchmarks/ray_overhead.py --gpus 1 train.batch_size=512     # one GPU: in-process vs 1 worker
 """
 
 from __future__ import annotations
@@ -27,18 +28,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--storage", default="runs/ray-overhead")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs to use, one per worker (0: 2 CPU cores, gloo)")
     parser.add_argument("--json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    ray.init(num_cpus=2, include_dashboard=True)
+    if args.gpus:
+        ray.init(num_gpus=args.gpus, include_dashboard=True)
+        modes = [("in-process", 0), *((f"ray-train-{n}", n) for n in range(1, args.gpus + 1))]
+    else:
+        torch.set_num_threads(2)
+        ray.init(num_cpus=2, include_dashboard=True)
+        modes = [("in-process", 0), ("ray-train-1", 1), ("ray-train-2", 2)]
     overrides = [f"train.epochs={args.epochs}", f"output_dir={args.storage}", *args.overrides]
     results = {}
-    for mode, workers in (("in-process", 0), ("ray-train-1", 1), ("ray-train-2", 2)):
+    for mode, workers in modes:
         cfg = load_config("digits", [*overrides, f"name={mode}"])
         started = time.perf_counter()
         if workers:
-            summary = run_distributed(cfg, workers, cpus_per_worker=2 / workers)
+            if args.gpus:
+                summary = run_distributed(cfg, workers, gpus_per_worker=1)
+            else:
+                summary = run_distributed(cfg, workers, cpus_per_worker=2 / workers)
         else:
             summary = run_in_process(cfg, progress=False)
         wall = time.perf_counter() - started
@@ -50,7 +60,7 @@ def main() -> None:
             "test_acc": rows[-1]["test_acc"],
         }
     base = results["in-process"]["wall_s"]
-    print(f"digits, {args.epochs} epochs, 2 CPU cores; ray.init excluded")
+    print(f"digits, {args.epochs} epochs, {f'{args.gpus} GPU(s)' if args.gpus else '2 CPU cores'}; ray.init excluded")
     for mode, r in results.items():
         r["ratio"] = r["wall_s"] / base
         r["overhead_per_epoch_s"] = (r["wall_s"] - base) / args.epochs
