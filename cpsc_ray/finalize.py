@@ -23,7 +23,7 @@ from cpsc_ray.config import ConfigError, RunConfig, with_values
 from cpsc_ray.distill import execute, new_run_name
 from cpsc_ray.engine import DivergenceError
 from cpsc_ray.models import build_model
-from cpsc_ray.results import publish, read_results
+from cpsc_ray.results import best_trial, publish, read_results
 from cpsc_ray.storage import Storage
 
 Schedule = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)
@@ -63,12 +63,11 @@ def replay_schedule(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, 
 
 def select(root: Storage, experiment: str) -> tuple[pd.Series, Schedule]:
     results = read_results([root.uri("results")], experiments=[experiment])
-    trials = results.trials[(results.trials.kind == "tune") & ~results.trials.diverged.astype(bool)]
-    if trials.empty or trials.score.isna().all():
+    winner = best_trial(results.trials[results.trials.kind == "tune"])
+    if winner is None:
         raise ConfigError(
             f"finalize {experiment}: no finished, non-diverged trial with a score under {root.uri('results')}"
         )
-    winner = trials.loc[trials.score.idxmax()]
     return winner, replay_schedule(results.epochs, results.lineage, winner.trial_id, int(winner.epochs))
 
 

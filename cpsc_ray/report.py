@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from cpsc_ray import plots
 from cpsc_ray.finalize import replay_schedule
-from cpsc_ray.results import Results, ResultsError, read_results
+from cpsc_ray.results import Results, ResultsError, best_trial, read_results
 from cpsc_ray.storage import Storage
 
 PAIR = ["dataset", "teacher", "student"]
@@ -206,12 +206,6 @@ def configs_at_best_epoch(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.Data
     return chosen.merge(rows[[*TRIAL, "epoch", *config]], on=[*TRIAL, "epoch"], how="left").set_index(TRIAL)
 
 
-def selected_trial(trials: pd.DataFrame) -> pd.Series | None:
-    """What finalize reruns: the best selection metric among non-diverged trials."""
-    eligible = trials[~trials.diverged.astype(bool) & trials.score.notna()]
-    return None if eligible.empty else eligible.loc[eligible.score.idxmax()]
-
-
 def _distill_entries(identity: dict[str, Any], runs: pd.DataFrame, keys: list[str]) -> Iterator[Entry]:
     signature = pd.Series(
         [
@@ -263,7 +257,7 @@ def _tuned_entries(
     for method, experiment in order.itertuples(index=False):
         search = tuned[tuned.experiment == experiment]
         reruns = sorted(f for f, source in owner.items() if source == experiment)  # timestamped reruns sort later
-        winner = selected_trial(search)
+        winner = best_trial(search)
         config = _config(configs, experiment, winner.trial_id) if winner is not None else {}
         spent = pd.concat([search, finals[finals.experiment.isin(reruns)]])
         fields: dict[str, Any] = dict(

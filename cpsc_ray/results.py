@@ -163,6 +163,13 @@ TABLES = {"epochs": SCHEMA, "trials": TRIALS_SCHEMA, "lineage": LINEAGE_SCHEMA}
 PARTITIONS = ("dataset", "experiment")
 
 
+def best_trial(trials: "pd.DataFrame") -> "pd.Series | None":
+    """The trial an experiment selected: the best selection metric among non-diverged trials (what
+    finalize reruns and the report names); None when no trial finished with a score."""
+    eligible = trials[~trials.diverged.astype(bool) & trials.score.notna()]
+    return None if eligible.empty else eligible.loc[eligible.score.idxmax()]
+
+
 def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row per trial: best and last validation, proxy and test accuracy, and compute spent."""
     rows = sorted(rows, key=lambda r: r["epoch"])
