@@ -154,6 +154,16 @@ def _stated(cfg: TeacherConfig, card: TeacherCard | None, info: DatasetInfo) -> 
                 )
 
 
+def _check_classes(model: nn.Module, info: DatasetInfo) -> None:
+    with torch.no_grad():
+        logits = model.eval()(torch.zeros(2, info.channels, info.image_size, info.image_size))
+    if logits.shape[1] != info.num_classes:
+        raise ConfigError(
+            f"teacher.num_classes: the teacher outputs {logits.shape[1]} classes but data.dataset={info.name} "
+            f"has {info.num_classes}"
+        )
+
+
 def resolve_weights(cfg: RunConfig) -> str:
     """The teacher's weights file (a path or a URI); ``auto`` names the cache slot ``train_teacher`` fills."""
     weights = cfg.teacher.weights
@@ -235,13 +245,7 @@ def load_teacher(cfg: RunConfig) -> Teacher:
             f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); check teacher.arch/builder"
         )
     model = with_features(model.eval().requires_grad_(False), cfg.teacher)
-    with torch.no_grad():
-        logits = model(torch.zeros(2, info.channels, info.image_size, info.image_size))
-    if logits.shape[1] != info.num_classes:
-        raise ConfigError(
-            f"teacher.num_classes: the teacher outputs {logits.shape[1]} classes but data.dataset={info.name} "
-            f"has {info.num_classes}"
-        )
+    _check_classes(model, info)
     mean = tuple(cfg.teacher.mean or (card.mean if card else info.mean))
     std = tuple(cfg.teacher.std or (card.std if card else info.std))
     if len(mean) != info.channels or len(std) != info.channels:
@@ -252,21 +256,18 @@ def load_teacher(cfg: RunConfig) -> Teacher:
 def train_teacher(
     cfg: RunConfig, out: Path | None = None, device: torch.device | None = None, progress: bool = True
 ) -> Path:
-    """Train the configured teacher architecture on real data (SGD, cosine, standard augmentation) and
-    write ``teacher.safetensors`` plus its JSON card; the val hold-out is excluded from training."""
-    if cfg.teacher.arch is None:
-        raise ConfigError(
-            "teacher.arch: cpsc-ray trains registry architectures only; a builder teacher brings its weights"
-        )
+    """Train the configured teacher (registry arch or builder) on real data (SGD, cosine, standard augmentation)
+    and write ``teacher.safetensors`` plus its JSON card; the val hold-out is excluded from training."""
     auto = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": "auto"})})
     target = out / WEIGHTS_NAME if out else Path(resolve_weights(auto))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tcfg = cfg.teacher_training
     torch.manual_seed(tcfg.seed)
     splits = load_splits(cfg.data, augment=True)
-    model = build_model(cfg.teacher.arch, splits.info.num_classes, splits.info.channels, **cfg.teacher.kwargs).to(
-        device
-    )
+    arch = cfg.teacher.arch or cfg.teacher.builder
+    model = build_teacher_model(cfg.teacher, splits.info.num_classes, splits.info.channels)
+    _check_classes(model, splits.info)  # a builder's kwargs set its class count: fail before training, not after
+    model.to(device)
     loader = DataLoader(
         splits.train,
         batch_size=tcfg.batch_size,
@@ -278,7 +279,7 @@ def train_teacher(
     optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     steps = tcfg.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    bar = tqdm(range(tcfg.epochs), desc=f"teacher {cfg.teacher.arch}", disable=not progress, leave=False)
+    bar = tqdm(range(tcfg.epochs), desc=f"teacher {arch}", disable=not progress, leave=False)
     for _ in bar:
         model.train()
         for images, labels in loader:
@@ -289,7 +290,7 @@ def train_teacher(
             scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     card = TeacherCard(
-        arch=cfg.teacher.arch,
+        arch=arch,
         dataset=splits.info.name,
         num_classes=splits.info.num_classes,
         input_size=splits.info.image_size,
