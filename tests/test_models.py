@@ -48,6 +48,21 @@ def test_resnets_take_64x64_tiny_imagenet_input(name):
     assert build_model(name, 200).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 200)
 
 
+# The CRD/CMI zoo's VGG (the reference's): pools before stages 1-3, and before the last stage only at 64 px.
+VGG_STAGE_SIDES = {16: [16, 8, 4, 2, 2], 32: [32, 16, 8, 4, 4], 64: [64, 32, 16, 8, 4]}
+
+
+@pytest.mark.parametrize("size", sorted(VGG_STAGE_SIDES))
+@pytest.mark.parametrize("name, widths", [("vgg8_bn", [64, 128, 256, 512, 512]), ("vgg11_bn", [64, 128, 256, 512, 512])])
+def test_vgg_stage_shapes_match_the_model_zoo(name, widths, size):
+    model = build_model(name, num_classes=5).eval()
+    shapes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
+    model(torch.randn(1, 3, size, size))
+    assert shapes == [(1, w, side, side) for w, side in zip(widths, VGG_STAGE_SIDES[size])]
+
+
 def test_conditional_bn_gives_each_class_its_own_output_for_the_same_input():
     block = ConditionalBatchNorm2d(num_classes=3, channels=4)
     nn.init.normal_(block.scale.weight)

@@ -3,11 +3,31 @@ to ``(logits, penultimate_features)``; ``feature_dim`` is the width of those fea
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from cpsc_ray.registry import Registry
 
 MODELS: Registry = Registry("model")
+# Bumped whenever a change alters what given weights compute, so cached teachers of an older version are retrained.
+ARCH_VERSIONS: dict[str, int] = {}
+# Renames a state-dict key from the reference's (CRD/CMI model zoo) naming to ours; leaves our own names alone.
+ZOO_KEYS: dict[str, Callable[[str], str]] = {}
+
+
+def register_model(
+    name: str, version: int = 1, zoo_keys: Callable[[str], str] | None = None
+) -> Callable[[Callable], Callable]:
+    def add(builder: Callable) -> Callable:
+        MODELS.register(name)(builder)
+        ARCH_VERSIONS[name] = version
+        if zoo_keys is not None:
+            ZOO_KEYS[name] = zoo_keys
+        return builder
+
+    return add
+
 
 # Importing the modules registers their models.
 from cpsc_ray.models import digits, resnet, vgg, wrn  # noqa: E402,F401

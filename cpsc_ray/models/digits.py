@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.models import MODELS
+from cpsc_ray.models import register_model
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -36,11 +36,11 @@ class SmallCNN(nn.Module):
         return (logits, features) if return_features else logits
 
 
-@MODELS.register("digits_teacher")
+@register_model("digits_teacher")
 def digits_teacher(num_classes: int, channels: int = 1) -> SmallCNN:
     return SmallCNN((32, 64, 128), num_classes, channels)
 
 
-@MODELS.register("digits_student")
+@register_model("digits_student")
 def digits_student(num_classes: int, channels: int = 1) -> SmallCNN:
     return SmallCNN((16, 32, 64), num_classes, channels)

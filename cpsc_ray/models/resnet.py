@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.models import MODELS
+from cpsc_ray.models import register_model
 
 
 class BasicBlock(nn.Module):
@@ -50,11 +50,11 @@ class ResNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
-@MODELS.register("resnet18")
+@register_model("resnet18")
 def resnet18(num_classes: int, channels: int = 3) -> ResNet:
     return ResNet([2, 2, 2, 2], num_classes, channels)
 
 
-@MODELS.register("resnet34")
+@register_model("resnet34")
 def resnet34(num_classes: int, channels: int = 3) -> ResNet:
     return ResNet([3, 4, 6, 3], num_classes, channels)

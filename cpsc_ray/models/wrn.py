@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.models import MODELS
+from cpsc_ray.models import register_model
 
 
 class PreActBlock(nn.Module):
@@ -61,8 +62,16 @@ class WideResNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
+def from_zoo(key: str) -> str:
+    """The zoo's names (ZSKT/CRD/CMI WRN): ``blockN.layer.i`` -> ``blockN.i``, ``convShortcut`` -> ``shortcut``,
+    and its final ``bn1`` -> ``bn``; blocks hold the same layers."""
+    key = re.sub(r"^block(\d+)\.layer\.", r"block\1.", key)
+    key = key.replace(".convShortcut.", ".shortcut.")
+    return re.sub(r"^bn1\.", "bn.", key)
+
+
 def _register(depth: int, widen: int) -> None:
-    @MODELS.register(f"wrn_{depth}_{widen}")
+    @register_model(f"wrn_{depth}_{widen}", zoo_keys=from_zoo)
     def build(num_classes: int, channels: int = 3) -> WideResNet:
         return WideResNet(depth, widen, num_classes, channels)
 
