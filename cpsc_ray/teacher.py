@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig
 from cpsc_ray.data import DatasetInfo, dataset_info, load_splits
 from cpsc_ray.evaluation import materialize, top1
-from cpsc_ray.models import MODELS, build_model
+from cpsc_ray.models import ARCH_VERSIONS, MODELS, ZOO_KEYS, build_model
 from cpsc_ray.storage import Storage
 
 WEIGHTS_NAME = "teacher.safetensors"
@@ -34,7 +34,7 @@ WEIGHTS_NAME = "teacher.safetensors"
 class TeacherCard:
     """The JSON sidecar written beside a teacher's weights."""
 
-    arch: str
+    arch: str  # a registry name or a builder's 'module:function'
     dataset: str
     num_classes: int
     input_size: int
@@ -45,6 +45,7 @@ class TeacherCard:
     val_acc: float | None = None
     epochs: int | None = None
     seed: int | None = None
+    arch_version: int | None = None  # the registry arch's version; cards from before versions existed mean 1
 
 
 def cache_dir() -> Path:
@@ -154,6 +155,29 @@ def _stated(cfg: TeacherConfig, card: TeacherCard | None, info: DatasetInfo) -> 
                 )
 
 
+def _check_version(cfg: TeacherConfig, card: TeacherCard | None, path: Path) -> None:
+    """Weights trained by an older version of a registry architecture would load (same keys) but compute
+    something else."""
+    if card is None or cfg.arch is None or card.arch != cfg.arch:
+        return
+    trained, current = card.arch_version or 1, ARCH_VERSIONS[cfg.arch]
+    if trained != current:
+        raise ConfigError(
+            f"teacher.weights: {path} was trained on {cfg.arch} version {trained}, but {cfg.arch} is now version "
+            f"{current} (its network changed); retrain it with `cpsc-ray teacher`, or use teacher.weights=auto"
+        )
+
+
+def _our_names(keys: list[str], arch: str | None) -> dict[str, str]:
+    """Our name for each key of a checkpoint: the reference's (CRD/CMI model zoo) names are renamed, ours kept."""
+    rename = ZOO_KEYS.get(arch)
+    return {rename(k) if rename else k: k for k in keys}
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def _check_classes(model: nn.Module, info: DatasetInfo) -> None:
     with torch.no_grad():
         logits = model.eval()(torch.zeros(2, info.channels, info.image_size, info.image_size))
@@ -184,7 +208,10 @@ def resolve_weights(cfg: RunConfig) -> str:
         ],
         sort_keys=True,
     )
-    slot = f"{cfg.data.dataset}-{cfg.teacher.arch or 'custom'}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    # Version 1 adds nothing, so the slots of teachers cached before versions existed stay where they were.
+    version = ARCH_VERSIONS.get(cfg.teacher.arch, 1)
+    arch = f"{cfg.teacher.arch}-v{version}" if version > 1 else cfg.teacher.arch or "custom"
+    slot = f"{cfg.data.dataset}-{arch}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return str(cache_dir() / "teachers" / slot / WEIGHTS_NAME)
 
 
@@ -232,17 +259,21 @@ def load_teacher(cfg: RunConfig) -> Teacher:
     card = TeacherCard(**json.loads(card_path(path).read_text())) if card_path(path).is_file() else None
     _stated(cfg.teacher, card, info)
     model = build_teacher_model(cfg.teacher, info.num_classes, info.channels)
+    _check_version(cfg.teacher, card, path)
+    state = read_weights(path)
+    names = _our_names(list(state), cfg.teacher.arch)
     missing, unexpected = [], []
     try:
-        result = model.load_state_dict(read_weights(path), strict=False)
-        missing, unexpected = result.missing_keys, result.unexpected_keys
+        result = model.load_state_dict({ours: state[theirs] for ours, theirs in names.items()}, strict=False)
+        missing, unexpected = result.missing_keys, [names[k] for k in result.unexpected_keys]
     except RuntimeError as err:
         first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
         raise ConfigError(f"teacher.weights: {path} does not fit the configured teacher: {first.strip()}") from None
     if missing or unexpected:
         raise ConfigError(
-            f"teacher.weights: {path} does not fit the configured teacher ({len(missing)} missing keys, e.g. "
-            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); check teacher.arch/builder"
+            f"teacher.weights: {path} does not fit the configured teacher (key names as in cpsc-ray or the CRD/CMI "
+            f"zoo); the model's keys missing from the file: {_listed(missing) or 'none'}; the file's keys the "
+            f"model lacks: {_listed(unexpected) or 'none'}; check teacher.arch/builder"
         )
     model = with_features(model.eval().requires_grad_(False), cfg.teacher)
     _check_classes(model, info)
@@ -301,6 +332,7 @@ def train_teacher(
         val_acc=top1(model, materialize(splits.val), device) if splits.val is not None else None,
         epochs=tcfg.epochs,
         seed=tcfg.seed,
+        arch_version=ARCH_VERSIONS.get(cfg.teacher.arch),
     )
     write_teacher(target, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, card)
     return target
