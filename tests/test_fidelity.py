@@ -1,5 +1,5 @@
 """Fidelity to the reference code (issue #9): builder teachers trained here, cached teachers of an older
-architecture version, checkpoints in the reference's (CRD/CMI model zoo) key names."""
+architecture version, checkpoints in the reference's (CRD/CMI model zoo) key names, Tiny-ImageNet's generator."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import nn
 
 from cpsc_ray import distill
 from cpsc_ray.config import ConfigError, load_config, with_values
+from cpsc_ray.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.models import ARCH_VERSIONS, build_model
 from cpsc_ray.teacher import (
     TeacherCard,
@@ -119,3 +120,12 @@ def test_zoo_named_checkpoint_with_a_wrong_key_names_it(tmp_path):
     assert "\n" not in message
     assert "missing from the file: block1.0.bn2.weight, fc.bias;" in message
     assert "the model lacks: block1.layer.0.bn3.weight;" in message
+
+
+def test_tiny_imagenet_runs_the_references_upsample_generator_at_64px():
+    cfg = load_config("tiny_imagenet_resnet34_resnet18")
+    assert cfg.generator.arch == "upsample"
+    g = build_generator(cfg.generator.arch, cfg.generator.kind, cfg.generator.nz, cfg.generator.ngf, 3, 64, 200)
+    assert isinstance(g, UpsampleGenerator) and g.project.out_features == 2 * cfg.generator.ngf * 16 * 16
+    assert isinstance(g.norm_out, ConditionalBatchNorm2d)
+    assert g(torch.randn(2, cfg.generator.nz), torch.tensor([0, 199])).shape == (2, 3, 64, 64)

@@ -88,9 +88,9 @@ def test_generators_shapes(arch, size, channels):
     assert generator(torch.randn(4, 16), torch.tensor([0, 1, 2, 3])).shape == (4, channels, size, size)
 
 
-def test_auto_picks_upsample_up_to_32_and_dcgan_above():
-    assert type(build_generator("auto", "conditional", 8, 4, 3, 32, 10)).__name__ == "UpsampleGenerator"
-    assert type(build_generator("auto", "conditional", 8, 4, 3, 64, 10)).__name__ == "DCGANGenerator"
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_auto_is_the_reference_choice_upsample_at_every_size(size):
+    assert type(build_generator("auto", "conditional", 8, 4, 3, size, 10)).__name__ == "UpsampleGenerator"
 
 
 def test_unconditional_generator_ignores_labels():
