@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from cpsc_ray import distill
-from cpsc_ray.config import ConfigError, load_config, with_values
+from cpsc_ray.config import ConfigError, RunConfig, load_config, with_values
 from cpsc_ray.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.models import ARCH_VERSIONS, build_model
 from cpsc_ray.teacher import (
@@ -48,7 +48,7 @@ def test_builder_teacher_trains_and_loads(tmp_path):
     assert teacher.card.arch == card["arch"] and teacher.model.model.fc.out_features == 10
 
 
-def digits_with(values: dict) -> object:
+def digits_with(values: dict) -> RunConfig:
     return with_values(load_config("digits"), values)
 
 
