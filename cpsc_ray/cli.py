@@ -7,6 +7,7 @@ dotted overrides, e.g. ``cpsc-ray distill --name try1 loss.alpha=2 train.epochs=
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -112,6 +113,8 @@ def print_summary(summary: dict) -> None:
     if chosen.get("metric"):
         selected = f"best by {chosen['metric']}, epoch {chosen['epoch']}"
         print(f"  student test accuracy ({selected}): {_pct(best.get('test_acc'))}")
+    for warning in summary.get("warnings", []):
+        print(f"  warning: {warning}")
     print(f"  outputs: {summary['run_dir']}")
 
 
@@ -390,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ConfigError as err:

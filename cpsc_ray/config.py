@@ -89,6 +89,11 @@ class GeneratorConfig(Section):
         default_factory=lambda: [50 / 600, 150 / 600], description="fractions of the run where the lr is multiplied"
     )
     lr_gamma: float = Field(0.1, gt=0)
+    reset_optimizer: bool = Field(
+        False,
+        description="clear Adam's state before every generator step, as the reference's per-step new Adam does: "
+        "each update is then about lr * sign(grad)",
+    )
 
     @model_validator(mode="after")
     def _milestones_in_run(self) -> "GeneratorConfig":
@@ -104,7 +109,13 @@ class LossConfig(Section):
     beta: float = Field(1.0, ge=0, description="BN-statistics prior weight")
     gamma: float = Field(0.7, ge=0, description="pseudo-supervised contrastive weight")
     eta: float = Field(0.7, ge=0, description="pseudo-label cross-entropy weight")
-    temperature: float = Field(0.07, gt=0, description="SupCon temperature (its base temperature is the same)")
+    temperature: float = Field(0.07, gt=0, description="SupCon temperature")
+    base_temperature: float = Field(
+        0.07, gt=0, description="SupCon base temperature: the loss is scaled by temperature / base_temperature"
+    )
+    ce_on: Literal["logits", "probabilities"] = Field(
+        "logits", description="pseudo-label CE on logits, or on softmax outputs (the reference's double softmax)"
+    )
     kd_temperature: float | None = Field(None, gt=0, description="KD softmax temperature; unset: plain softmax")
     ikd_form: Literal["mse", "log"] = Field(
         "mse", description="mse: MSE on both sides; log: -log(MSE) for G and log||t-s||_2 for S (reference CIFAR-10)"
@@ -133,10 +144,30 @@ class EvalConfig(Section):
     probe_per_class: int = Field(20, ge=0, description="probe images per class for the data-free proxy (0: no proxy)")
     probe_steps: int = Field(200, ge=1, description="optimisation steps that synthesize the probe set")
     probe_lr: float = Field(0.05, gt=0)
+    term_gradients: bool = Field(
+        False,
+        description="once per epoch, measure each generator-loss term's gradient norm at the generator "
+        "(g_grad_<term> columns; one extra forward and a backward per term)",
+    )
+
+
+# What `dynamics: reference` sets, unless the config sets the field itself: the reference code's
+# effective behaviour (METHOD.md, "what those defects do in practice").
+REFERENCE_DYNAMICS = {
+    ("generator", "reset_optimizer"): True,
+    ("generator", "lr_milestones"): [],
+    ("loss", "ce_on"): "probabilities",
+    ("loss", "base_temperature"): 0.07,
+}
 
 
 class RunConfig(Section):
     name: str = "run"
+    dynamics: Literal["fixed", "reference"] = Field(
+        "fixed",
+        description="reference: the reference code's optimizer, CE, SupCon scaling and constant generator lr "
+        "(fills those fields where the config leaves them unset)",
+    )
     seed: int = 0
     output_dir: str = Field("runs", description="local directory or URI under which run directories are created")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -147,6 +178,16 @@ class RunConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dynamics_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("dynamics") == "reference":
+            data = {**data}
+            for (section, field), value in REFERENCE_DYNAMICS.items():
+                if isinstance(data.get(section, {}), dict):
+                    data[section] = {field: value, **data.get(section, {})}
+        return data
 
 
 SHIPPED_CONFIGS = importlib.resources.files("cpsc_ray") / "configs"
@@ -247,6 +288,9 @@ def flatten(config: RunConfig) -> dict[str, Any]:
 def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
     """A copy of `config` with dotted keys replaced, validated as a whole."""
     tree = config.model_dump()
+    if "dynamics" in values:  # a changed preset fills its fields afresh, as in a new config
+        for section, field in REFERENCE_DYNAMICS:
+            tree[section].pop(field)
     for key, value in values.items():
         set_dotted(tree, key, value)
     return validate_tree(tree, "config with " + ", ".join(sorted(values)))

@@ -134,7 +134,11 @@ def execute(
             run.write_last_checkpoint()
         bar.update(1)
         bar.set_postfix(
-            {k: f"{row[k]:.3f}" for k in ("s_total", "val_acc", "proxy", "test_acc") if row.get(k) is not None}
+            {
+                k: f"{row[k]:.3f}"
+                for k in ("s_total", "teacher_pseudo_acc", "class_coverage", "val_acc", "proxy", "test_acc")
+                if row.get(k) is not None
+            }
         )
     bar.close()
     summary = run.finish()

@@ -36,6 +36,11 @@ STUDENT_TERMS = ("kd", "ikd", "ce")
 LOSS_METRICS = (
     tuple(f"g_{t}" for t in GENERATOR_TERMS) + ("g_total",) + tuple(f"s_{t}" for t in STUDENT_TERMS) + ("s_total",)
 )
+# Health of the method, measured on the student steps' synthetic batches: does the teacher assign the
+# images to their pseudo-labels (the pseudo-supervision at work), and how large are the logits.
+SYNTHESIS_METRICS = ("teacher_pseudo_acc", "teacher_logit_rms", "student_logit_rms")
+# With eval.term_gradients: each generator term's weighted gradient norm at the generator's weights.
+TERM_GRADIENT_METRICS = tuple(f"g_grad_{t}" for t in GENERATOR_TERMS)
 
 
 class DivergenceError(RuntimeError):
@@ -257,8 +262,10 @@ class DistillEngine:
             total, parts = objective(SynthBatch(y, t_logits, s_logits, t_features, s_features))
         self.generator_opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.cfg.generator.reset_optimizer:
+            self.generator_opt.state.clear()  # Adam starts afresh: its first, bias-corrected step
         self.generator_opt.step()
-        self._accumulate(sums, "g", total, parts)
+        self._accumulate(sums, {f"g_{name}": value for name, value in {**parts, "total": total}.items()})
         return total
 
     def _student_step(self, sums: dict[str, Tensor]) -> Tensor:
@@ -272,14 +279,59 @@ class DistillEngine:
         self.student_opt.zero_grad(set_to_none=True)
         total.backward()
         self.student_opt.step()
-        self._accumulate(sums, "s", total, parts)
+        teacher_logits, student_logits = t_logits.float(), s_logits.detach().float()
+        self._accumulate(
+            sums,
+            {
+                **{f"s_{name}": value for name, value in {**parts, "total": total}.items()},
+                "teacher_pseudo_acc": (teacher_logits.argmax(1) == y).float().mean(),
+                "teacher_logit_rms": teacher_logits.pow(2).mean().sqrt(),
+                "student_logit_rms": student_logits.pow(2).mean().sqrt(),
+            },
+        )
         return total
 
     @staticmethod
-    def _accumulate(sums: dict[str, Tensor], phase: str, total: Tensor, parts: dict[str, Tensor]) -> None:
-        for name, value in {**parts, "total": total.detach()}.items():
-            key = f"{phase}_{name}"
-            sums[key] = sums[key] + value.float() if key in sums else value.float()
+    def _accumulate(sums: dict[str, list[Tensor]], values: dict[str, Tensor]) -> None:
+        for key, value in values.items():
+            sums.setdefault(key, []).append(value.detach().float())
+
+    def term_gradients(self) -> dict[str, float]:
+        """Each generator term's weighted gradient norm at the generator's weights, on one extra batch:
+        which term drives the generator. The batch comes from its own stream, so training draws the same."""
+        objective = self.generator_loss
+        rng = torch.Generator(device=self.device).manual_seed(noise_seed(self.cfg.seed + 1, self.rank, self.epoch))
+        z = torch.randn(self.local_batch, self.cfg.generator.nz, device=self.device, generator=rng)
+        y = torch.randint(0, self.spec.num_classes, (self.local_batch,), device=self.device, generator=rng)
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        # This forward must not move the BN running statistics: training continues as if it never ran.
+        buffers = [b for model in (self.student, self.generator) for b in model.buffers()]
+        saved = [b.clone() for b in buffers]
+        with self._autocast():
+            images = self.generator(z, y).contiguous(memory_format=self.memory_format)
+            capture = self.bn_prior.capture() if "bn" in objective.terms else contextlib.nullcontext()
+            with capture:
+                t_logits, t_features = self.teacher_fwd(images, return_features=True)
+            s_logits, s_features = self.student_fwd(images, return_features=True)
+            if objective.needs_features and self.head is not None:
+                s_features = self.head(s_features)
+            batch = SynthBatch(y, t_logits, s_logits, t_features, s_features)
+            values = {name: term(batch) for name, term in objective.terms.items()}
+        norms = {}
+        for name, value in values.items():
+            grads = torch.autograd.grad(objective.weights[name] * value, params, retain_graph=True, allow_unused=True)
+            norms[f"g_grad_{name}"] = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None])
+            )
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+        names = sorted(norms)
+        values_tensor = torch.stack([norms[n] for n in names])
+        if self.world_size > 1:
+            dist.all_reduce(values_tensor)
+            values_tensor /= self.world_size
+        return dict(zip(names, values_tensor.tolist()))
 
     def train_epoch(self) -> dict[str, float]:
         """Run one epoch; returns the mean of every loss term by name, learning rates, throughput."""
@@ -288,7 +340,7 @@ class DistillEngine:
         self.student.train()
         self.generator.train()
         self.noise.manual_seed(noise_seed(self.cfg.seed, self.rank, self.epoch))
-        sums: dict[str, Tensor] = {}
+        sums: dict[str, list[Tensor]] = {}
         finite = torch.ones((), device=self.device)
         started = time.perf_counter()
         for iteration in range(cfg.iterations_per_epoch):
@@ -299,9 +351,8 @@ class DistillEngine:
             self.student.requires_grad_(True)
             for _ in range(cfg.s_steps):
                 finite = finite * torch.isfinite(self._student_step(sums))
-        counts = {"g": cfg.iterations_per_epoch * cfg.g_steps, "s": cfg.iterations_per_epoch * cfg.s_steps}
         names = sorted(sums)
-        values = torch.stack([sums[n] / counts[n[0]] for n in names] + [finite])
+        values = torch.stack([torch.stack(sums[n]).mean() for n in names] + [finite])
         if self.world_size > 1:
             dist.all_reduce(values)
             values /= self.world_size
@@ -320,6 +371,8 @@ class DistillEngine:
             raise DivergenceError(f"a loss became NaN or infinite in epoch {self.epoch}")
         metrics = {name: None for name in LOSS_METRICS}
         metrics.update(dict(zip(names, means)))
+        if self.cfg.eval.term_gradients:
+            metrics.update(self.term_gradients())
         metrics.update(
             epoch=self.epoch,
             lr_student=self.student_opt.param_groups[0]["lr"],
@@ -340,23 +393,29 @@ class DistillEngine:
     # ----- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Student top-1 on each evaluation set, sharded across ranks and summed."""
+        """Student top-1 on each evaluation set, sharded across ranks and summed; and ``<set>_coverage``,
+        the fraction of classes the student predicts there (a collapsed student predicts one or a few)."""
         self.student.eval()
         results = {}
+        classes = self.spec.num_classes
         for name, eval_set in self.eval_sets.items():
             images, labels = (
                 eval_set.images[self.rank :: self.world_size],
                 eval_set.labels[self.rank :: self.world_size],
             )
-            counts = torch.zeros(2, device=self.device)
+            correct = torch.zeros(1, device=self.device)
+            predicted = torch.zeros(classes, device=self.device)
             for start in range(0, len(labels), self.cfg.eval.batch_size):
                 with self._autocast():
                     logits = self.student_fwd(images[start : start + self.cfg.eval.batch_size])
-                counts[0] += (logits.argmax(1) == labels[start : start + self.cfg.eval.batch_size]).sum()
-                counts[1] += len(logits)
+                predictions = logits.argmax(1)
+                correct += (predictions == labels[start : start + self.cfg.eval.batch_size]).sum()
+                predicted += torch.bincount(predictions, minlength=classes)[:classes]
+            counts = torch.cat([correct, predicted])
             if self.world_size > 1:
                 dist.all_reduce(counts)
-            results[name] = (counts[0] / counts[1].clamp(min=1)).item()
+            results[name] = (counts[0] / counts[1:].sum().clamp(min=1)).item()
+            results[f"{name}_coverage"] = (counts[1:] > 0).float().mean().item()
         self.student.train()
         return results
 

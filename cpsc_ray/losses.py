@@ -99,18 +99,24 @@ class LogitL2Term(LossTerm):
 
 
 class PseudoLabelCETerm(LossTerm):
-    """Cross-entropy of logits (not of probabilities: the reference code's double softmax is a defect)
-    against the pseudo-labels the generator was conditioned on."""
+    """Cross-entropy against the pseudo-labels the generator was conditioned on.
 
-    def __init__(self, on: str):
+    ``of="logits"`` is the method as written. ``of="probabilities"`` reproduces the reference code,
+    which applies it to softmax outputs: inputs in [0, 1] confine the loss to a range of width 1
+    (``log(K - 1 + e) - 1`` to ``log(K - 1 + e)``) with small gradients, so its weight buys little there.
+    """
+
+    def __init__(self, on: str, of: str = "logits"):
         super().__init__()
         if on not in ("teacher", "student"):
             raise ValueError(f"on must be 'teacher' or 'student', got {on!r}")
-        self.on = on
+        if of not in ("logits", "probabilities"):
+            raise ValueError(f"of must be 'logits' or 'probabilities', got {of!r}")
+        self.on, self.of = on, of
 
     def forward(self, batch: SynthBatch) -> Tensor:
-        logits = batch.teacher_logits if self.on == "teacher" else batch.student_logits
-        return F.cross_entropy(logits.float(), batch.labels)
+        logits = (batch.teacher_logits if self.on == "teacher" else batch.student_logits).float()
+        return F.cross_entropy(logits.softmax(dim=1) if self.of == "probabilities" else logits, batch.labels)
 
 
 Gather = Callable[[Tensor], Tensor]
@@ -125,9 +131,9 @@ class ContrastiveTerm(LossTerm):
 
     needs_features = True
 
-    def __init__(self, temperature: float, gather: Gather | None = None):
+    def __init__(self, temperature: float, base_temperature: float, gather: Gather | None = None):
         super().__init__()
-        self.temperature = temperature
+        self.temperature, self.base_temperature = temperature, base_temperature
         self.gather = gather
 
     def forward(self, batch: SynthBatch) -> Tensor:
@@ -138,7 +144,7 @@ class ContrastiveTerm(LossTerm):
         labels = batch.labels
         if self.gather is not None:
             views, labels = self.gather(views), self.gather(labels)
-        return supervised_contrastive(views, labels, self.temperature, base_temperature=self.temperature)
+        return supervised_contrastive(views, labels, self.temperature, self.base_temperature)
 
 
 StatsReduce = Callable[[Tensor], Tensor]
@@ -264,8 +270,8 @@ def generator_objective(
     terms: dict[str, tuple[float, LossTerm]] = {
         "kd": (-1.0, KDTerm(cfg.kd_temperature)),
         "ikd": (-cfg.alpha, LogitL2Term(ikd_form)),
-        "scl": (cfg.gamma, ContrastiveTerm(cfg.temperature, gather)),
-        "ce": (cfg.eta, PseudoLabelCETerm("teacher")),
+        "scl": (cfg.gamma, ContrastiveTerm(cfg.temperature, cfg.base_temperature, gather)),
+        "ce": (cfg.eta, PseudoLabelCETerm("teacher", cfg.ce_on)),
     }
     if cfg.beta != 0:
         if bn_prior is None:
@@ -280,6 +286,6 @@ def student_objective(cfg: LossConfig) -> WeightedSum:
         {
             "kd": (1.0, KDTerm(cfg.kd_temperature)),
             "ikd": (cfg.alpha, LogitL2Term(ikd_form)),
-            "ce": (cfg.eta, PseudoLabelCETerm("student")),
+            "ce": (cfg.eta, PseudoLabelCETerm("student", cfg.ce_on)),
         }
     )

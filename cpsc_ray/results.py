@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 import cpsc_ray
 from cpsc_ray.config import RunConfig, flatten
-from cpsc_ray.engine import LOSS_METRICS
+from cpsc_ray.engine import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 from cpsc_ray.storage import Storage
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ PROGRESS = {
     "device_s": pa.float64(),
     "lr_student": pa.float64(),
     "lr_generator": pa.float64(),
-    **{name: pa.float64() for name in LOSS_METRICS},
+    **{name: pa.float64() for name in LOSS_METRICS + SYNTHESIS_METRICS + TERM_GRADIENT_METRICS},
+    "class_coverage": pa.float64(),  # fraction of classes the student predicts on the selection set
     "val_acc": pa.float64(),
     "proxy": pa.float64(),
     "test_acc": pa.float64(),

@@ -27,6 +27,7 @@ from torchvision.utils import make_grid, save_image
 
 from cpsc_ray.config import ConfigError, RunConfig, to_yaml
 from cpsc_ray.engine import DistillEngine, DivergenceError
+from cpsc_ray.health import HealthMonitor
 from cpsc_ray.results import EVAL_METRICS, config_row, epoch_table, versions
 from cpsc_ray.storage import Storage
 
@@ -105,6 +106,7 @@ class DistillRun:
         self.keep_best = keep_best  # tuning trials skip it: `finalize` reruns the chosen config instead
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"metric": selection, "value": None, "epoch": None}
+        self.health = HealthMonitor(engine.cfg, engine.spec.num_classes, selection)
         self._wall_before = 0.0
         self._started = time.perf_counter()
 
@@ -115,6 +117,7 @@ class DistillRun:
             rows = self.outputs.read_parquet("metrics.parquet").to_pylist()
             self.history = [r for r in rows if r["epoch"] <= meta["epoch"]]
         self.best = meta["best"]
+        self.health.load_state(meta.get("health", {}))
         self._wall_before = meta["wall_s"]
 
     def last_score(self) -> float | None:
@@ -137,6 +140,7 @@ class DistillRun:
             "config": self.cfg.model_dump(),
             "identity": self.identity,
             "best": self.best,
+            "health": self.health.state(),
             "wall_s": self.wall_s(),
         }
 
@@ -171,7 +175,11 @@ class DistillRun:
                 for name, metric in (("val", "val_acc"), ("proxy", "proxy"), ("test", "test_acc"))
             }
         )
+        selection_set = {"val_acc": "val", "proxy": "proxy"}.get(self.selection or "")
+        row["class_coverage"] = measured.get(f"{selection_set}_coverage")
         self._record(row)
+        if self.outputs is not None:  # rank 0 speaks for the run
+            self.health.observe(row)
         if (
             self.selection
             and row[self.selection] is not None
@@ -231,6 +239,7 @@ class DistillRun:
             "images": self.engine.images_synthesized,
             "device_s": self.engine.device_seconds,
             "wall_s": self.wall_s(),
+            "warnings": self.health.warnings,
         }
         if self.outputs is not None:
             self.outputs.write_bytes("samples.png", sample_grid_png(self.engine))

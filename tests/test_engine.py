@@ -143,3 +143,61 @@ def test_schedules():
     assert multistep(0.05, [0.1, 0.3], 0.1) == 1.0
     assert math.isclose(multistep(0.2, [0.1, 0.3], 0.1), 0.1)
     assert math.isclose(multistep(0.9, [0.1, 0.3], 0.1), 0.01)
+
+
+def spy_on_generator_updates(engine) -> list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]:
+    """(lr, gradients, parameter change) of every generator optimizer step."""
+    records, step = [], engine.generator_opt.step
+
+    def spy(*args, **kwargs):
+        params = [p for group in engine.generator_opt.param_groups for p in group["params"] if p.grad is not None]
+        before = [p.detach().clone() for p in params]
+        lr = engine.generator_opt.param_groups[0]["lr"]
+        result = step(*args, **kwargs)
+        records.append((lr, [p.grad.clone() for p in params], [p.detach() - b for p, b in zip(params, before)]))
+        return result
+
+    engine.generator_opt.step = spy
+    return records
+
+
+def sign_step_error(lr: float, grads: list[torch.Tensor], changes: list[torch.Tensor]) -> float:
+    """Largest distance of an update from -lr * sign(grad), beyond what Adam's epsilon allows."""
+    eps = 1e-8
+    return max(
+        ((change + lr * grad.sign()).abs() - lr * eps / (grad.abs() + eps)).max().item()
+        for grad, change in zip(grads, changes)
+    )
+
+
+@pytest.mark.parametrize("dynamics", ["reference", "fixed"])
+def test_reference_dynamics_make_each_generator_update_lr_sign_grad_at_a_constant_rate(digits_cfg, dynamics):
+    # 2 epochs x 2 iterations x 2 generator steps: the fixed schedule's milestones (50/600, 150/600 of
+    # the run) fall after the first and second iterations.
+    cfg = with_values(digits_cfg, {"dynamics": dynamics})
+    engine = prepare_engine(cfg).engine
+    records = spy_on_generator_updates(engine)
+    engine.train_epoch()
+    engine.train_epoch()
+    assert len(records) == 8
+    assert not torch.equal(records[0][1][0], records[1][1][0])  # the gradients differ between steps
+    rates = [lr for lr, _, _ in records]
+    errors = [sign_step_error(*record) for record in records]
+    if dynamics == "reference":
+        assert rates == [cfg.generator.lr] * 8
+        assert max(errors) < 1e-6
+    else:  # persistent Adam state and a decaying rate: the same check must fail
+        assert rates[-1] < rates[0] / 50
+        assert max(errors[1:]) > 1e-5
+
+
+def test_term_gradients_leave_training_unchanged(tiny_cfg):
+    plain = prepare_engine(tiny_cfg).engine
+    measured = prepare_engine(with_values(tiny_cfg, {"eval.term_gradients": True})).engine
+    plain.train_epoch()
+    metrics = measured.train_epoch()
+    for term in ("kd", "ikd", "bn", "scl", "ce"):
+        assert metrics[f"g_grad_{term}"] > 0, term
+    a, b = plain.state_dict(), measured.state_dict()
+    a["counters"].pop("device_seconds"), b["counters"].pop("device_seconds")
+    assert_states_equal(a, b)

@@ -56,6 +56,13 @@ def test_pseudo_label_ce_is_on_logits_not_probabilities():
     assert close(ce, 0.9795253391882158)
 
 
+def test_pseudo_label_ce_on_probabilities_is_the_reference_double_softmax():
+    # By hand: -p_y + log(sum_j exp(p_j)) with p = softmax(logits), averaged over the two rows.
+    batch = SynthBatch(labels=Y, teacher_logits=T, student_logits=S)
+    ce = student_objective(LossConfig(alpha=0, eta=1.0, ce_on="probabilities")).terms["ce"](batch)
+    assert close(ce, 1.0162330071087875)
+
+
 def test_supervised_contrastive_against_hand_computation():
     student = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
     teacher = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8], [-1.0, 0.0], [1.0, -0.5]]), dim=1)
@@ -64,12 +71,31 @@ def test_supervised_contrastive_against_hand_computation():
     assert close(loss, 1.4701012776145073)
 
 
+def test_supervised_contrastive_scales_by_temperature_over_base_temperature():
+    # By hand (pure Python): the mean over the 6 anchors of the mean log-probability of their positives,
+    # at temperature 0.2, times -(0.2 / 0.07).
+    student = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
+    teacher = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8], [-1.0, 0.0], [1.0, -0.5]]), dim=1)
+    features = torch.stack([student, teacher], dim=1)
+    loss = supervised_contrastive(features, torch.tensor([0, 1, 0]), temperature=0.2, base_temperature=0.07)
+    assert close(loss, 5.993376215933375)
+
+
 def test_contrastive_term_normalises_features():
     student = torch.tensor([[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
     teacher = torch.tensor([[0.6, 0.8], [-4.0, 0.0], [2.0, -1.0]])
     batch = SynthBatch(torch.tensor([0, 1, 0]), T, S, teacher_features=teacher, student_features=student)
-    term = generator_objective(LossConfig(temperature=0.5, beta=0), None).terms["scl"]
+    term = generator_objective(LossConfig(temperature=0.5, base_temperature=0.5, beta=0), None).terms["scl"]
     assert close(term(batch), 1.4701012776145073)
+
+
+def test_contrastive_term_keeps_the_base_temperature_at_007_by_default():
+    # The reference and SupCon keep 0.07 whatever the temperature: the loss scales by T / 0.07.
+    student = torch.tensor([[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
+    teacher = torch.tensor([[0.6, 0.8], [-4.0, 0.0], [2.0, -1.0]])
+    batch = SynthBatch(torch.tensor([0, 1, 0]), T, S, teacher_features=teacher, student_features=student)
+    term = generator_objective(LossConfig(temperature=0.5, beta=0), None).terms["scl"]
+    assert close(term(batch), 1.4701012776145073 * 0.5 / 0.07)
 
 
 def test_bn_prior_against_hand_computation():

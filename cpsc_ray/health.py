@@ -1,0 +1,96 @@
+"""Warnings for a run that is failing while it still runs, so nobody waits 600 epochs to find out.
+
+Two symptoms, each reported once, when it has lasted ``PATIENCE`` consecutive evaluated epochs:
+
+- a collapsed student: it predicts fewer than half of the classes on the selection set, or its
+  agreement there (validation accuracy, or the proxy) sits near chance;
+- pseudo-supervision not in effect: the teacher assigns the conditional generator's images to their
+  pseudo-labels near chance level, so the method's class-conditional part is not doing its job,
+  even where the student learns.
+
+Divergence (a NaN or infinite loss) stops the run instead (``engine.DivergenceError``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cpsc_ray.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+PATIENCE = 2
+MIN_COVERAGE = 0.5  # fraction of classes a healthy student predicts on a class-balanced set
+CHANCE_MULTIPLE = 2.0  # agreement at most this many times chance counts as "at chance"
+MIN_PSEUDO_ACC = 0.5  # the teacher should put most generated images in their conditioning class
+
+COLLAPSE = "collapse"
+NO_PSEUDO_SUPERVISION = "pseudo_supervision"
+
+
+class HealthMonitor:
+    """Looks at each epoch's metric row; returns (and logs) the warnings that became due."""
+
+    def __init__(self, cfg: RunConfig, num_classes: int, selection: str | None):
+        self.chance = 1.0 / num_classes
+        self.selection = selection
+        self.conditional = cfg.generator.kind == "conditional"
+        # The student has barely trained before its warm-up ends: judge it from then on.
+        self.first_epoch = max(2, int(cfg.student.warmup_fraction * cfg.train.epochs) + 1)
+        self.streaks: dict[str, int] = {}
+        self.warnings: list[str] = []
+        self._reported: set[str] = set()
+
+    def state(self) -> dict[str, Any]:
+        return {"streaks": self.streaks, "warnings": self.warnings, "reported": sorted(self._reported)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.streaks = dict(state.get("streaks", {}))
+        self.warnings = list(state.get("warnings", []))
+        self._reported = set(state.get("reported", []))
+
+    def observe(self, row: dict[str, Any]) -> list[str]:
+        found = {}
+        if row["epoch"] >= self.first_epoch:
+            if row.get("class_coverage") is not None:  # evaluated this epoch
+                found[COLLAPSE] = self._collapse(row)
+            if self.conditional and row.get("teacher_pseudo_acc") is not None:
+                found[NO_PSEUDO_SUPERVISION] = self._no_pseudo_supervision(row)
+        new = []
+        for symptom, message in found.items():
+            if message is None:
+                self.streaks[symptom] = 0  # a healthy measurement breaks the streak
+                continue
+            self.streaks[symptom] = self.streaks.get(symptom, 0) + 1
+            if self.streaks[symptom] >= PATIENCE and symptom not in self._reported:
+                self._reported.add(symptom)
+                text = f"epoch {row['epoch']}: {message}"
+                self.warnings.append(text)
+                logger.warning("%s", text)
+                new.append(text)
+        return new
+
+    def _collapse(self, row: dict[str, Any]) -> str | None:
+        coverage = row["class_coverage"]
+        agreement = row.get(self.selection) if self.selection else None
+        near_chance = agreement is not None and agreement <= CHANCE_MULTIPLE * self.chance
+        if coverage >= MIN_COVERAGE and not near_chance:
+            return None
+        where = "validation set" if self.selection == "val_acc" else "probe set"
+        agreed = f" and agrees with the labels on {agreement:.1%}" if agreement is not None else ""
+        return (
+            f"the student has collapsed: it predicts {coverage:.0%} of the classes on the {where}{agreed} "
+            f"(chance {self.chance:.1%}). Try a longer student warm-up (student.warmup_fraction), a lower "
+            f"student.lr, a smaller loss.alpha, or tune the run (cpsc-ray tune)"
+        )
+
+    def _no_pseudo_supervision(self, row: dict[str, Any]) -> str | None:
+        accuracy = row["teacher_pseudo_acc"]
+        if accuracy >= MIN_PSEUDO_ACC:
+            return None
+        return (
+            f"the generator's images are not those of their pseudo-labels: the teacher assigns {accuracy:.1%} "
+            f"of them to their class (chance {self.chance:.1%}), so the method's pseudo-supervision is not in "
+            f"effect. Try a larger loss.eta or a smaller loss.alpha, or tune the run (cpsc-ray tune)"
+        )

@@ -1,0 +1,79 @@
+"""Warnings for failing runs: each fires on a constructed case, once, and stays silent on a healthy run."""
+
+from __future__ import annotations
+
+import logging
+
+from cpsc_ray.config import with_values
+from cpsc_ray.distill import execute
+from cpsc_ray.health import HealthMonitor
+from cpsc_ray.storage import Storage
+
+
+def rows(**columns):
+    """Epoch rows 1..n from per-epoch column lists."""
+    n = len(next(iter(columns.values())))
+    return [{"epoch": i + 1, **{k: v[i] for k, v in columns.items()}} for i in range(n)]
+
+
+def monitor(tiny_cfg, **changes):
+    cfg = with_values(tiny_cfg, {"train.epochs": 10, "student.warmup_fraction": 0.1, **changes})
+    return HealthMonitor(cfg, num_classes=10, selection="val_acc")
+
+
+def feed(health, epoch_rows):
+    return [(row["epoch"], warning) for row in epoch_rows for warning in health.observe(row)]
+
+
+def test_collapse_is_reported_once_after_it_lasts(tiny_cfg, caplog):
+    health = monitor(tiny_cfg)
+    epochs = rows(
+        class_coverage=[0.2, 0.1, 1.0, 0.1, 0.1, 0.1, 0.1],
+        val_acc=[0.3, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1],
+        teacher_pseudo_acc=[0.9] * 7,
+    )
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray.health"):
+        found = feed(health, epochs)
+    # Epoch 1 is still warm-up; epoch 3 breaks the streak; epochs 4 and 5 make it last.
+    assert [epoch for epoch, _ in found] == [5]
+    assert "collapsed" in found[0][1] and "10% of the classes" in found[0][1] and "warmup_fraction" in found[0][1]
+    assert health.warnings == [found[0][1]] and found[0][1] in caplog.text
+
+
+def test_agreement_at_chance_is_a_collapse_even_with_every_class_predicted(tiny_cfg):
+    health = monitor(tiny_cfg)
+    found = feed(health, rows(class_coverage=[1.0] * 4, val_acc=[0.12] * 4, teacher_pseudo_acc=[0.9] * 4))
+    assert [epoch for epoch, _ in found] == [3]
+
+
+def test_images_off_their_pseudo_labels_are_reported(tiny_cfg):
+    health = monitor(tiny_cfg)
+    found = feed(health, rows(class_coverage=[1.0] * 4, val_acc=[0.95] * 4, teacher_pseudo_acc=[0.1, 0.1, 0.2, 0.3]))
+    assert [epoch for epoch, _ in found] == [3]
+    assert "pseudo-supervision is not in effect" in found[0][1] and "loss.eta" in found[0][1]
+
+
+def test_an_unconditional_generator_has_no_pseudo_labels_to_miss(tiny_cfg):
+    health = monitor(tiny_cfg, **{"generator.kind": "unconditional"})
+    assert feed(health, rows(class_coverage=[1.0] * 4, val_acc=[0.95] * 4, teacher_pseudo_acc=[0.1] * 4)) == []
+
+
+def test_the_monitor_resumes_with_its_streaks(tiny_cfg):
+    health = monitor(tiny_cfg)
+    feed(health, rows(class_coverage=[0.1, 0.1], val_acc=[0.1, 0.1], teacher_pseudo_acc=[0.9, 0.9]))
+    resumed = monitor(tiny_cfg)
+    resumed.load_state(health.state())
+    assert [e for e, _ in feed(resumed, [{"epoch": 3, "class_coverage": 0.1, "val_acc": 0.1, "teacher_pseudo_acc": 0.9}])]
+
+
+def test_a_run_that_learns_nothing_warns_in_its_summary(tiny_cfg, caplog):
+    # Rates so small that neither network moves: the student predicts few classes, the generator's
+    # images are noise to the teacher.
+    cfg = with_values(tiny_cfg, {"train.epochs": 4, "student.lr": 1e-9, "generator.lr": 1e-9})
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray.health"):
+        summary, history = execute(cfg, Storage(cfg.output_dir).child("stuck"), "stuck", progress=False)
+    assert len(summary["warnings"]) == 2, summary["warnings"]
+    assert all(w in caplog.text for w in summary["warnings"])
+    assert all(0 <= r["teacher_pseudo_acc"] <= 0.5 for r in history)
+
+
