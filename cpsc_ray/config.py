@@ -78,7 +78,10 @@ class StudentConfig(Section):
 class GeneratorConfig(Section):
     kind: Literal["conditional", "unconditional"] = "conditional"
     arch: Literal["auto", "upsample", "dcgan"] = Field(
-        "auto", description="upsample: METHOD.md's 32x32 generator; dcgan: the 64x64 one; auto picks by image size"
+        "auto",
+        description="upsample: the reference code's generator at any size (METHOD.md's 32x32 one; side divisible "
+        "by 4); dcgan: the paper's 64x64 DCGAN-like one (side divisible by 16), unused by the reference code; "
+        "auto: the reference's choice, upsample",
     )
     nz: int = Field(256, ge=1)
     ngf: int = Field(64, ge=1)
@@ -86,7 +89,9 @@ class GeneratorConfig(Section):
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     lr_milestones: list[float] = Field(
-        default_factory=lambda: [50 / 600, 150 / 600], description="fractions of the run where the lr is multiplied"
+        default_factory=list,
+        description="fractions of the run where the lr is multiplied by lr_gamma; none by default: the reference's "
+        "rate never decays, and its milestones 50/600 and 150/600 froze the generator early in our runs",
     )
     lr_gamma: float = Field(0.1, gt=0)
     reset_optimizer: bool = Field(
@@ -113,12 +118,20 @@ class LossConfig(Section):
     base_temperature: float = Field(
         0.07, gt=0, description="SupCon base temperature: the loss is scaled by temperature / base_temperature"
     )
+    bn_form: Literal["standardized", "raw"] = Field(
+        "standardized",
+        description="BN prior: standardized (each layer's gap in units of its running statistics, averaged "
+        "over layers: the same weight whatever the teacher's depth) or raw (summed L2 gaps: DeepInversion, "
+        "the reference)",
+    )
     ce_on: Literal["logits", "probabilities"] = Field(
         "logits", description="pseudo-label CE on logits, or on softmax outputs (the reference's double softmax)"
     )
     kd_temperature: float | None = Field(None, gt=0, description="KD softmax temperature; unset: plain softmax")
     ikd_form: Literal["mse", "log"] = Field(
-        "mse", description="mse: MSE on both sides; log: -log(MSE) for G and log||t-s||_2 for S (reference CIFAR-10)"
+        "log",
+        description="log: -log(MSE) for G and log||t-s||_2 for S (the reference's CIFAR-10 form, scale-free); "
+        "mse: MSE on both sides (its form elsewhere, which let deep teachers' runs collapse)",
     )
     train_projection_head: bool = Field(
         False, description="train the student->teacher feature head with the generator (default: fixed random)"

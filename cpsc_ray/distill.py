@@ -25,7 +25,10 @@ def ensure_teacher(cfg: RunConfig, progress: bool = True) -> RunConfig:
     """A config whose teacher.weights is a concrete file: ``auto`` trains and caches it when missing."""
     path = resolve_weights(cfg)
     if cfg.teacher.weights == "auto" and not weights_exist(path):
-        print(f"no cached teacher for this config: training {cfg.teacher.arch} on {cfg.data.dataset} -> {path}")
+        print(
+            f"no cached teacher for this config: training {cfg.teacher.arch or cfg.teacher.builder} "
+            f"on {cfg.data.dataset} -> {path}"
+        )
         train_teacher(cfg, progress=progress)
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": path})})
 

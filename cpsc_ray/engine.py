@@ -211,6 +211,8 @@ class DistillEngine:
         self.cfg = cfg
         if cfg.loss.beta and self.bn_prior is None:
             self.bn_prior = BNStatisticsPrior(self.teacher, _average_with_grad if self.world_size > 1 else None)
+        if self.bn_prior is not None:
+            self.bn_prior.form = cfg.loss.bn_form
         self.generator_loss: WeightedSum = generator_objective(cfg.loss, self.bn_prior, self._gather)
         self.student_loss: WeightedSum = student_objective(cfg.loss)
         for group in self.student_opt.param_groups:

@@ -1,11 +1,12 @@
 """Warnings for a run that is failing while it still runs, so nobody waits 600 epochs to find out.
 
-Two symptoms, each reported once, when it has lasted ``PATIENCE`` consecutive evaluated epochs:
+Two symptoms, each reported once, when it has lasted ``PATIENCE`` consecutive epochs in which it
+was measured:
 
 - a collapsed student: it predicts fewer than half of the classes on the selection set, or its
   agreement there (validation accuracy, or the proxy) sits near chance;
 - pseudo-supervision not in effect: the teacher assigns the conditional generator's images to their
-  pseudo-labels near chance level, so the method's class-conditional part is not doing its job,
+  pseudo-labels at less than twice chance (or 50%), so the method's class-conditional part is not doing its job,
   even where the student learns.
 
 Divergence (a NaN or infinite loss) stops the run instead (``engine.DivergenceError``).
@@ -14,6 +15,7 @@ Divergence (a NaN or infinite loss) stops the run instead (``engine.DivergenceEr
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from cpsc_ray.config import RunConfig
@@ -22,8 +24,7 @@ logger = logging.getLogger(__name__)
 
 PATIENCE = 2
 MIN_COVERAGE = 0.5  # fraction of classes a healthy student predicts on a class-balanced set
-CHANCE_MULTIPLE = 2.0  # agreement at most this many times chance counts as "at chance"
-MIN_PSEUDO_ACC = 0.5  # the teacher should put most generated images in their conditioning class
+CHANCE_MULTIPLE = 2.0  # agreement (or pseudo-label accuracy) below this many times chance is "at chance"
 
 COLLAPSE = "collapse"
 NO_PSEUDO_SUPERVISION = "pseudo_supervision"
@@ -34,10 +35,15 @@ class HealthMonitor:
 
     def __init__(self, cfg: RunConfig, num_classes: int, selection: str | None):
         self.chance = 1.0 / num_classes
+        self.min_pseudo_acc = min(0.5, CHANCE_MULTIPLE * self.chance)
         self.selection = selection
         self.conditional = cfg.generator.kind == "conditional"
-        # The student has barely trained before its warm-up ends: judge it from then on.
-        self.first_epoch = max(2, int(cfg.student.warmup_fraction * cfg.train.epochs) + 1)
+        # The student has barely trained before its warm-up ends: judge it from then on. The generator
+        # needs longer to learn its classes: judge it from a quarter of the run on.
+        self.first_epoch = {
+            COLLAPSE: max(2, int(cfg.student.warmup_fraction * cfg.train.epochs) + 1),
+            NO_PSEUDO_SUPERVISION: max(2, math.ceil(cfg.train.epochs / 4) + 1),
+        }
         self.streaks: dict[str, int] = {}
         self.warnings: list[str] = []
         self._reported: set[str] = set()
@@ -52,11 +58,10 @@ class HealthMonitor:
 
     def observe(self, row: dict[str, Any]) -> list[str]:
         found = {}
-        if row["epoch"] >= self.first_epoch:
-            if row.get("class_coverage") is not None:  # evaluated this epoch
-                found[COLLAPSE] = self._collapse(row)
-            if self.conditional and row.get("teacher_pseudo_acc") is not None:
-                found[NO_PSEUDO_SUPERVISION] = self._no_pseudo_supervision(row)
+        if row["epoch"] >= self.first_epoch[COLLAPSE] and row.get("class_coverage") is not None:
+            found[COLLAPSE] = self._collapse(row)  # evaluated this epoch
+        if row["epoch"] >= self.first_epoch[NO_PSEUDO_SUPERVISION] and self.conditional:
+            found[NO_PSEUDO_SUPERVISION] = self._no_pseudo_supervision(row)
         new = []
         for symptom, message in found.items():
             if message is None:
@@ -87,7 +92,7 @@ class HealthMonitor:
 
     def _no_pseudo_supervision(self, row: dict[str, Any]) -> str | None:
         accuracy = row["teacher_pseudo_acc"]
-        if accuracy >= MIN_PSEUDO_ACC:
+        if accuracy >= self.min_pseudo_acc:
             return None
         return (
             f"the generator's images are not those of their pseudo-labels: the teacher assigns {accuracy:.1%} "

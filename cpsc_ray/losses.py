@@ -172,15 +172,25 @@ class ChannelMoments(torch.autograd.Function):
 
 class BNStatisticsPrior(LossTerm):
     """DeepInversion's prior: for every BatchNorm2d of the frozen teacher, the L2 distance between the
-    batch mean/variance of the layer's input and its running mean/variance, summed over layers.
+    batch mean/variance of the layer's input and its running mean/variance.
+
+    ``form="raw"`` sums those distances over layers, as DeepInversion and the reference code do; its
+    scale grows with the teacher's depth, width and activation scale (about 40x the pseudo-label CE's
+    gradient at the generator for a 20-BN ResNet-18, about 1x for a 3-BN CNN, on the same digits).
+    ``form="standardized"`` measures each layer's distance in units of its running statistics (mean
+    difference over the running std, variance difference over the running variance) and averages over
+    layers: the same balance against the other terms whatever the teacher (BENCHMARKS.md, issue 9).
 
     Forward hooks record the statistics only inside ``capture()``; ``forward`` turns them into the loss.
     ``reduce`` (distributed runs) averages the per-rank [mean, mean of squares] across ranks with
     autograd in one collective, so the statistics are those of the global batch.
     """
 
-    def __init__(self, teacher: nn.Module, reduce: StatsReduce | None = None):
+    def __init__(self, teacher: nn.Module, reduce: StatsReduce | None = None, form: str = "raw"):
         super().__init__()
+        if form not in ("raw", "standardized"):
+            raise ValueError(f"form must be 'raw' or 'standardized', got {form!r}")
+        self.form = form
         self.layers = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.layers:
             raise ValueError(
@@ -215,12 +225,12 @@ class BNStatisticsPrior(LossTerm):
         variances = mean_squares - means * means
         total = means.new_zeros(())
         for layer, mean, var in zip(self.layers, means.split(self._widths), variances.split(self._widths)):
-            total = (
-                total
-                + torch.linalg.vector_norm(var - layer.running_var)
-                + torch.linalg.vector_norm(mean - layer.running_mean)
-            )
-        return total
+            mean_gap, var_gap = mean - layer.running_mean, var - layer.running_var
+            if self.form == "standardized":
+                running_var = layer.running_var + layer.eps
+                mean_gap, var_gap = mean_gap / running_var.sqrt(), var_gap / running_var
+            total = total + torch.linalg.vector_norm(var_gap) + torch.linalg.vector_norm(mean_gap)
+        return total / len(self.layers) if self.form == "standardized" else total
 
     @property
     def _widths(self) -> list[int]:

@@ -288,12 +288,15 @@ def _read_table(location: str, name: str, experiments: list[str] | None) -> "pd.
     expected = pa.schema([f for f in TABLES[name] if f.name not in PARTITIONS])
     files = ds.dataset(storage.path(name), filesystem=storage.fs, format="parquet", partitioning=partitioning)
     for fragment in files.get_fragments():
+        # Tables of earlier versions lack the columns added since: those read as nulls. Columns this
+        # version does not know, or of another type, mean it is not a cpsc-ray table it can read.
         schema = fragment.physical_schema
-        if not expected.equals(schema):
-            missing = sorted(set(expected.names) - set(schema.names)) or sorted(set(schema.names) ^ set(expected.names))
+        unknown = sorted(set(schema.names) - set(expected.names))
+        retyped = sorted(n for n in schema.names if n in expected.names and schema.field(n).type != expected.field(n).type)
+        if unknown or retyped:
             raise ResultsError(
-                f"{fragment.path}: not a cpsc-ray {name} table of this version (columns differ: {missing[:5]}); "
-                "rewrite it with this cpsc-ray or point at another results directory"
+                f"{fragment.path}: not a cpsc-ray {name} table of this version (unknown columns: {unknown[:5]}, "
+                f"other types: {retyped[:5]}); rewrite it with this cpsc-ray or point at another results directory"
             )
     table = ds.dataset(
         storage.path(name),

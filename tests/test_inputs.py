@@ -47,6 +47,21 @@ def test_override_without_equals():
     assert "dotted.key=value" in error_of(load_config, "digits", ["loss.alpha"])
 
 
+def test_reference_dynamics_preset_fills_the_fields_left_unset():
+    reference = load_config("digits", ["dynamics=reference"])
+    assert reference.generator.reset_optimizer and reference.generator.lr_milestones == []
+    assert reference.loss.ce_on == "probabilities" and reference.loss.base_temperature == 0.07
+    own = load_config("digits", ["dynamics=reference", "generator.lr_milestones=[0.5]"])
+    assert own.generator.lr_milestones == [0.5] and own.generator.reset_optimizer
+    fixed = load_config("digits", ["generator.lr_milestones=[0.5]"])
+    assert not fixed.generator.reset_optimizer and fixed.loss.ce_on == "logits"
+    # Changing the preset of a whole config (as tuning and finalize do) fills its fields afresh.
+    switched = with_values(fixed, {"dynamics": "reference"})
+    assert switched.generator.reset_optimizer and switched.generator.lr_milestones == []
+    back = with_values(switched, {"dynamics": "fixed"})
+    assert not back.generator.reset_optimizer and back.loss.ce_on == "logits"
+
+
 def test_teacher_arch_and_builder_are_exclusive():
     assert "exactly one of teacher.arch" in error_of(load_config, "digits", ["teacher.builder=x:y"])
 

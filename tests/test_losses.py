@@ -110,6 +110,35 @@ def test_bn_prior_against_hand_computation():
     assert close(prior(), 5.0)
 
 
+class TwoBranches(nn.Module):
+    """Two BN layers that see the same input; the second's running statistics are the batch's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.BatchNorm2d(2).eval(), nn.BatchNorm2d(2).eval()
+        self.a.running_mean.copy_(torch.tensor([0.5, -1.0]))
+        self.a.running_var.copy_(torch.tensor([2.0, 0.5]))
+        self.b.running_mean.copy_(torch.tensor([3.0, -1.0]))
+        self.b.running_var.copy_(torch.tensor([3.5, 2.5]))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_standardized_bn_prior_against_hand_computation():
+    # Layer a, channel by channel: batch mean (3, -1), variance (3.5, 2.5). Mean gaps over the running
+    # std: (2.5 / sqrt(2 + 1e-5), 0); variance gaps over the running variance: (1.5 / 2.00001, 2 / 0.50001).
+    # Layer b matches exactly. The prior is the mean over both layers of the two L2 norms' sum.
+    model = TwoBranches()
+    x = torch.tensor([[[[1.0, 2.0]], [[0.0, -2.0]]], [[[3.0, 6.0]], [[1.0, -3.0]]]])
+    for form, expected in (("standardized", 2.9186941816622824), ("raw", 5.0)):
+        prior = BNStatisticsPrior(model, form=form)
+        with prior.capture():
+            model(x)
+        assert close(prior(), expected), form
+        prior.close()
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_channel_moments_values_and_gradient(memory_format):
     x = torch.randn(3, 4, 5, 2, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_(True)

@@ -23,7 +23,7 @@ from cpsc_ray.config import load_config, with_values
 from cpsc_ray.distill import ensure_teacher, run_in_process
 from cpsc_ray.finalize import finalize
 from cpsc_ray.report import build_report, clones
-from cpsc_ray.results import ResultsError, read_results
+from cpsc_ray.results import ResultsError, epoch_table, read_results
 from cpsc_ray.tune import TuneOptions, run_tune
 
 CALM = str(Path(__file__).parent / "spaces" / "calm_pbt.yaml")
@@ -225,3 +225,16 @@ def test_an_experiment_in_two_locations_is_refused_and_one_location_twice_is_rea
     pd.testing.assert_frame_equal(twice, once)
     assert main(["report", str(copy), "-o", str(tmp_path / "some"), "--experiments", "paper-8px"]) == 0
     assert list(pd.read_parquet(tmp_path / "some" / "summary.parquet").experiment) == ["paper-8px"]
+
+
+def test_tables_of_an_earlier_version_read_with_the_new_columns_empty(tmp_path):
+    # An epochs table written before issue 9: no health metrics, no dynamics keys.
+    added = ["teacher_pseudo_acc", "class_coverage", "config/dynamics", "config/loss.ce_on", "g_grad_bn"]
+    row = {"experiment": "old", "dataset": "digits", "trial_id": "run", "epoch": 1, "val_acc": 0.5, "test_acc": 0.4}
+    table = epoch_table([row])
+    part = tmp_path / "results" / "epochs" / "dataset=digits" / "experiment=old"
+    part.mkdir(parents=True)
+    pq.write_table(table.drop_columns(added + ["dataset", "experiment"]), part / "part-0.parquet")
+    epochs = read_results([str(tmp_path)]).epochs
+    assert list(epochs.val_acc) == [0.5] and list(epochs.experiment) == ["old"]
+    assert epochs[added].isna().all().all()

@@ -44,7 +44,13 @@ def test_shipped_spaces_load_by_name():
         "train.s_steps",
         "generator.nz",
         "generator.ngf",
+        # what issue 9's root cause names: the schedule's shape and the IKD and BN forms
+        "student.warmup_fraction",
+        "generator.lr_milestones",
+        "loss.ikd_form",
+        "loss.bn_form",
     } == set(optuna.params)
+    assert "student.warmup_fraction" in load_search_space("cpsc_pbt").params
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
