@@ -123,7 +123,8 @@ def main() -> None:
             if any(r["teacher"] == name and r["seed"] == seed and r["label"] == args.label for r in rows):
                 continue
             row = run_cell(name, seed, args.storage, args.label, args.overrides)
-            rows.append(row)
+            # Re-read before writing: several sittings (or processes) may fill one JSON.
+            rows = [*(json.loads(args.json.read_text()) if args.json.is_file() else []), row]
             args.json.write_text(json.dumps(rows, indent=1))
             print(json.dumps(row), flush=True)
     print(table(rows, args.label))

@@ -118,11 +118,11 @@ class LossConfig(Section):
     base_temperature: float = Field(
         0.07, gt=0, description="SupCon base temperature: the loss is scaled by temperature / base_temperature"
     )
-    bn_form: Literal["standardized", "raw"] = Field(
-        "standardized",
-        description="BN prior: standardized (each layer's gap in units of its running statistics, averaged "
-        "over layers: the same weight whatever the teacher's depth) or raw (summed L2 gaps: DeepInversion, "
-        "the reference)",
+    bn_form: Literal["raw", "standardized"] = Field(
+        "raw",
+        description="BN prior: raw (L2 gaps summed over layers: DeepInversion, the reference) or standardized "
+        "(each layer's gaps in units of its running statistics, averaged over layers: a weight that does not "
+        "grow with the teacher's depth)",
     )
     ce_on: Literal["logits", "probabilities"] = Field(
         "logits", description="pseudo-label CE on logits, or on softmax outputs (the reference's double softmax)"

@@ -250,18 +250,23 @@ class DistillEngine:
         y = torch.randint(0, self.spec.num_classes, (self.local_batch,), device=self.device, generator=self.noise)
         return z, y
 
+    def _generator_batch(self, z: Tensor, y: Tensor, generator: nn.Module, head: nn.Module | None) -> SynthBatch:
+        """What the generator's objective looks at: ``G(z, y)`` through the teacher (its BN statistics
+        captured when the prior is on) and the student, with graphs back to the generator."""
+        objective = self.generator_loss
+        images = generator(z, y).contiguous(memory_format=self.memory_format)
+        capture = self.bn_prior.capture() if "bn" in objective.terms else contextlib.nullcontext()
+        with capture:
+            t_logits, t_features = self.teacher_fwd(images, return_features=True)
+        s_logits, s_features = self.student_fwd(images, return_features=True)
+        if objective.needs_features and head is not None:
+            s_features = head(s_features)
+        return SynthBatch(y, t_logits, s_logits, t_features, s_features)
+
     def _generator_step(self, sums: dict[str, Tensor]) -> Tensor:
         z, y = self.draw()
-        objective = self.generator_loss
         with self._autocast():
-            images = self.generator_ddp(z, y).contiguous(memory_format=self.memory_format)
-            capture = self.bn_prior.capture() if "bn" in objective.terms else contextlib.nullcontext()
-            with capture:
-                t_logits, t_features = self.teacher_fwd(images, return_features=True)
-            s_logits, s_features = self.student_fwd(images, return_features=True)
-            if objective.needs_features and self.head_ddp is not None:
-                s_features = self.head_ddp(s_features)
-            total, parts = objective(SynthBatch(y, t_logits, s_logits, t_features, s_features))
+            total, parts = self.generator_loss(self._generator_batch(z, y, self.generator_ddp, self.head_ddp))
         self.generator_opt.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.generator.reset_optimizer:
@@ -310,14 +315,7 @@ class DistillEngine:
         buffers = [b for model in (self.student, self.generator) for b in model.buffers()]
         saved = [b.clone() for b in buffers]
         with self._autocast():
-            images = self.generator(z, y).contiguous(memory_format=self.memory_format)
-            capture = self.bn_prior.capture() if "bn" in objective.terms else contextlib.nullcontext()
-            with capture:
-                t_logits, t_features = self.teacher_fwd(images, return_features=True)
-            s_logits, s_features = self.student_fwd(images, return_features=True)
-            if objective.needs_features and self.head is not None:
-                s_features = self.head(s_features)
-            batch = SynthBatch(y, t_logits, s_logits, t_features, s_features)
+            batch = self._generator_batch(z, y, self.generator, self.head)
             values = {name: term(batch) for name, term in objective.terms.items()}
         norms = {}
         for name, value in values.items():

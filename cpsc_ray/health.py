@@ -97,5 +97,7 @@ class HealthMonitor:
         return (
             f"the generator's images are not those of their pseudo-labels: the teacher assigns {accuracy:.1%} "
             f"of them to their class (chance {self.chance:.1%}), so the method's pseudo-supervision is not in "
-            f"effect. Try a larger loss.eta or a smaller loss.alpha, or tune the run (cpsc-ray tune)"
+            f"effect. Check the generator-loss terms' pull (eval.term_gradients=true): for a deep teacher the BN "
+            f"prior can drown the pseudo-label CE (try loss.bn_form=standardized or a smaller loss.beta); else "
+            f"try a larger loss.eta, or tune the run (cpsc-ray tune)"
         )

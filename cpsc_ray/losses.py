@@ -179,7 +179,7 @@ class BNStatisticsPrior(LossTerm):
     gradient at the generator for a 20-BN ResNet-18, about 1x for a 3-BN CNN, on the same digits).
     ``form="standardized"`` measures each layer's distance in units of its running statistics (mean
     difference over the running std, variance difference over the running variance) and averages over
-    layers: the same balance against the other terms whatever the teacher (BENCHMARKS.md, issue 9).
+    layers, so its pull does not grow with the teacher's depth (BENCHMARKS.md, issue 9).
 
     Forward hooks record the statistics only inside ``capture()``; ``forward`` turns them into the loss.
     ``reduce`` (distributed runs) averages the per-rank [mean, mean of squares] across ranks with

@@ -292,7 +292,9 @@ def _read_table(location: str, name: str, experiments: list[str] | None) -> "pd.
         # version does not know, or of another type, mean it is not a cpsc-ray table it can read.
         schema = fragment.physical_schema
         unknown = sorted(set(schema.names) - set(expected.names))
-        retyped = sorted(n for n in schema.names if n in expected.names and schema.field(n).type != expected.field(n).type)
+        retyped = sorted(
+            n for n in schema.names if n in expected.names and schema.field(n).type != expected.field(n).type
+        )
         if unknown or retyped:
             raise ResultsError(
                 f"{fragment.path}: not a cpsc-ray {name} table of this version (unknown columns: {unknown[:5]}, "
