@@ -89,9 +89,10 @@ class GeneratorConfig(Section):
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     lr_milestones: list[float] = Field(
-        default_factory=list,
-        description="fractions of the run where the lr is multiplied by lr_gamma; none by default: the reference's "
-        "rate never decays, and its milestones 50/600 and 150/600 froze the generator early in our runs",
+        default_factory=lambda: [0.5, 0.75],
+        description="fractions of the run where the lr is multiplied by lr_gamma: the generator learns at its "
+        "full rate through the first half and settles with the student in the second (METHOD.md's 50/600 and "
+        "150/600 froze it early in short runs; the reference's rate never decays)",
     )
     lr_gamma: float = Field(0.1, gt=0)
     reset_optimizer: bool = Field(
