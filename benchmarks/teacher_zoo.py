@@ -79,25 +79,27 @@ def mean_sd(values: list[float]) -> str:
     if not values:
         return "–"
     pct = [100 * v for v in values]
-    sd = statistics.stdev(pct) if len(pct) > 1 else 0.0
-    return f"{statistics.mean(pct):.2f} ± {sd:.2f} (n={len(pct)})"
+    if len(pct) == 1:
+        return f"{pct[0]:.2f} (n=1)"
+    return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f} (n={len(pct)})"
 
 
 def table(rows: list[dict], label: str) -> str:
     lines = [
-        "| teacher | teacher acc. | student, selected epoch | student, last epoch | diverged | wall per run |",
-        "|---|---|---|---|---|---|",
+        "| teacher | teacher acc. | student, selected epoch | student, last epoch | diverged | warned | wall per run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in TEACHERS:
         cells = [r for r in rows if r["teacher"] == name and r["label"] == label]
         if not cells:
-            lines.append(f"| {name} | open | open | open | open | open |")
+            lines.append(f"| {name} | open | open | open | open | open | open |")
             continue
         done = [r for r in cells if not r["diverged"]]
         lines.append(
             f"| {name} | {100 * cells[0]['teacher_test_acc']:.2f} | "
             f"{mean_sd([r['selected_test_acc'] for r in done if r['selected_test_acc'] is not None])} | "
             f"{mean_sd([r['last_test_acc'] for r in done])} | {len(cells) - len(done)} of {len(cells)} | "
+            f"{sum(bool(r.get('warnings')) for r in cells)} of {len(cells)} | "
             f"{statistics.mean(r['wall_s'] for r in cells) / 60:.1f} min |"
         )
     return "\n".join(lines)
