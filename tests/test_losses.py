@@ -63,22 +63,18 @@ def test_pseudo_label_ce_on_probabilities_is_the_reference_double_softmax():
     assert close(ce, 1.0162330071087875)
 
 
-def test_supervised_contrastive_against_hand_computation():
+@pytest.mark.parametrize(
+    "temperature, base_temperature, expected",
+    # By hand (pure Python): minus the mean over the 6 anchors of the mean log-probability of their
+    # positives at the temperature, times temperature / base_temperature.
+    [(0.5, 0.5, 1.4701012776145073), (0.2, 0.07, 5.993376215933375)],
+)
+def test_supervised_contrastive_against_hand_computation(temperature, base_temperature, expected):
     student = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
     teacher = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8], [-1.0, 0.0], [1.0, -0.5]]), dim=1)
     features = torch.stack([student, teacher], dim=1)
-    loss = supervised_contrastive(features, torch.tensor([0, 1, 0]), temperature=0.5, base_temperature=0.5)
-    assert close(loss, 1.4701012776145073)
-
-
-def test_supervised_contrastive_scales_by_temperature_over_base_temperature():
-    # By hand (pure Python): the mean over the 6 anchors of the mean log-probability of their positives,
-    # at temperature 0.2, times -(0.2 / 0.07).
-    student = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
-    teacher = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8], [-1.0, 0.0], [1.0, -0.5]]), dim=1)
-    features = torch.stack([student, teacher], dim=1)
-    loss = supervised_contrastive(features, torch.tensor([0, 1, 0]), temperature=0.2, base_temperature=0.07)
-    assert close(loss, 5.993376215933375)
+    loss = supervised_contrastive(features, torch.tensor([0, 1, 0]), temperature, base_temperature)
+    assert close(loss, expected)
 
 
 def test_contrastive_term_normalises_features():
