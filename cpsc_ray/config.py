@@ -122,8 +122,8 @@ class LossConfig(Section):
     bn_form: Literal["raw", "standardized"] = Field(
         "raw",
         description="BN prior: raw (L2 gaps summed over layers: DeepInversion, the reference) or standardized "
-        "(each layer's gaps in units of its running statistics, averaged over layers: a weight that does not "
-        "grow with the teacher's depth)",
+        "(each layer's gaps in units of its running statistics, averaged over layers: a pull that does not grow "
+        "with the teacher's depth; better for deep teachers, worse for the digits CNN, see BENCHMARKS.md)",
     )
     ce_on: Literal["logits", "probabilities"] = Field(
         "logits", description="pseudo-label CE on logits, or on softmax outputs (the reference's double softmax)"

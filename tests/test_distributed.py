@@ -53,7 +53,7 @@ def ddp_probe_loop(config: dict) -> None:
     )
     distributed_scl = engine.generator_loss.terms["scl"].gather
     scl = supervised_contrastive(distributed_scl(features), distributed_scl(y), 0.5, 0.5).item()
-    local_prior = BNStatisticsPrior(engine.teacher)
+    local_prior = BNStatisticsPrior(engine.teacher, form=engine.bn_prior.form)
     with local_prior.capture():
         engine.teacher(torch.cat(all_images))
     single_bn = local_prior().item()
