@@ -175,8 +175,8 @@ class BNStatisticsPrior(LossTerm):
     batch mean/variance of the layer's input and its running mean/variance.
 
     ``form="raw"`` sums those distances over layers, as DeepInversion and the reference code do; its
-    scale grows with the teacher's depth, width and activation scale (about 40x the pseudo-label CE's
-    gradient at the generator for a 20-BN ResNet-18, about 1x for a 3-BN CNN, on the same digits).
+    scale grows with the teacher's depth, width and activation scale (its gradient at the generator was
+    26x to 140x the pseudo-label CE's for a 20-BN ResNet-18, about 1x for a 3-BN CNN, on the same digits).
     ``form="standardized"`` measures each layer's distance in units of its running statistics (mean
     difference over the running std, variance difference over the running variance) and averages over
     layers, so its pull does not grow with the teacher's depth (BENCHMARKS.md, issue 9).

@@ -27,6 +27,7 @@ from torchvision.utils import make_grid, save_image
 
 from cpsc_ray.config import ConfigError, RunConfig, to_yaml
 from cpsc_ray.engine import DistillEngine, DivergenceError
+from cpsc_ray.evaluation import METRIC_OF_SET
 from cpsc_ray.health import HealthMonitor
 from cpsc_ray.results import EVAL_METRICS, config_row, epoch_table, versions
 from cpsc_ray.storage import Storage
@@ -169,13 +170,8 @@ class DistillRun:
         due = epoch % self.cfg.eval.every == 0 or self.done
         measured = self.engine.evaluate() if due else {}
         row = {**self.identity, **train_metrics, "wall_s": self.wall_s(), "diverged": False}
-        row.update(
-            {
-                metric: measured.get(name)
-                for name, metric in (("val", "val_acc"), ("proxy", "proxy"), ("test", "test_acc"))
-            }
-        )
-        selection_set = {"val_acc": "val", "proxy": "proxy"}.get(self.selection or "")
+        row.update({metric: measured.get(name) for name, metric in METRIC_OF_SET.items()})
+        selection_set = next((name for name, metric in METRIC_OF_SET.items() if metric == self.selection), None)
         row["class_coverage"] = measured.get(f"{selection_set}_coverage")
         self._record(row)
         if self.outputs is not None:  # rank 0 speaks for the run
