@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=1, help="repeat each measurement; the median is kept")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--variants", nargs="+", help="measure only these variants (default: all for the device)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
@@ -176,33 +177,64 @@ def main() -> None:
                 t, s, args, amp=True, channels_last=True, compile=True
             ),
         }
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            parser.error(f"unknown variants {unknown}; on {args.device} they are {list(variants)}")
+        variants = {name: measure for name, measure in variants.items() if name in args.variants}
     machine = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
         else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     )
     results = []
+
+    def save() -> None:  # after every variant, so that a run stopped at a time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump({"machine": machine, "args": vars(args), "results": results}, out, indent=2)
+
     for pair in args.pairs:
         teacher, student = PAIRS[pair]
         for variant, measure in variants.items():
-            samples = sorted(measure(teacher, student) for _ in range(args.repeats))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                samples = sorted(measure(teacher, student) for _ in range(args.repeats))
+            except Exception as err:  # a variant the device refuses (compile, bf16) must not hide the others
+                results.append({"pair": pair, "variant": variant, "error": f"{type(err).__name__}: {err}"})
+                print(f"{pair:20s} {variant:36s} FAILED {results[-1]['error'][:300]}", flush=True)
+                continue
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
             results.append(
-                {"pair": pair, "variant": variant, "images_per_s": samples[len(samples) // 2], "samples": samples}
+                {
+                    "pair": pair,
+                    "variant": variant,
+                    "images_per_s": samples[len(samples) // 2],
+                    "samples": samples,
+                    "peak_gib": peak_gib,
+                }
             )
-            print(f"{pair:20s} {variant:36s} {results[-1]['images_per_s']:10.1f} images/s  {samples}", flush=True)
-        reference = next(r["images_per_s"] for r in results if r["pair"] == pair and r["variant"] == "reference")
-        for r in results:
-            if r["pair"] == pair:
-                r["speedup_vs_reference"] = r["images_per_s"] / reference
+            save()
+            memory = f"  peak {peak_gib:.2f} GiB" if peak_gib is not None else ""
+            rate = results[-1]["images_per_s"]
+            print(f"{pair:20s} {variant:36s} {rate:10.1f} images/s{memory}  {samples}", flush=True)
+        measured = [r for r in results if r["pair"] == pair and "images_per_s" in r]
+        reference = next((r["images_per_s"] for r in measured if r["variant"] == "reference"), None)
+        for r in measured:
+            r["speedup_vs_reference"] = r["images_per_s"] / reference if reference else float("nan")
+        save()
     print(
         f"machine: {machine}; batch {args.batch}, G {args.g_steps}, S {args.s_steps}, "
         f"{args.iterations} timed iterations"
     )
     for r in results:
-        print(f"  {r['pair']:20s} {r['variant']:36s} {r['images_per_s']:9.1f} img/s  x{r['speedup_vs_reference']:.2f}")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"machine": machine, "args": vars(args), "results": results}, out, indent=2)
+        if "error" in r:
+            print(f"  {r['pair']:20s} {r['variant']:36s} failed")
+        else:
+            speedup = r["speedup_vs_reference"]
+            print(f"  {r['pair']:20s} {r['variant']:36s} {r['images_per_s']:9.1f} img/s  x{speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ experiments with different search spaces concatenate without schema drift.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import types
 import typing
@@ -100,14 +101,19 @@ def method_label(cfg: RunConfig) -> str:
     return "defaults" if weights == PAPER_DEFAULTS else "manual"
 
 
-def versions() -> dict[str, str]:
-    import ray
+def versions() -> dict[str, str | None]:
+    """Versions that made a row. Ray's is read from its metadata: an in-process run needs no Ray (none on
+    a GPU machine without it, where the GPU check runs)."""
     import torch
 
+    try:
+        ray_version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        ray_version = None
     return {
         "cpsc_ray_version": cpsc_ray.__version__,
         "torch_version": torch.__version__,
-        "ray_version": ray.__version__,
+        "ray_version": ray_version,
     }
 
 

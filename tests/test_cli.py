@@ -131,3 +131,26 @@ def test_every_shipped_config_validates():
     for name in names:
         cfg = load_config(name)
         assert cfg.name == name
+
+
+def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
+    """The GPU check runs where Ray is not installed: an in-process run must never import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
+        "from cpsc_ray.config import RunConfig\n"
+        "from cpsc_ray.distill import run_in_process\n"
+        "summary = run_in_process(RunConfig.model_validate_json(sys.argv[1]), progress=False)\n"
+        "print(summary['selected_by']['epoch'] is not None)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, tiny_cfg.model_copy(update={"name": "no-ray"}).model_dump_json()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "True"
+    assert pq.read_table(tmp_path / "runs" / "no-ray" / "metrics.parquet").num_rows == 2
