@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from teacher_zoo import TEACHERS, teacher_weights
 
 from cpsc_ray.config import load_config, with_values
-from cpsc_ray.generators import build_generator
-from cpsc_ray.losses import BNStatisticsPrior
-from cpsc_ray.teacher import load_teacher
+from cpsc_ray.method.generators import build_generator
+from cpsc_ray.method.losses import BNStatisticsPrior
+from cpsc_ray.runs.teacher import load_teacher
 
 
 def gradient_norm(value: torch.Tensor, params: list[torch.Tensor]) -> float:

@@ -27,15 +27,15 @@ import torch
 from torch import nn
 
 from cpsc_ray.config import RunConfig, with_values
-from cpsc_ray.engine import DistillEngine, ImageSpec
-from cpsc_ray.generators import build_generator
-from cpsc_ray.losses import (
+from cpsc_ray.method.engine import DistillEngine, ImageSpec
+from cpsc_ray.method.generators import build_generator
+from cpsc_ray.method.losses import (
     BNStatisticsPrior,
     SynthBatch,
     generator_objective,
     student_objective,
 )
-from cpsc_ray.models import build_model
+from cpsc_ray.method.models import build_model
 
 PAIRS = {"resnet34-resnet18": ("resnet34", "resnet18"), "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2")}
 CLASSES, SIZE = 100, 32

@@ -31,7 +31,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from cpsc_ray.teacher import card_path, train_teacher
+    from cpsc_ray.runs.teacher import card_path, train_teacher
 
     cfg = load_config(args.config, args.overrides)
     path = train_teacher(cfg, out=Path(args.out) if args.out else None)
@@ -43,7 +43,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
     cfg = load_config(args.config, overrides)
     if args.workers:
-        from cpsc_ray.distributed import DistributedRunError, run_distributed
+        from cpsc_ray.cluster.train import DistributedRunError, run_distributed
 
         try:
             summary = run_distributed(
@@ -60,8 +60,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     else:
-        from cpsc_ray.distill import run_in_process
-        from cpsc_ray.engine import DivergenceError
+        from cpsc_ray.runs.distill import run_in_process
+        from cpsc_ray.method.engine import DivergenceError
 
         if args.storage:
             cfg = cfg.model_copy(update={"output_dir": args.storage})
@@ -80,8 +80,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def report_run(summary: dict) -> None:
     """The report of the run just finished, in its run directory when that is local."""
-    from cpsc_ray.report import build_report
-    from cpsc_ray.results import ResultsError
+    from cpsc_ray.results.report import build_report
+    from cpsc_ray.results.records import ResultsError
 
     run_dir = summary["run_dir"]
     storage = run_dir.rsplit("/", 1)[0]
@@ -119,7 +119,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cpsc_ray.tune import TuneOptions, run_tune
+    from cpsc_ray.cluster.tune import TuneOptions, run_tune
 
     options = TuneOptions(
         space=args.space,
@@ -156,7 +156,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from cpsc_ray.finalize import finalize
+    from cpsc_ray.cluster.finalize import finalize
 
     result = finalize(args.experiment, args.seeds, args.storage, args.gpus_per_seed, args.cpus_per_seed)
     print(
@@ -174,8 +174,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cpsc_ray.report import build_report
-    from cpsc_ray.results import ResultsError
+    from cpsc_ray.results.report import build_report
+    from cpsc_ray.results.records import ResultsError
 
     try:
         page = build_report(args.results, args.out, args.experiments)
@@ -187,7 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cpsc_ray.submit import JobServer, SubmitError, entrypoint, runtime_env, trains_in_driver
+    from cpsc_ray.cluster.submit import JobServer, SubmitError, entrypoint, runtime_env, trains_in_driver
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     job_id = args.logs or args.stop or args.status
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiments", nargs="+", metavar="EXP", help="report only these experiments")
     report.set_defaults(func=cmd_report)
 
-    from cpsc_ray.submit import DEFAULT_RUNTIME_ENV, DRIVER_CPUS, default_address
+    from cpsc_ray.cluster.submit import DEFAULT_RUNTIME_ENV, DRIVER_CPUS, default_address
 
     submit = commands.add_parser(
         "submit",

@@ -14,9 +14,9 @@ from conftest import TINY
 from safetensors.torch import load_file
 
 from cpsc_ray.cli import main
-from cpsc_ray.models import build_model
-from cpsc_ray.results import SCHEMA
-from cpsc_ray.run import DistillRun
+from cpsc_ray.method.models import build_model
+from cpsc_ray.results.records import SCHEMA
+from cpsc_ray.runs.run import DistillRun
 
 
 def distill(tmp_path: Path, *extra: str) -> int:
@@ -72,7 +72,7 @@ def test_a_second_run_of_the_same_name_gets_a_new_directory(digits_cfg, tmp_path
     assert distill(tmp_path, "train.epochs=1") == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "results")
     assert len(runs) == 2 and runs[0] == "e2e" and runs[1].startswith("e2e-")
-    from cpsc_ray.results import read_results
+    from cpsc_ray.results.records import read_results
 
     trials = read_results([str(tmp_path / "runs")]).trials
     assert sorted(trials["experiment"]) == runs and set(trials["kind"]) == {"distill"}
@@ -141,7 +141,7 @@ def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
     code = (
         "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
         "from cpsc_ray.config import RunConfig\n"
-        "from cpsc_ray.distill import run_in_process\n"
+        "from cpsc_ray.runs.distill import run_in_process\n"
         "summary = run_in_process(RunConfig.model_validate_json(sys.argv[1]), progress=False)\n"
         "print(summary['selected_by']['epoch'] is not None)\n"
     )

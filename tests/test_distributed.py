@@ -14,7 +14,7 @@ from conftest import TINY
 
 from cpsc_ray.cli import main
 from cpsc_ray.config import RunConfig, with_values
-from cpsc_ray.run import read_checkpoint
+from cpsc_ray.runs.run import read_checkpoint
 from cpsc_ray.storage import Storage
 
 
@@ -22,9 +22,9 @@ def ddp_probe_loop(config: dict) -> None:
     """Runs inside each Ray Train worker: one epoch, then compares what the ranks hold."""
     import ray.train
 
-    from cpsc_ray.distill import prepare_engine
-    from cpsc_ray.engine import noise_seed
-    from cpsc_ray.losses import BNStatisticsPrior, supervised_contrastive
+    from cpsc_ray.runs.distill import prepare_engine
+    from cpsc_ray.method.engine import noise_seed
+    from cpsc_ray.method.losses import BNStatisticsPrior, supervised_contrastive
 
     cfg = RunConfig.model_validate(config["cfg"])
     engine = prepare_engine(cfg, torch.device("cpu")).engine

@@ -13,11 +13,11 @@ import torch
 import torchvision
 from torch import nn
 
-from cpsc_ray import distill
+from cpsc_ray.runs import distill
 from cpsc_ray.config import ConfigError, RunConfig, load_config, with_values
-from cpsc_ray.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
-from cpsc_ray.models import ARCH_VERSIONS, build_model
-from cpsc_ray.teacher import (
+from cpsc_ray.method.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
+from cpsc_ray.method.models import ARCH_VERSIONS, build_model
+from cpsc_ray.runs.teacher import (
     TeacherCard,
     card_path,
     load_teacher,

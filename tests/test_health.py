@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from cpsc_ray.config import with_values
-from cpsc_ray.distill import execute
-from cpsc_ray.health import HealthMonitor
+from cpsc_ray.runs.distill import execute
+from cpsc_ray.runs.health import HealthMonitor
 from cpsc_ray.storage import Storage
 
 
@@ -32,7 +32,7 @@ def test_collapse_is_reported_once_after_it_lasts(tiny_cfg, caplog):
         val_acc=[0.3, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1],
         teacher_pseudo_acc=[0.9] * 7,
     )
-    with caplog.at_level(logging.WARNING, logger="cpsc_ray.health"):
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray.runs.health"):
         found = feed(health, epochs)
     # Epoch 1 is still warm-up; epoch 3 breaks the streak; epochs 4 and 5 make it last.
     assert [epoch for epoch, _ in found] == [5]
@@ -72,7 +72,7 @@ def test_a_run_that_learns_nothing_warns_in_its_summary(tiny_cfg, caplog):
     # Rates so small that neither network moves: the student predicts few classes, the generator's
     # images are noise to the teacher.
     cfg = with_values(tiny_cfg, {"train.epochs": 4, "student.lr": 1e-9, "generator.lr": 1e-9})
-    with caplog.at_level(logging.WARNING, logger="cpsc_ray.health"):
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray.runs.health"):
         summary, history = execute(cfg, Storage(cfg.output_dir).child("stuck"), "stuck", progress=False)
     assert len(summary["warnings"]) == 2, summary["warnings"]
     assert all(w in caplog.text for w in summary["warnings"])
@@ -93,7 +93,7 @@ def test_a_healthy_run_stays_silent(tiny_cfg, caplog):
             "student.warmup_fraction": 0.1,
         },
     )
-    with caplog.at_level(logging.WARNING, logger="cpsc_ray.health"):
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray.runs.health"):
         summary, history = execute(cfg, Storage(cfg.output_dir).child("healthy"), "healthy", progress=False)
     assert summary["last"]["val_acc"] > 0.5 and history[-1]["teacher_pseudo_acc"] > 0.2
-    assert summary["warnings"] == [] and "cpsc_ray.health" not in caplog.text
+    assert summary["warnings"] == [] and "cpsc_ray.runs.health" not in caplog.text

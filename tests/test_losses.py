@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from cpsc_ray.config import LossConfig
-from cpsc_ray.generators import build_generator
-from cpsc_ray.losses import (
+from cpsc_ray.method.generators import build_generator
+from cpsc_ray.method.losses import (
     BNStatisticsPrior,
     ChannelMoments,
     LossTerm,
@@ -23,7 +23,7 @@ from cpsc_ray.losses import (
     student_objective,
     supervised_contrastive,
 )
-from cpsc_ray.models import build_model
+from cpsc_ray.method.models import build_model
 
 S = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
 T = torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.0, 0.0]])

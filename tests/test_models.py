@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cpsc_ray.generators import ConditionalBatchNorm2d, build_generator
-from cpsc_ray.models import MODELS, build_model
+from cpsc_ray.method.generators import ConditionalBatchNorm2d, build_generator
+from cpsc_ray.method.models import MODELS, build_model
 
 FEATURE_DIMS = {
     "resnet18": 512,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpsc_ray.search_space import SearchSpaceError, available_spaces, load_search_space
+from cpsc_ray.cluster.search_space import SearchSpaceError, available_spaces, load_search_space
 
 
 def write(tmp_path, text: str) -> str:

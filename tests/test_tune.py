@@ -14,12 +14,12 @@ from ray.tune import Callback, ExperimentAnalysis
 from safetensors.torch import load_file
 
 from cpsc_ray.config import with_values
-from cpsc_ray.models import build_model
-from cpsc_ray.results import read_results
-from cpsc_ray.run import read_checkpoint, state_digest
-from cpsc_ray.schedules import multistep, warmup_cosine
+from cpsc_ray.method.models import build_model
+from cpsc_ray.results.records import read_results
+from cpsc_ray.runs.run import read_checkpoint, state_digest
+from cpsc_ray.method.schedules import multistep, warmup_cosine
 from cpsc_ray.storage import Storage
-from cpsc_ray.tune import TuneOptions, run_tune
+from cpsc_ray.cluster.tune import TuneOptions, run_tune
 
 SPACES = Path(__file__).parent / "spaces"
 
@@ -199,7 +199,7 @@ def test_pb2_exploits_and_explores(ray_local, digits_cfg, tmp_path):
 
 
 def test_finalize_replays_the_winners_schedule_over_seeds_and_exports_it(pbt_experiment):
-    from cpsc_ray.finalize import finalize
+    from cpsc_ray.cluster.finalize import finalize
 
     result = finalize("pbt", seeds=2, storage=str(pbt_experiment))
     tuned = read_results([str(pbt_experiment)], experiments=["pbt"])

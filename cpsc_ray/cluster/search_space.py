@@ -104,7 +104,7 @@ def search_space_dirs() -> list[Path]:
     beside the package's source (editable installs), then the copy a wheel installs in the package."""
     candidates = [
         Path.cwd() / "search_spaces",
-        Path(__file__).resolve().parent.parent / "search_spaces",
+        Path(__file__).resolve().parents[2] / "search_spaces",
         Path(str(importlib.resources.files("cpsc_ray"))) / "search_spaces",
     ]
     return [d for i, d in enumerate(candidates) if d.is_dir() and d not in candidates[:i]]

@@ -20,16 +20,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cpsc_ray.config import RunConfig
-from cpsc_ray.generators import build_generator
-from cpsc_ray.losses import (
+from cpsc_ray.method.generators import build_generator
+from cpsc_ray.method.losses import (
     BNStatisticsPrior,
     SynthBatch,
     WeightedSum,
     generator_objective,
     student_objective,
 )
-from cpsc_ray.models import build_model
-from cpsc_ray.schedules import multistep, warmup_cosine
+from cpsc_ray.method.models import build_model
+from cpsc_ray.method.schedules import multistep, warmup_cosine
 
 GENERATOR_TERMS = ("kd", "ikd", "bn", "scl", "ce")
 STUDENT_TERMS = ("kd", "ikd", "ce")

@@ -34,10 +34,10 @@ from ray import tune
 from ray.tune import Checkpoint
 
 from cpsc_ray.config import ConfigError, RunConfig, flatten, with_values
-from cpsc_ray.distill import ensure_teacher, new_run_name, prepare_engine
-from cpsc_ray.engine import DivergenceError
-from cpsc_ray.results import collect_experiment, read_results
-from cpsc_ray.run import (
+from cpsc_ray.runs.distill import ensure_teacher, new_run_name, prepare_engine
+from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.results.records import collect_experiment, read_results
+from cpsc_ray.runs.run import (
     DistillRun,
     checkpoint_files,
     read_checkpoint,
@@ -45,7 +45,7 @@ from cpsc_ray.run import (
     restore_engine,
     write_checkpoint_dir,
 )
-from cpsc_ray.search_space import SearchSpace, load_search_space
+from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
 from cpsc_ray.storage import Storage
 
 WORST_SCORE = -1.0  # below every accuracy: a diverged trial ranks last and PBT replaces it
@@ -228,7 +228,7 @@ def _trial_in_rounds(cfg: RunConfig, setup: dict, trial_id: str, outputs: Storag
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train.torch import TorchTrainer
 
-    from cpsc_ray.distributed import scaling, train_loop_per_worker
+    from cpsc_ray.cluster.train import scaling, train_loop_per_worker
 
     # Rounds of several trials can be ready at once; a round's worker group then waits for its turn
     # instead of failing at Train's 60 s start timeout (the variable reaches Train's controller).
@@ -470,7 +470,7 @@ def _fitting_concurrency(options: TuneOptions) -> int:
 
 def _resolve_teacher(cfg: RunConfig, options: TuneOptions) -> RunConfig:
     """Resolve (train if needed) the teacher and make its probe set once, before trials start."""
-    from cpsc_ray.distributed import on_worker_resources, prepare_probe
+    from cpsc_ray.cluster.train import on_worker_resources, prepare_probe
 
     cfg = on_worker_resources(options.gpus_per_worker, ensure_teacher, cfg, False)
     on_worker_resources(options.gpus_per_worker, prepare_probe, cfg)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.models import register_model
+from cpsc_ray.method.models import register_model
 
 # Convolution widths per stage (the zoo's configurations "S" and "A").
 STAGES = {

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load
 
 from cpsc_ray.config import ConfigError, RunConfig, with_values
-from cpsc_ray.distill import execute, new_run_name
-from cpsc_ray.engine import DivergenceError
-from cpsc_ray.models import build_model
-from cpsc_ray.results import best_trial, publish, read_results
+from cpsc_ray.runs.distill import execute, new_run_name
+from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.method.models import build_model
+from cpsc_ray.results.records import best_trial, publish, read_results
 from cpsc_ray.storage import Storage
 
 Schedule = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)

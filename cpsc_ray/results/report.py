@@ -31,9 +31,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from cpsc_ray import plots
-from cpsc_ray.finalize import replay_schedule
-from cpsc_ray.results import Results, ResultsError, best_trial, read_results
+from cpsc_ray.results import plots
+from cpsc_ray.cluster.finalize import replay_schedule
+from cpsc_ray.results.records import Results, ResultsError, best_trial, read_results
 from cpsc_ray.storage import Storage
 
 PAIR = ["dataset", "teacher", "student"]

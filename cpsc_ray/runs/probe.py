@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpsc_ray.config import EvalConfig
-from cpsc_ray.losses import BNStatisticsPrior
+from cpsc_ray.method.losses import BNStatisticsPrior
 from cpsc_ray.storage import Storage
 
 if TYPE_CHECKING:
-    from cpsc_ray.teacher import Teacher
+    from cpsc_ray.runs.teacher import Teacher
 
 PROBE_BATCH = 256
 PROBE_SEED = 0

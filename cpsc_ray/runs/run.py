@@ -26,10 +26,10 @@ from safetensors.torch import save
 from torchvision.utils import make_grid, save_image
 
 from cpsc_ray.config import ConfigError, RunConfig, to_yaml
-from cpsc_ray.engine import DistillEngine, DivergenceError
-from cpsc_ray.evaluation import METRIC_OF_SET
-from cpsc_ray.health import HealthMonitor
-from cpsc_ray.results import EVAL_METRICS, config_row, epoch_table, versions
+from cpsc_ray.method.engine import DistillEngine, DivergenceError
+from cpsc_ray.runs.evaluation import METRIC_OF_SET
+from cpsc_ray.runs.health import HealthMonitor
+from cpsc_ray.results.records import EVAL_METRICS, config_row, epoch_table, versions
 from cpsc_ray.storage import Storage
 
 STATE_FILE = "state.pt"
@@ -211,7 +211,7 @@ class DistillRun:
             "dataset": self.identity.get("dataset"),
             "teacher": self.identity.get("teacher"),
             "selected_by": chosen,
-            "builder": "cpsc_ray.models:build_model (or any CIFAR-style implementation of the same arch)",
+            "builder": "cpsc_ray.method.models:build_model (or any CIFAR-style implementation of the same arch)",
         }
 
     def write_last_checkpoint(self) -> None:

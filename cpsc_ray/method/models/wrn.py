@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.models import register_model
+from cpsc_ray.method.models import register_model
 
 
 class PreActBlock(nn.Module):

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig
 from cpsc_ray.data import DatasetInfo, dataset_info, load_splits
-from cpsc_ray.evaluation import materialize, top1
-from cpsc_ray.models import ARCH_VERSIONS, MODELS, ZOO_KEYS, build_model
+from cpsc_ray.runs.evaluation import materialize, top1
+from cpsc_ray.method.models import ARCH_VERSIONS, MODELS, ZOO_KEYS, build_model
 from cpsc_ray.storage import Storage
 
 WEIGHTS_NAME = "teacher.safetensors"

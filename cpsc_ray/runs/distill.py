@@ -13,12 +13,12 @@ from tqdm import tqdm
 
 from cpsc_ray.config import ConfigError, RunConfig, to_yaml, validate_tree
 from cpsc_ray.data import dataset_info
-from cpsc_ray.engine import DistillEngine, ImageSpec, pick_device
-from cpsc_ray.evaluation import build_eval_sets, selection_metric, top1
-from cpsc_ray.results import method_label, publish
-from cpsc_ray.run import LAST, META_FILE, DistillRun, read_checkpoint, restore_engine
+from cpsc_ray.method.engine import DistillEngine, ImageSpec, pick_device
+from cpsc_ray.runs.evaluation import build_eval_sets, selection_metric, top1
+from cpsc_ray.results.records import method_label, publish
+from cpsc_ray.runs.run import LAST, META_FILE, DistillRun, read_checkpoint, restore_engine
 from cpsc_ray.storage import Storage
-from cpsc_ray.teacher import load_teacher, resolve_weights, train_teacher, weights_exist
+from cpsc_ray.runs.teacher import load_teacher, resolve_weights, train_teacher, weights_exist
 
 
 def ensure_teacher(cfg: RunConfig, progress: bool = True) -> RunConfig:

@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cpsc_ray.config import RunConfig
 from cpsc_ray.data import load_splits
-from cpsc_ray.engine import EvalSet
-from cpsc_ray.probe import load_or_make_probe
+from cpsc_ray.method.engine import EvalSet
+from cpsc_ray.runs.probe import load_or_make_probe
 
 if TYPE_CHECKING:
-    from cpsc_ray.teacher import Teacher
+    from cpsc_ray.runs.teacher import Teacher
 
 METRIC_OF_SET = {"val": "val_acc", "proxy": "proxy", "test": "test_acc"}
 

@@ -30,7 +30,7 @@ def register_model(
 
 
 # Importing the modules registers their models.
-from cpsc_ray.models import digits, resnet, vgg, wrn  # noqa: E402,F401
+from cpsc_ray.method.models import digits, resnet, vgg, wrn  # noqa: E402,F401
 
 
 def build_model(name: str, num_classes: int, channels: int = 3, **kwargs) -> nn.Module:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 import cpsc_ray
 from cpsc_ray.config import RunConfig, flatten
-from cpsc_ray.engine import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
+from cpsc_ray.method.engine import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 from cpsc_ray.storage import Storage
 
 if TYPE_CHECKING:
