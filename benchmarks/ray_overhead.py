@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from cpsc_ray.cluster.train import run_distributed
 from cpsc_ray.config import load_config
 from cpsc_ray.runs.distill import run_in_process
-from cpsc_ray.cluster.train import run_distributed
 
 
 def main() -> None:

@@ -26,12 +26,12 @@ from pathlib import Path
 import ray
 import torch
 
-from cpsc_ray.config import load_config
-from cpsc_ray.runs.distill import run_in_process
 from cpsc_ray.cluster.finalize import finalize, select
-from cpsc_ray.results.records import ResultsError, read_results
-from cpsc_ray.storage import Storage
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
+from cpsc_ray.config import load_config
+from cpsc_ray.results.records import ResultsError, read_results
+from cpsc_ray.runs.distill import run_in_process
+from cpsc_ray.storage import Storage
 
 METHODS = {
     "random": dict(space="digits_optuna", search="random", scheduler="fifo", num_samples=200),

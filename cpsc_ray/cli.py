@@ -60,8 +60,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     else:
-        from cpsc_ray.runs.distill import run_in_process
         from cpsc_ray.method.engine import DivergenceError
+        from cpsc_ray.runs.distill import run_in_process
 
         if args.storage:
             cfg = cfg.model_copy(update={"output_dir": args.storage})
@@ -80,8 +80,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def report_run(summary: dict) -> None:
     """The report of the run just finished, in its run directory when that is local."""
-    from cpsc_ray.results.report import build_report
     from cpsc_ray.results.records import ResultsError
+    from cpsc_ray.results.report import build_report
 
     run_dir = summary["run_dir"]
     storage = run_dir.rsplit("/", 1)[0]
@@ -174,8 +174,8 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cpsc_ray.results.report import build_report
     from cpsc_ray.results.records import ResultsError
+    from cpsc_ray.results.report import build_report
 
     try:
         page = build_report(args.results, args.out, args.experiments)

@@ -22,9 +22,9 @@ def ddp_probe_loop(config: dict) -> None:
     """Runs inside each Ray Train worker: one epoch, then compares what the ranks hold."""
     import ray.train
 
-    from cpsc_ray.runs.distill import prepare_engine
     from cpsc_ray.method.engine import noise_seed
     from cpsc_ray.method.losses import BNStatisticsPrior, supervised_contrastive
+    from cpsc_ray.runs.distill import prepare_engine
 
     cfg = RunConfig.model_validate(config["cfg"])
     engine = prepare_engine(cfg, torch.device("cpu")).engine

@@ -13,10 +13,10 @@ import torch
 import torchvision
 from torch import nn
 
-from cpsc_ray.runs import distill
 from cpsc_ray.config import ConfigError, RunConfig, load_config, with_values
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.method.models import ARCH_VERSIONS, build_model
+from cpsc_ray.runs import distill
 from cpsc_ray.runs.teacher import (
     TeacherCard,
     card_path,

@@ -9,11 +9,11 @@ import torch
 
 from cpsc_ray.cli import main
 from cpsc_ray.config import ConfigError, load_config, with_values
-from cpsc_ray.runs.distill import prepare_engine
 from cpsc_ray.method.models import build_model
+from cpsc_ray.runs.distill import prepare_engine
 from cpsc_ray.runs.run import CheckpointError, read_checkpoint
-from cpsc_ray.storage import Storage
 from cpsc_ray.runs.teacher import load_teacher
+from cpsc_ray.storage import Storage
 
 
 def error_of(fn, *args) -> str:

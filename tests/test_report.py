@@ -19,12 +19,12 @@ import torch
 from conftest import TINY
 
 from cpsc_ray.cli import main
-from cpsc_ray.config import load_config, with_values
-from cpsc_ray.runs.distill import ensure_teacher, run_in_process
 from cpsc_ray.cluster.finalize import finalize
-from cpsc_ray.results.report import build_report, clones
-from cpsc_ray.results.records import ResultsError, epoch_table, read_results
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
+from cpsc_ray.config import load_config, with_values
+from cpsc_ray.results.records import ResultsError, epoch_table, read_results
+from cpsc_ray.results.report import build_report, clones
+from cpsc_ray.runs.distill import ensure_teacher, run_in_process
 
 CALM = str(Path(__file__).parent / "spaces" / "calm_pbt.yaml")
 PNG = b"\x89PNG\r\n\x1a\n"

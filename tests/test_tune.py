@@ -13,13 +13,13 @@ import torch
 from ray.tune import Callback, ExperimentAnalysis
 from safetensors.torch import load_file
 
+from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import with_values
 from cpsc_ray.method.models import build_model
+from cpsc_ray.method.schedules import multistep, warmup_cosine
 from cpsc_ray.results.records import read_results
 from cpsc_ray.runs.run import read_checkpoint, state_digest
-from cpsc_ray.method.schedules import multistep, warmup_cosine
 from cpsc_ray.storage import Storage
-from cpsc_ray.cluster.tune import TuneOptions, run_tune
 
 SPACES = Path(__file__).parent / "spaces"
 

@@ -10,7 +10,6 @@ of the trials whose state it inherited, each from the epoch it took effect.
 from __future__ import annotations
 
 import io
-import json
 import statistics
 from typing import Any
 
@@ -20,28 +19,13 @@ import torch
 from safetensors.torch import load
 
 from cpsc_ray.config import ConfigError, RunConfig, with_values
-from cpsc_ray.runs.distill import execute, new_run_name
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.models import build_model
-from cpsc_ray.results.records import best_trial, publish, read_results
+from cpsc_ray.results.records import best_trial, config_values, publish, read_results
+from cpsc_ray.runs.distill import execute, new_run_name
 from cpsc_ray.storage import Storage
 
 Schedule = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)
-
-
-def _row_config(row: pd.Series) -> dict[str, Any]:
-    values = {}
-    for column, value in row.items():
-        if not column.startswith("config/"):
-            continue
-        if isinstance(value, str) and value[:1] in "[{":
-            value = json.loads(value)
-        elif value is not None and value != value:  # NaN stands for None in pandas
-            value = None
-        elif hasattr(value, "item"):
-            value = value.item()
-        values[column.removeprefix("config/")] = value
-    return values
 
 
 def replay_schedule(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, until: int) -> Schedule:
@@ -55,7 +39,7 @@ def replay_schedule(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, 
         start = int(clone.epoch) + 1
     own = epochs[(epochs.trial_id == trial_id) & (epochs.epoch >= start) & (epochs.epoch <= until)].sort_values("epoch")
     for _, row in own.iterrows():
-        config = _row_config(row)
+        config = config_values(row)
         if not schedule or schedule[-1][1] != config:
             schedule.append((int(row.epoch), config))
     return schedule

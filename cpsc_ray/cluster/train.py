@@ -21,10 +21,10 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cpsc_ray.config import ConfigError, RunConfig
-from cpsc_ray.runs.distill import ensure_teacher, open_run, prepare_engine
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.results.records import publish
+from cpsc_ray.runs.distill import ensure_teacher, open_run, prepare_engine
+from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import (
     DistillRun,
     checkpoint_files,
@@ -33,8 +33,8 @@ from cpsc_ray.runs.run import (
     restore_engine,
     write_checkpoint_dir,
 )
-from cpsc_ray.storage import Storage
 from cpsc_ray.runs.teacher import load_teacher
+from cpsc_ray.storage import Storage
 
 FAULT_MARKER = ".fault-injected"
 

@@ -33,10 +33,11 @@ import torch
 from ray import tune
 from ray.tune import Checkpoint
 
+from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
 from cpsc_ray.config import ConfigError, RunConfig, flatten, with_values
-from cpsc_ray.runs.distill import ensure_teacher, new_run_name, prepare_engine
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.results.records import collect_experiment, read_results
+from cpsc_ray.results.records import collect_experiment, config_values, latest, read_results
+from cpsc_ray.runs.distill import ensure_teacher, new_run_name, prepare_engine
 from cpsc_ray.runs.run import (
     DistillRun,
     checkpoint_files,
@@ -45,7 +46,6 @@ from cpsc_ray.runs.run import (
     restore_engine,
     write_checkpoint_dir,
 )
-from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
 from cpsc_ray.storage import Storage
 
 WORST_SCORE = -1.0  # below every accuracy: a diverged trial ranks last and PBT replaces it
@@ -275,7 +275,7 @@ def _trial_in_rounds(cfg: RunConfig, setup: dict, trial_id: str, outputs: Storag
             _report_diverged({**history[-1], "epoch_images": spent}, setup, cfg)
             return
         state_uri = rounds.uri(name, Path(result.checkpoint.path).name)
-        score = next((r[setup["metric"]] for r in reversed(history) if r[setup["metric"]] is not None), None)
+        score = latest(history, setup["metric"])
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, POINTER).write_text(json.dumps({"state": state_uri}))
             tune.report(tune_metrics(history[-1], score, spent), checkpoint=Checkpoint.from_directory(directory))
@@ -354,15 +354,8 @@ def seed_configs(storage: Storage, experiment: str, space: SearchSpace, populati
     ranked = trials.sort_values("score", ascending=False).head(population)
     searched = json.loads(storage.read_text(f"{experiment}/cpsc/setup.json"))["searched_keys"]
     keys = sorted(set(searched) | set(space.params))
-    configs = [{k: _column_value(row, k) for k in keys} for _, row in ranked.iterrows()]
+    configs = [{k: v for k, v in config_values(row).items() if k in keys} for _, row in ranked.iterrows()]
     return [configs[i % len(configs)] for i in range(population)]
-
-
-def _column_value(row, key: str) -> Any:
-    value = row[f"config/{key}"]
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return None if value != value else value.item() if hasattr(value, "item") else value  # NaN -> None
 
 
 def run_tune(

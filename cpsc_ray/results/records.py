@@ -10,9 +10,11 @@ import importlib.metadata
 import json
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
@@ -118,10 +120,30 @@ def versions() -> dict[str, str | None]:
 
 
 def config_row(cfg: RunConfig) -> dict[str, Any]:
+    """A config as ``config/<dotted key>`` columns; lists and dicts as JSON text (``config_values`` reverses it)."""
     row = {}
     for key, value in flatten(cfg).items():
         row[f"config/{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
     return row
+
+
+def plain(value: Any) -> Any:
+    """A Parquet cell as a plain Python value: missing (None, NaN) -> None, JSON text -> list or dict."""
+    if isinstance(value, str):
+        return json.loads(value) if value[:1] in "[{" else value
+    if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def config_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted config values of a results row (a dict or a pandas row): ``config_row`` reversed."""
+    return {c.removeprefix("config/"): plain(v) for c, v in row.items() if c.startswith("config/")}
+
+
+def latest(rows: Iterable[Mapping[str, Any]], metric: str) -> Any:
+    """The last non-null value of ``metric`` in rows given in epoch order, or None."""
+    return next((r[metric] for r in reversed(list(rows)) if r.get(metric) is not None), None)
 
 
 def epoch_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -189,9 +211,6 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[metric] for r in rows if r.get(metric) is not None]
         return max(values) if values else None
 
-    def latest(metric: str) -> float | None:
-        return next((r[metric] for r in reversed(rows) if r.get(metric) is not None), None)
-
     summary = {k: last.get(k) for k in IDENTITY}
     summary.update(
         score=best[selection] if best else None,
@@ -202,11 +221,11 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
         wall_s=last.get("wall_s"),
         diverged=any(bool(r.get("diverged")) for r in rows),
         best_val_acc=extreme("val_acc"),
-        last_val_acc=latest("val_acc"),
+        last_val_acc=latest(rows, "val_acc"),
         best_proxy=extreme("proxy"),
-        last_proxy=latest("proxy"),
+        last_proxy=latest(rows, "proxy"),
         test_at_best=best.get("test_acc") if best else None,
-        last_test_acc=latest("test_acc"),
+        last_test_acc=latest(rows, "test_acc"),
     )
     summary.update({k: v for k, v in last.items() if k.startswith("config/") or k in VERSIONS})
     return summary

@@ -31,9 +31,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from cpsc_ray.results import plots
 from cpsc_ray.cluster.finalize import replay_schedule
-from cpsc_ray.results.records import Results, ResultsError, best_trial, read_results
+from cpsc_ray.results import plots
+from cpsc_ray.results.records import Results, ResultsError, best_trial, config_values, read_results
 from cpsc_ray.storage import Storage
 
 PAIR = ["dataset", "teacher", "student"]
@@ -155,19 +155,6 @@ def load(locations: list[str], experiments: list[str] | None = None) -> Results:
     return results
 
 
-def plain(value: Any) -> Any:
-    """A Parquet cell as a plain Python value: missing -> None, JSON text -> list or dict."""
-    if isinstance(value, str):
-        return json.loads(value) if value[:1] in "[{" else value
-    if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)):
-        return None
-    return value.item() if hasattr(value, "item") else value
-
-
-def config_of(row: pd.Series) -> dict[str, Any]:
-    return {c.removeprefix("config/"): plain(v) for c, v in row.items() if c.startswith("config/")}
-
-
 # ----- the comparison table -------------------------------------------------------------------------
 def summarize(results: Results) -> list[Entry]:
     entries: list[Entry] = []
@@ -209,7 +196,7 @@ def configs_at_best_epoch(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.Data
 def _distill_entries(identity: dict[str, Any], runs: pd.DataFrame, keys: list[str]) -> Iterator[Entry]:
     signature = pd.Series(
         [
-            json.dumps({k: v for k, v in config_of(r).items() if k not in RUN_KEYS}, sort_keys=True, default=str)
+            json.dumps({k: v for k, v in config_values(r).items() if k not in RUN_KEYS}, sort_keys=True, default=str)
             for _, r in runs.iterrows()
         ],
         index=runs.index,
@@ -224,7 +211,7 @@ def _distill_entries(identity: dict[str, Any], runs: pd.DataFrame, keys: list[st
                 identity,
                 group[~group.diverged.astype(bool)],
                 group,
-                config_of(group.iloc[0]),
+                config_values(group.iloc[0]),
                 keys,
                 kind="distill",
                 method=group.method.iloc[0],
@@ -314,7 +301,7 @@ def _tuned_entries(
 
 
 def _config(configs: pd.DataFrame, experiment: str, trial_id: str) -> dict[str, Any]:
-    return config_of(configs.loc[(experiment, trial_id)])
+    return config_values(configs.loc[(experiment, trial_id)])
 
 
 def _mean_sd(values: pd.Series) -> tuple[float | None, float | None]:

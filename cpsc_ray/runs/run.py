@@ -29,7 +29,7 @@ from cpsc_ray.config import ConfigError, RunConfig, to_yaml
 from cpsc_ray.method.engine import DistillEngine, DivergenceError
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor
-from cpsc_ray.results.records import EVAL_METRICS, config_row, epoch_table, versions
+from cpsc_ray.results.records import EVAL_METRICS, config_row, epoch_table, latest, versions
 from cpsc_ray.storage import Storage
 
 STATE_FILE = "state.pt"
@@ -122,7 +122,7 @@ class DistillRun:
         self._wall_before = meta["wall_s"]
 
     def last_score(self) -> float | None:
-        return next((r[self.selection] for r in reversed(self.history) if r.get(self.selection) is not None), None)
+        return latest(self.history, self.selection)
 
     @property
     def cfg(self) -> RunConfig:
