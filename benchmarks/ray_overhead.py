@@ -21,7 +21,7 @@ import torch
 
 from cpsc_ray.cluster.train import run_distributed
 from cpsc_ray.config import load_config
-from cpsc_ray.runs.distill import run_in_process
+from cpsc_ray.runs.in_process import run_in_process
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # zoo_teachers, for teacher.buil
 
 from cpsc_ray.config import load_config, with_values  # noqa: E402
 from cpsc_ray.method.engine import DivergenceError  # noqa: E402
-from cpsc_ray.runs.distill import run_in_process  # noqa: E402
+from cpsc_ray.runs.in_process import run_in_process  # noqa: E402
 from cpsc_ray.runs.teacher import WEIGHTS_NAME, card_path, train_teacher  # noqa: E402
 
 # name -> the teacher config fields that select it

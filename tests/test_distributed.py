@@ -14,7 +14,7 @@ from conftest import TINY
 
 from cpsc_ray.cli import main
 from cpsc_ray.config import RunConfig, with_values
-from cpsc_ray.runs.run import read_checkpoint
+from cpsc_ray.runs.checkpoints import read_checkpoint
 from cpsc_ray.storage import Storage
 
 
@@ -24,7 +24,7 @@ def ddp_probe_loop(config: dict) -> None:
 
     from cpsc_ray.method.engine import noise_seed
     from cpsc_ray.method.losses import BNStatisticsPrior, supervised_contrastive
-    from cpsc_ray.runs.distill import prepare_engine
+    from cpsc_ray.runs.setup import prepare_engine
 
     cfg = RunConfig.model_validate(config["cfg"])
     engine = prepare_engine(cfg, torch.device("cpu")).engine

@@ -16,7 +16,7 @@ from torch import nn
 from cpsc_ray.config import ConfigError, RunConfig, load_config, with_values
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.method.models import ARCH_VERSIONS, build_model
-from cpsc_ray.runs import distill
+from cpsc_ray.runs import setup as run_setup
 from cpsc_ray.runs.teacher import (
     TeacherCard,
     card_path,
@@ -65,8 +65,8 @@ def test_teacher_cached_under_an_older_arch_version_is_not_reused(tmp_path, monk
 
     assert resolve_weights(cfg) != str(stale) and not weights_exist(resolve_weights(cfg))
     trained = []
-    monkeypatch.setattr(distill, "train_teacher", lambda cfg, progress: trained.append(cfg))
-    distill.ensure_teacher(cfg, progress=False)
+    monkeypatch.setattr(run_setup, "train_teacher", lambda cfg, progress: trained.append(cfg))
+    run_setup.ensure_teacher(cfg, progress=False)
     assert trained, "teacher.weights=auto must train the current version, not reuse the stale one"
 
     with pytest.raises(ConfigError, match="vgg11_bn version 1, but vgg11_bn is now version 2") as info:

@@ -18,31 +18,15 @@ import ray
 import torch
 from safetensors.torch import load
 
+from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.config import ConfigError, RunConfig, with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.models import build_model
-from cpsc_ray.results.records import best_trial, config_values, publish, read_results
-from cpsc_ray.runs.distill import execute, new_run_name
+from cpsc_ray.results.lineage import Schedule, replay_schedule
+from cpsc_ray.results.store import best_trial, publish, read_results
+from cpsc_ray.runs.in_process import execute
+from cpsc_ray.runs.setup import RunRole, new_run_name
 from cpsc_ray.storage import Storage
-
-Schedule = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)
-
-
-def replay_schedule(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, until: int) -> Schedule:
-    """The config in effect at every epoch 1..until of the state ``trial_id`` holds at ``until``."""
-    clones = lineage[(lineage.trial_id == trial_id) & (lineage.epoch < until)].sort_values("epoch")
-    start = 1
-    schedule: Schedule = []
-    if not clones.empty:
-        clone = clones.iloc[-1]
-        schedule = replay_schedule(epochs, lineage, clone.source_trial_id, int(clone.epoch))
-        start = int(clone.epoch) + 1
-    own = epochs[(epochs.trial_id == trial_id) & (epochs.epoch >= start) & (epochs.epoch <= until)].sort_values("epoch")
-    for _, row in own.iterrows():
-        config = config_values(row)
-        if not schedule or schedule[-1][1] != config:
-            schedule.append((int(row.epoch), config))
-    return schedule
 
 
 def select(root: Storage, experiment: str) -> tuple[pd.Series, Schedule]:
@@ -70,10 +54,8 @@ def _finalize_seed(configs: list[tuple[int, RunConfig]], outputs: str, final: st
             storage,
             final,
             progress=False,
-            schedule=configs,
-            kind="finalize",
-            trial_id=trial_id,
-            method=method,
+            schedule=dict(configs[1:]),
+            role=RunRole(kind="finalize", trial_id=trial_id, method=method),
         )
     except DivergenceError:
         return None, storage.read_parquet("metrics.parquet").to_pylist()
@@ -98,12 +80,8 @@ def finalize(
     experiment: str, seeds: int, storage: str | None = None, gpus: float = 0.0, cpus: float = 1.0
 ) -> dict[str, Any]:
     root = Storage(storage or ".")
-    if not root.exists(f"{experiment}/cpsc/setup.json"):
-        raise ConfigError(
-            f"finalize {experiment}: no tuning experiment of that name under {root.uri()} (give --storage)"
-        )
-    setup = root.read_json(f"{experiment}/cpsc/setup.json")
-    base = RunConfig.model_validate(setup["base"])
+    setup = TuneSetup.read(root, experiment)
+    base = RunConfig.model_validate(setup.base)
     winner, schedule = select(root, experiment)
     final = new_run_name(root, f"{experiment}-final")
     if not ray.is_initialized():
@@ -115,7 +93,7 @@ def finalize(
             root.uri(final, f"seed{k}"),
             final,
             f"seed{k}",
-            setup["method"],
+            setup.method,
         )
         for k in range(seeds)
     ]

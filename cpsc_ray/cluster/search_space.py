@@ -21,21 +21,17 @@ import yaml
 from ray import tune
 
 from cpsc_ray.config import ConfigError, RunConfig, flatten
+from cpsc_ray.method.engine import MODEL_SHAPING_KEYS
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 
-# Keys that shape the models, the data or the teacher: a running trial cannot take a new value.
+# Keys a running trial cannot take a new value for: what shapes the models (the engine's list), the
+# data, the teacher, the budget and the run's identity.
 FIXED_DURING_RUN = (
+    *MODEL_SHAPING_KEYS,
     "data.",
     "teacher.",
     "teacher_training.",
-    "student.arch",
-    "student.kwargs",
-    "generator.kind",
-    "generator.arch",
-    "generator.nz",
-    "generator.ngf",
-    "loss.train_projection_head",
     "train.epochs",
     "train.iterations_per_epoch",
     "train.batch_size",
@@ -100,12 +96,11 @@ class SearchSpace:
 
 
 def search_space_dirs() -> list[Path]:
-    """The working directory's search_spaces/ (a checkout, a `ray job submit` working dir), the one
-    beside the package's source (editable installs), then the copy a wheel installs in the package."""
+    """The working directory's search_spaces/ (a checkout, a `ray job submit` working dir), then the package's
+    own: in a checkout a symlink to the top-level folder, in an installed wheel its copy."""
     candidates = [
-        Path.cwd() / "search_spaces",
-        Path(__file__).resolve().parents[2] / "search_spaces",
-        Path(str(importlib.resources.files("cpsc_ray"))) / "search_spaces",
+        (Path.cwd() / "search_spaces").resolve(),
+        (Path(str(importlib.resources.files("cpsc_ray"))) / "search_spaces").resolve(),
     ]
     return [d for i, d in enumerate(candidates) if d.is_dir() and d not in candidates[:i]]
 

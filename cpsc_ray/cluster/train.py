@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,13 @@ from ray.train.torch import TorchTrainer
 
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.results.records import publish
-from cpsc_ray.runs.distill import ensure_teacher, open_run, prepare_engine
+from cpsc_ray.results.store import publish
+from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
+from cpsc_ray.runs.lineage import Exploit
+from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
-from cpsc_ray.runs.run import (
-    DistillRun,
-    checkpoint_files,
-    read_checkpoint,
-    record_exploit,
-    restore_engine,
-    write_checkpoint_dir,
-)
+from cpsc_ray.runs.run import DistillRun
+from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 
@@ -54,63 +51,73 @@ def inject_fault_once(outputs: Storage, epoch: int, fault_epoch: int | None, ran
     os._exit(1)
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Every worker runs this. ``loop`` holds the config and where outputs go; for a round of a
-    multi-worker tuning trial also ``start_state`` (a checkpoint to start from), ``stop_epoch`` and
-    ``exploit`` (the PBT clone to record once restored)."""
-    cfg = RunConfig.model_validate(loop["config"])
+@dataclass(frozen=True)
+class WorkerLoop:
+    """What every worker of a Ray Train run needs: the config, where outputs go, the run's role, and for a
+    round of a multi-worker tuning trial the state to start from, the epoch to stop at, the checkpoint
+    interval and whether the round ends the run."""
+
+    config: dict[str, Any]
+    outputs: str
+    role: RunRole
+    fault_epoch: int | None = None
+    start_state: str | None = None
+    exploit: Exploit | None = None
+    stop_epoch: int | None = None
+    checkpoint_every: int | None = None
+    keep_best: bool = True
+
+
+class TrainReporter(Reporter):
+    """Reports every epoch to Ray Train; rank 0 attaches the checkpoint when one is due."""
+
+    def __init__(self, loop: WorkerLoop, outputs: Storage, rank: int):
+        self.loop, self.outputs, self.rank = loop, outputs, rank
+
+    def before_epoch(self, run: DistillRun, epoch: int) -> None:
+        inject_fault_once(self.outputs, epoch, self.loop.fault_epoch, self.rank)
+
+    def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
+        if not checkpoint_due:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            if self.rank == 0:
+                write_checkpoint_dir(Path(directory), run.checkpoint_files())
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def diverged(self, run: DistillRun, row: dict[str, Any], error: DivergenceError) -> None:
+        """Rank 0 has recorded the diverged epoch; the driver reads it from the metrics."""
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Every worker runs this; ``config["loop"]`` is the run's WorkerLoop."""
+    loop: WorkerLoop = config["loop"]
+    cfg = RunConfig.model_validate(loop.config)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    prepared = prepare_engine(
-        cfg,
-        device,
-        kind=loop["kind"],
-        trial_id=loop["trial_id"],
-        experiment=loop["experiment"],
-        method=loop.get("method"),
-    )
-    engine = prepared.engine
-    outputs = Storage(loop["outputs"])
-    run = DistillRun(
-        engine,
-        prepared.identity,
-        outputs if rank == 0 else None,
-        loop.get("selection") or prepared.selection,
-        keep_best=loop.get("keep_best", True),
-    )
+    prepared = prepare_engine(cfg, device, loop.role)
+    outputs = Storage(loop.outputs)
+    run = DistillRun(prepared.engine, prepared.identity, outputs if rank == 0 else None, keep_best=loop.keep_best)
+    start = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a worker failure
         with checkpoint.as_directory() as directory:
-            state, meta = read_checkpoint(Storage(directory))
-        restore_engine(engine, state, checkpoint.path)
-        run.resume_from(meta)
-    elif loop.get("start_state"):
-        state, meta = read_checkpoint(Storage(loop["start_state"]))
-        restore_engine(engine, state, loop["start_state"])
-        run.resume_from(meta)
-        if loop.get("exploit") and rank == 0:
-            record_exploit(outputs, engine, loop["exploit"])
-    stop_epoch = loop.get("stop_epoch") or cfg.train.epochs
-    while engine.epoch < stop_epoch:
-        inject_fault_once(outputs, engine.epoch + 1, loop.get("fault_epoch"), rank)
-        try:
-            row = run.run_epoch()
-        except DivergenceError:
-            return  # rank 0 has recorded the diverged epoch; nothing more to learn from this run
-        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
-        if run.checkpoint_due() or engine.epoch == stop_epoch:
-            with tempfile.TemporaryDirectory() as directory:
-                if rank == 0:
-                    write_checkpoint_dir(Path(directory), checkpoint_files(engine, run.meta()))
-                ray.train.report(
-                    metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-                )
-        else:
-            ray.train.report(metrics)
-    if rank == 0 and run.done and loop["kind"] == "distill":
-        run.finish()
+            start = StartState(*read_checkpoint(Storage(directory)), where=checkpoint.path)
+    elif loop.start_state:
+        start = StartState(*read_checkpoint(Storage(loop.start_state)), where=loop.start_state, exploit=loop.exploit)
+    run_epochs(
+        run,
+        TrainReporter(loop, outputs, rank),
+        start=start,
+        stop_epoch=loop.stop_epoch,
+        checkpoint_every=loop.checkpoint_every,
+        finish=rank == 0 and loop.role.kind == "distill",
+    )
 
 
 def prepare_probe(cfg: RunConfig) -> None:
@@ -153,12 +160,12 @@ def run_distributed(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg.model_dump(),
-            "outputs": outputs.uri(),
-            "kind": "distill",
-            "trial_id": "run",
-            "experiment": name,
-            "fault_epoch": fault_epoch,
+            "loop": WorkerLoop(
+                config=cfg.model_dump(),
+                outputs=outputs.uri(),
+                role=RunRole(kind="distill", experiment=name),
+                fault_epoch=fault_epoch,
+            )
         },
         scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
         run_config=ray.train.RunConfig(

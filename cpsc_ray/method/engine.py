@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cpsc_ray.config import RunConfig
+from cpsc_ray.config import RunConfig, flatten
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
     BNStatisticsPrior,
@@ -30,17 +30,18 @@ from cpsc_ray.method.losses import (
 )
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.schedules import multistep, warmup_cosine
+from cpsc_ray.method.terms import LOSS_METRICS
 
-GENERATOR_TERMS = ("kd", "ikd", "bn", "scl", "ce")
-STUDENT_TERMS = ("kd", "ikd", "ce")
-LOSS_METRICS = (
-    tuple(f"g_{t}" for t in GENERATOR_TERMS) + ("g_total",) + tuple(f"s_{t}" for t in STUDENT_TERMS) + ("s_total",)
+# Config keys that shape the models or decide the optimizers: an engine cannot take a new value mid-run.
+MODEL_SHAPING_KEYS = (
+    "student.arch",
+    "student.kwargs",
+    "generator.arch",
+    "generator.kind",
+    "generator.nz",
+    "generator.ngf",
+    "loss.train_projection_head",
 )
-# Health of the method, measured on the student steps' synthetic batches: does the teacher assign the
-# images to their pseudo-labels (the pseudo-supervision at work), and how large are the logits.
-SYNTHESIS_METRICS = ("teacher_pseudo_acc", "teacher_logit_rms", "student_logit_rms")
-# With eval.term_gradients: each generator term's weighted gradient norm at the generator's weights.
-TERM_GRADIENT_METRICS = tuple(f"g_grad_{t}" for t in GENERATOR_TERMS)
 
 
 class DivergenceError(RuntimeError):
@@ -128,7 +129,26 @@ class DistillEngine:
         self.amp = cfg.train.amp and on_cuda
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
+        self.bn_prior: BNStatisticsPrior | None = None  # made by apply_hyperparameters once beta > 0
+        self._gather = _gather_with_grad if self.world_size > 1 else None
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self._build_models(teacher)
+        self._build_optimizers()
+        self._wrap_models()
+        self.eval_sets = {
+            name: EvalSet(s.images.to(self.device, memory_format=self.memory_format), s.labels.to(self.device))
+            for name, s in (eval_sets or {}).items()
+        }
+        self.noise = torch.Generator(device=self.device)
+        self.epoch = 0
+        self.images_synthesized = 0  # over the state's whole history, inherited ones included after a clone
+        self.device_seconds = 0.0
+        self.last_epoch_cost: dict[str, float] = {}
+        self.apply_hyperparameters(cfg)
+
+    # ----- construction ----------------------------------------------------------------------
+    def _build_models(self, teacher: nn.Module) -> None:
+        cfg, spec = self.cfg, self.spec
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
         self.student = build_model(cfg.student.arch, spec.num_classes, spec.channels, **cfg.student.kwargs)
         self.student.to(self.device, memory_format=self.memory_format)
@@ -150,6 +170,8 @@ class DistillEngine:
         if self.head is not None and not cfg.loss.train_projection_head:
             self.head.requires_grad_(False)
 
+    def _build_optimizers(self) -> None:
+        cfg, on_cuda = self.cfg, self.device.type == "cuda"
         fused = {"fused": True} if on_cuda else {}
         self.student_opt = torch.optim.SGD(
             self.student.parameters(),
@@ -165,9 +187,10 @@ class DistillEngine:
             generator_params, lr=cfg.generator.lr, betas=(cfg.generator.beta1, cfg.generator.beta2), **fused
         )
 
+    def _wrap_models(self) -> None:
+        """DDP wrappers for the trained modules under torch.distributed, then torch.compile on request."""
+        cfg, on_cuda = self.cfg, self.device.type == "cuda"
         distributed = self.world_size > 1
-        self.bn_prior: BNStatisticsPrior | None = None
-        self._gather = _gather_with_grad if distributed else None
         self.student_ddp: nn.Module = self.student
         self.generator_ddp: nn.Module = self.generator
         self.head_ddp: nn.Module | None = self.head
@@ -186,28 +209,14 @@ class DistillEngine:
         else:
             self.teacher_fwd, self.student_fwd = self.teacher, self.student
 
-        self.eval_sets = {
-            name: EvalSet(s.images.to(self.device, memory_format=self.memory_format), s.labels.to(self.device))
-            for name, s in (eval_sets or {}).items()
-        }
-        self.noise = torch.Generator(device=self.device)
-        self.epoch = 0
-        self.images_synthesized = 0  # over the state's whole history, inherited ones included after a clone
-        self.device_seconds = 0.0
-        self.last_epoch_cost: dict[str, float] = {}
-        self.apply_hyperparameters(cfg)
-
     # ----- hyperparameters -------------------------------------------------------------------
     def apply_hyperparameters(self, cfg: RunConfig) -> None:
         """Put a (possibly perturbed) config in effect: loss weights and temperatures, base learning
         rates, step counts. Called after ``load_state_dict`` so restored optimizer state cannot win."""
-        frozen = ("student.arch", "generator.arch", "generator.kind", "generator.nz", "generator.ngf")
-        for key in frozen:
-            section, field = key.split(".")
-            if getattr(getattr(cfg, section), field) != getattr(getattr(self.cfg, section), field):
-                raise ValueError(f"{key} cannot change during a run (it shapes the models)")
-        if cfg.loss.train_projection_head != self.cfg.loss.train_projection_head:
-            raise ValueError("loss.train_projection_head cannot change during a run (it decides the optimizer)")
+        before, after = flatten(self.cfg), flatten(cfg)
+        for key in MODEL_SHAPING_KEYS:
+            if after[key] != before[key]:
+                raise ValueError(f"{key} cannot change during a run (it shapes the models or their optimizers)")
         self.cfg = cfg
         if cfg.loss.beta and self.bn_prior is None:
             self.bn_prior = BNStatisticsPrior(self.teacher, _average_with_grad if self.world_size > 1 else None)

@@ -1,0 +1,64 @@
+"""Checkpoints of a run: the engine's complete state (``state.pt``) and the run's bookkeeping
+(``meta.json``), written as bytes so that any storage (a local folder, object storage, a Ray
+checkpoint directory) can hold them, and read back with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpsc_ray.config import ConfigError
+from cpsc_ray.method.engine import DistillEngine
+from cpsc_ray.storage import Storage
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+LAST = "checkpoints/last"
+
+
+def checkpoint_files(engine: DistillEngine, meta: dict[str, Any]) -> dict[str, bytes]:
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    return {STATE_FILE: buffer.getvalue(), META_FILE: json.dumps(meta, indent=2, default=str).encode()}
+
+
+def write_checkpoint_dir(directory: Path, files: dict[str, bytes]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be restored; the message names the file and what is wrong."""
+
+
+def read_checkpoint(storage: Storage, relative: str = "") -> tuple[dict, dict]:
+    """(engine state, meta) of a checkpoint directory, loaded with ``weights_only=True``."""
+    where = storage.uri(relative) if relative else storage.uri()
+    for name in (STATE_FILE, META_FILE):
+        if not storage.exists(f"{relative}/{name}" if relative else name):
+            raise CheckpointError(f"checkpoint {where}: {name} is missing; is this a cpsc-ray checkpoint directory?")
+    try:
+        meta = json.loads(storage.read_text(f"{relative}/{META_FILE}" if relative else META_FILE))
+        state = torch.load(
+            io.BytesIO(storage.read_bytes(f"{relative}/{STATE_FILE}" if relative else STATE_FILE)),
+            map_location="cpu",
+            weights_only=True,
+        )
+    except Exception as err:  # noqa: BLE001 - torch and json raise many types for a damaged file
+        raise CheckpointError(f"checkpoint {where}: cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "student" not in state or "epoch" not in meta:
+        raise CheckpointError(f"checkpoint {where}: not an engine state (no student weights or epoch)")
+    return state, meta
+
+
+def restore_engine(engine: DistillEngine, state: dict, where: str) -> None:
+    try:
+        engine.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"checkpoint {where}: does not fit this run's models ({first})") from None
