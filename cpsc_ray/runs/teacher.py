@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig
 from cpsc_ray.data import DatasetInfo, dataset_info, load_splits
-from cpsc_ray.runs.evaluation import materialize, top1
 from cpsc_ray.method.models import ARCH_VERSIONS, MODELS, ZOO_KEYS, build_model
+from cpsc_ray.runs.evaluation import materialize, top1
 from cpsc_ray.storage import Storage
 
 WEIGHTS_NAME = "teacher.safetensors"
@@ -83,10 +83,24 @@ class FeatureTap(nn.Module):
         return logits, torch.flatten(features, 1)
 
 
+# Builders that configs, run directories' config.yaml and experiments' setup.json name by the module paths
+# from before the package was layered (cpsc_ray.models:build_model): old prefix -> where it lives now.
+MOVED_MODULES = {"cpsc_ray.models": "cpsc_ray.method.models"}
+
+
+def current_module(name: str) -> str:
+    """``name`` with a moved prefix replaced, e.g. ``cpsc_ray.models.resnet`` -> ``cpsc_ray.method.models.resnet``."""
+    for old, new in MOVED_MODULES.items():
+        if name == old or name.startswith(f"{old}."):
+            return new + name.removeprefix(old)
+    return name
+
+
 def _import_builder(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"teacher.builder: expected 'package.module:function', got {spec!r}")
+    module_name = current_module(module_name)
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:

@@ -1,0 +1,72 @@
+"""Whether this version can restore a Tune experiment's saved state. Ray pickles objects of ours into it (the
+compute-budget stopper, for one) by module path; an experiment written before the package was layered names
+``cpsc_ray.tune``, which no longer exists, and Ray would fail deep inside unpickling it."""
+
+from __future__ import annotations
+
+import importlib
+import pickletools
+
+import pyarrow.fs as pafs
+
+from cpsc_ray.config import ConfigError
+from cpsc_ray.storage import Storage
+
+PICKLE_PROTOCOL_2_OR_LATER = b"\x80"  # the PROTO opcode: how Ray's tuner.pkl and *-state-* files begin
+STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+MEMO_GET_OPCODES = {"BINGET", "LONG_BINGET", "GET"}
+
+
+def check_restorable(root: Storage, experiment: str) -> None:
+    """Raises a one-line ConfigError when the experiment's pickled Tune state refers to a cpsc_ray module or
+    class that this version lacks."""
+    for data in _pickled_state(root, experiment):
+        for module, qualname in pickled_globals(data):
+            if module.partition(".")[0] == "cpsc_ray" and not _resolves(module, qualname):
+                raise ConfigError(
+                    f"--resume: {root.uri(experiment)} was written by an earlier cpsc-ray: its Tune state refers to "
+                    f"{module}.{qualname}, which this version lacks (its modules moved), so Ray Tune cannot continue "
+                    f"it; run the search afresh under a new --name, or resume it with the cpsc-ray that wrote it"
+                )
+
+
+def pickled_globals(data: bytes) -> set[tuple[str, str]]:
+    """(module, qualname) of every class or function a pickle refers to, read from its opcodes: nothing is
+    imported or loaded."""
+    found: set[tuple[str, str]] = set()
+    strings: list[str | None] = []  # the strings pushed so far; STACK_GLOBAL takes the last two
+    memo: dict[int, str | None] = {}
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name == "GLOBAL":  # protocols 0-3: "module qualname"
+            module, _, qualname = arg.partition(" ")
+            found.add((module, qualname))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2 and None not in strings[-2:]:
+            found.add((strings[-2], strings[-1]))
+        elif opcode.name in STRING_OPCODES:
+            strings.append(arg)
+        elif opcode.name == "MEMOIZE":  # stores the top of the stack; only string entries are ever read back here
+            memo[len(memo)] = strings[-1] if strings else None
+        elif opcode.name in MEMO_GET_OPCODES:
+            strings.append(memo.get(arg))
+    return found
+
+
+def _pickled_state(root: Storage, experiment: str) -> list[bytes]:
+    """The experiment directory's top-level pickles (tuner.pkl, searcher and search-generator state)."""
+    if not root.exists(experiment):
+        return []
+    infos = root.fs.get_file_info(pafs.FileSelector(root.path(experiment)))
+    files = [root.read_bytes(f"{experiment}/{info.base_name}") for info in infos if info.type == pafs.FileType.File]
+    return [data for data in files if data.startswith(PICKLE_PROTOCOL_2_OR_LATER)]
+
+
+def _resolves(module: str, qualname: str) -> bool:
+    try:
+        target = importlib.import_module(module)
+    except ModuleNotFoundError:
+        return False
+    for part in qualname.split("."):
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True

@@ -1,0 +1,137 @@
+"""What runs and experiments wrote before the package was layered (10b9195) names the old module paths:
+``cpsc_ray.models`` in teacher builders, student cards and the configs saved with runs and experiments, and
+``cpsc_ray.tune`` in Tune's pickled experiment state. Each test writes files in the old format."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cpsc_ray.cli import main
+from cpsc_ray.cluster.tune_setup import TuneSetup
+from cpsc_ray.cluster.tune_state import check_restorable
+from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig, load_config, validate_tree
+from cpsc_ray.runs.teacher import build_teacher_model
+from cpsc_ray.storage import Storage
+
+OLD_BUILDER = "cpsc_ray.models:build_model"
+OLD_CARD_BUILDER = "cpsc_ray.models:build_model (or any CIFAR-style implementation of the same arch)"
+
+
+@pytest.mark.parametrize(
+    ("builder", "kwargs"),
+    [
+        (OLD_BUILDER, {"name": "digits_student", "num_classes": 10, "channels": 1}),
+        ("cpsc_ray.models.digits:digits_student", {"num_classes": 10}),
+        # What an old student card tells a user to build its arch with (card: arch, num_classes, channels, kwargs).
+        (OLD_CARD_BUILDER.split()[0], {"name": "digits_student", "num_classes": 10, "channels": 1}),
+    ],
+    ids=["registry builder", "model family module", "old student card"],
+)
+def test_a_teacher_builder_naming_an_old_module_still_builds(builder, kwargs):
+    model = build_teacher_model(TeacherConfig(builder=builder, kwargs=kwargs), 10, 1)
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def _old_config() -> dict:
+    return load_config(
+        "digits",
+        [
+            f"teacher.builder={OLD_BUILDER}",
+            "teacher.arch=null",
+            "teacher.kwargs={name: digits_teacher, num_classes: 10, channels: 1}",
+        ],
+    ).model_dump()
+
+
+def test_saved_configs_of_old_runs_and_experiments_still_build_their_teacher(tmp_path):
+    """A run's config.yaml and checkpoint meta.json and an experiment's setup.json name modules only through
+    teacher.builder."""
+    root = Storage(str(tmp_path))
+    root.write_text("old-run/config.yaml", yaml.safe_dump(_old_config()))
+    root.write_json("old-run/checkpoints/last/meta.json", {"epoch": 3, "config": _old_config(), "wall_s": 1.0})
+    root.write_json(
+        TuneSetup.path("old-exp"),
+        {
+            "base": _old_config(),
+            "experiment": "old-exp",
+            "method": "random+fifo",
+            "metric": "val_acc",
+            "trials": root.uri("old-exp", "cpsc", "trials"),
+            "rounds": root.uri("old-exp", "cpsc", "rounds"),
+            "workers": 1,
+            "gpus_per_worker": 0.0,
+            "cpus_per_worker": 1.0,
+            "max_failures": 0,
+            "checkpoint_every": 1,
+            "keep_checkpoints": 3,
+            "population_based": False,
+            "searched_keys": ["loss.alpha"],
+            "options": {"space": "digits_optuna"},
+        },
+    )
+    saved = [
+        validate_tree(yaml.safe_load(root.read_text("old-run/config.yaml")), "config.yaml"),
+        RunConfig.model_validate(root.read_json("old-run/checkpoints/last/meta.json")["config"]),
+        RunConfig.model_validate(TuneSetup.read(root, "old-exp").base),
+    ]
+    for cfg in saved:
+        assert cfg.teacher.builder == OLD_BUILDER
+        assert build_teacher_model(cfg.teacher, 10, 1)(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def _state(protocol: int, old: bool, monkeypatch) -> bytes:
+    """Tune state as Ray pickles it, holding our compute-budget stopper, from the old module or the current one."""
+    if not old:
+        from cpsc_ray.config import RunConfig as current_class
+
+        return pickle.dumps({"_run_config": {"stop": current_class}, "verbose": 1}, protocol=protocol)
+    module = types.ModuleType("cpsc_ray.tune")
+
+    class ComputeBudget:
+        def __init__(self, images: int):
+            self.images, self.spent = images, 0
+
+    ComputeBudget.__module__, ComputeBudget.__qualname__ = "cpsc_ray.tune", "ComputeBudget"
+    module.ComputeBudget = ComputeBudget
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "cpsc_ray.tune", module)
+        stoppers = [ComputeBudget(10**6), ComputeBudget(10**5)]  # the second refers to the class through the memo
+        return pickle.dumps({"_run_config": {"stop": stoppers}, "verbose": 1}, protocol=protocol)
+
+
+def _write_experiment(root: Path, state: bytes) -> None:
+    experiment = root / "old-exp"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(state)
+    (experiment / "search_gen_state-2025-01-01_00-00-00.json").write_bytes(state)  # a pickle despite its name
+    (experiment / "experiment_state-2025-01-01_00-00-00.json").write_text(json.dumps({"trial_data": []}))
+    (experiment / "tune_trial_00000").mkdir()
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_tune_state_of_an_old_experiment_is_refused_in_one_line(tmp_path, monkeypatch, protocol):
+    _write_experiment(tmp_path, _state(protocol, old=True, monkeypatch=monkeypatch))
+    with pytest.raises(ConfigError, match=r"cpsc_ray\.tune\.ComputeBudget.*new --name") as refused:
+        check_restorable(Storage(str(tmp_path)), "old-exp")
+    assert "\n" not in str(refused.value)
+
+
+def test_tune_state_naming_current_modules_is_restorable(tmp_path, monkeypatch):
+    _write_experiment(tmp_path, _state(5, old=False, monkeypatch=monkeypatch))
+    check_restorable(Storage(str(tmp_path)), "old-exp")
+    check_restorable(Storage(str(tmp_path)), "no-such-experiment")
+
+
+def test_tune_resume_of_an_old_experiment_says_what_to_do(ray_local, tmp_path, monkeypatch, capsys):
+    _write_experiment(tmp_path, _state(5, old=True, monkeypatch=monkeypatch))
+    code = main(["tune", "--resume", "--name", "old-exp", "--storage", str(tmp_path), "--space", "digits_optuna"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("error: --resume:") and "cpsc_ray.tune" in err
