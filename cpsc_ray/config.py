@@ -23,7 +23,9 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "cifar10", "cifar100", "tiny_imagenet", "imagefolder"] = "digits"
+    dataset: Literal["digits", "cifar10", "cifar100", "tiny_imagenet", "imagefolder"] = Field(
+        "digits", description="the teacher's dataset: its test split scores the student (cpsc-ray models)"
+    )
     root: str | None = Field(None, description="directory holding the dataset files (not needed for digits)")
     image_size: int | None = Field(
         None, ge=8, description="digits: side length to upsample to (default 16); imagefolder: resize target"
@@ -59,42 +61,46 @@ class TeacherConfig(Section):
 
 class TeacherTrainingConfig(Section):
     seed: int = Field(0, description="seed of the teacher's training (distillation seeds share one teacher)")
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(200, ge=1, description="epochs over the real training split")
+    batch_size: int = Field(128, ge=1, description="real images per SGD step")
+    lr: float = Field(0.1, gt=0, description="SGD base learning rate, cosine-annealed to 0")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
 
 
 class StudentConfig(Section):
-    arch: str = "resnet18"
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    arch: str = Field("resnet18", description="registry model name (cpsc-ray models)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model's builder")
     lr: float = Field(0.1, gt=0, description="SGD base learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
     warmup_fraction: float = Field(10 / 600, ge=0, lt=1, description="linear warm-up, as a fraction of the run")
 
 
 class GeneratorConfig(Section):
-    kind: Literal["conditional", "unconditional"] = "conditional"
+    kind: Literal["conditional", "unconditional"] = Field(
+        "conditional",
+        description="conditional: per-class batch-norm modulation (CPSC-DFKD's generator); unconditional: plain "
+        "batch norm, for ablations",
+    )
     arch: Literal["auto", "upsample", "dcgan"] = Field(
         "auto",
         description="upsample: the reference code's generator at any size (METHOD.md's 32x32 one; side divisible "
         "by 4); dcgan: the paper's 64x64 DCGAN-like one (side divisible by 16), unused by the reference code; "
-        "auto: the reference's choice, upsample",
+        "auto: the reference's choice, upsample (cpsc-ray models)",
     )
-    nz: int = Field(256, ge=1)
-    ngf: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    beta1: float = Field(0.5, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
+    nz: int = Field(256, ge=1, description="length of the noise vector z")
+    ngf: int = Field(64, ge=1, description="width: the channels of the last stage (earlier stages are multiples)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
     lr_milestones: list[float] = Field(
         default_factory=lambda: [0.5, 0.75],
         description="fractions of the run where the lr is multiplied by lr_gamma: the generator learns at its "
         "full rate through the first half and settles with the student in the second (METHOD.md's 50/600 and "
         "150/600 froze it early in short runs; the reference's rate never decays)",
     )
-    lr_gamma: float = Field(0.1, gt=0)
+    lr_gamma: float = Field(0.1, gt=0, description="factor applied to the lr at each of lr_milestones")
     reset_optimizer: bool = Field(
         False,
         description="clear Adam's state before every generator step, as the reference's per-step new Adam does: "
@@ -140,12 +146,12 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(600, ge=1)
-    iterations_per_epoch: int = Field(50, ge=1)
+    epochs: int = Field(600, ge=1, description="distillation epochs")
+    iterations_per_epoch: int = Field(50, ge=1, description="iterations per epoch: g_steps, then s_steps")
     batch_size: int = Field(512, ge=2, description="global synthetic batch, split across workers")
-    g_steps: int = Field(6, ge=1)
-    s_steps: int = Field(5, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    g_steps: int = Field(6, ge=1, description="generator steps per iteration, each on a fresh synthetic batch")
+    s_steps: int = Field(5, ge=1, description="student steps per iteration, each on a fresh synthetic batch")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible, else the CPU")
     amp: bool = Field(False, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = Field(False, description="torch.compile the teacher, student and generator")
@@ -154,10 +160,10 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="epochs between evaluations (the last epoch is always evaluated)")
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1, description="real images per evaluation batch")
     probe_per_class: int = Field(20, ge=0, description="probe images per class for the data-free proxy (0: no proxy)")
     probe_steps: int = Field(200, ge=1, description="optimisation steps that synthesize the probe set")
-    probe_lr: float = Field(0.05, gt=0)
+    probe_lr: float = Field(0.05, gt=0, description="learning rate of the probe set's synthesis")
     term_gradients: bool = Field(
         False,
         description="once per epoch, measure each generator-loss term's gradient norm at the generator "
@@ -176,13 +182,13 @@ REFERENCE_DYNAMICS = {
 
 
 class RunConfig(Section):
-    name: str = "run"
+    name: str = Field("run", description="run name: its directory under output_dir (a taken name gets a suffix)")
     dynamics: Literal["fixed", "reference"] = Field(
         "fixed",
         description="reference: the reference code's optimizer, CE, SupCon scaling and constant generator lr "
         "(fills those fields where the config leaves them unset)",
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the distillation: initial weights, noise and labels")
     output_dir: str = Field("runs", description="local directory or URI under which run directories are created")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=lambda: TeacherConfig(arch="resnet34"))
@@ -258,7 +264,8 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     for problem in err.errors():
         field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         if problem["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown key (check its spelling against `cpsc-ray config --show`)")
+            keys_here = f"cpsc-ray config --show {'.'.join(str(p) for p in problem['loc'][:-1])}".rstrip()
+            lines.append(f"{field}: unknown key (check its spelling against `{keys_here}`)")
         else:
             got = problem.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""

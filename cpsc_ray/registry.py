@@ -1,8 +1,13 @@
-"""Name-to-builder registries, so configs can name models and loss terms by key."""
+"""A name-to-builder registry. Models register under a name (``register_model`` in ``cpsc_ray.method.models``)
+and a config names them by it (``teacher.arch``, ``student.arch``), so a new model is one decorator. Generators
+and datasets are fixed sets that the config's types enumerate (``generator.arch``, ``data.dataset``): a config
+naming an unknown one fails as it loads. ``cpsc-ray models`` lists all three."""
 
 from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
+
+from cpsc_ray.config import ConfigError
 
 T = TypeVar("T", bound=Callable)
 
@@ -25,7 +30,9 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())} (cpsc-ray models)"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -1,9 +1,14 @@
 """The CLI end to end on the digits default with tiny budgets: run directory, metrics, checkpoints,
-model selection without the test set, resume, teacher training."""
+model selection without the test set, resume, teacher training; what `config --show` and `models` list,
+and that `report` and `--help` load neither Ray nor torch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -135,13 +140,10 @@ def test_every_shipped_config_validates():
 
 def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
     """The GPU check runs where Ray is not installed: an in-process run must never import it."""
-    import subprocess
-    import sys
-
     code = (
         "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
         "from cpsc_ray.config import RunConfig\n"
-        "from cpsc_ray.runs.distill import run_in_process\n"
+        "from cpsc_ray.runs.in_process import run_in_process\n"
         "summary = run_in_process(RunConfig.model_validate_json(sys.argv[1]), progress=False)\n"
         "print(summary['selected_by']['epoch'] is not None)\n"
     )
@@ -154,3 +156,76 @@ def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "True"
     assert pq.read_table(tmp_path / "runs" / "no-ray" / "metrics.parquet").num_rows == 2
+
+
+def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, capsys):
+    from cpsc_ray.config import ConfigError, DataConfig
+    from cpsc_ray.data import dataset_info
+    from cpsc_ray.method.generators import build_generator
+    from cpsc_ray.method.models import MODELS
+
+    assert main(["models"]) == 0
+    listed = {
+        title: names.split()
+        for title, names in re.findall(r"^(\w[\w ]*) \(.*\):\n  (.*)$", capsys.readouterr().out, re.M)
+    }
+    assert listed["models"] == MODELS.names() and {"resnet18", "digits_teacher", "wrn_40_2"} <= set(listed["models"])
+    assert {"upsample", "dcgan"} <= set(listed["generators"]) and "digits" in listed["datasets"]
+    for arch in listed["generators"]:
+        for kind in listed["generator kinds"]:
+            assert build_generator(arch, kind, nz=8, ngf=4, channels=1, image_size=16, num_classes=10) is not None
+    for dataset in listed["datasets"]:  # each name reaches its loader: an error names the data, not the key
+        with contextlib.suppress(ConfigError):
+            dataset_info(DataConfig(dataset=dataset, root=str(tmp_path)))
+
+
+def test_config_show_describes_every_field_with_its_default(capsys):
+    from cpsc_ray.config import RunConfig, flatten
+
+    assert main(["config", "--show"]) == 0
+    out = capsys.readouterr().out
+    for key in flatten(RunConfig()):
+        assert re.search(rf"^{re.escape(key)}: .*\n    \S", out, re.M), f"{key}: no line with a description"
+    assert "loss.alpha: 5.0  (float, >= 0)\n    IKD (L2 logit) weight\n" in out
+    assert "loss.bn_form: raw  (raw | standardized)\n" in out
+    assert main(["config", "--show", "teacher.arch"]) == 0
+    assert (
+        capsys.readouterr().out == "teacher.arch: resnet34  (str | None)\n    registry model name (cpsc-ray models)\n"
+    )
+
+
+def test_an_unknown_key_points_to_the_show_command_that_lists_its_section(capsys):
+    assert main(["config", "loss.alpah=2"]) == 2
+    assert (
+        "loss.alpah: unknown key (check its spelling against `cpsc-ray config --show loss`)" in capsys.readouterr().err
+    )
+    assert main(["config", "--show", "loss"]) == 0
+    shown = capsys.readouterr().out
+    assert "loss.alpha: " in shown and "train." not in shown
+    assert main(["config", "--show", "los"]) == 2
+    assert "no such field or section; sections: data, teacher" in capsys.readouterr().err
+
+
+# The command line with Ray and torch refused at import: `report` and `--help` must not need them.
+WITHOUT_RAY_OR_TORCH = """
+import sys
+sys.modules["ray"] = sys.modules["torch"] = None  # importing either now raises ImportError
+from cpsc_ray.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_report_and_help_load_neither_ray_nor_torch(digits_cfg, tmp_path):
+    assert distill(tmp_path, "train.epochs=1") == 0
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", WITHOUT_RAY_OR_TORCH, *args], capture_output=True, text=True, timeout=300
+        )
+
+    done = cli("report", str(tmp_path / "runs"), "-o", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "report" / "report.html").is_file()
+    for args in (["--help"], ["submit", "--help"], ["config", "--show", "loss"]):
+        done = cli(*args)
+        assert done.returncode == 0 and done.stdout, (args, done.stderr[-2000:])

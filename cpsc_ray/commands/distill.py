@@ -1,0 +1,124 @@
+"""``cpsc-ray teacher`` and ``cpsc-ray distill``: train a teacher, distil a student in this process or
+over Ray Train workers, then print the run's summary and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cpsc_ray.commands import add_config_args, percent
+from cpsc_ray.config import load_config
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    teacher = commands.add_parser("teacher", help="train a teacher on real data and save it with its card")
+    add_config_args(teacher)
+    teacher.add_argument("--out", help="output directory (default: the cache slot teacher.weights=auto reads)")
+    teacher.set_defaults(func=cmd_teacher)
+
+    distill = commands.add_parser("distill", help="distil a student data-free")
+    add_config_args(distill)
+    distill.add_argument("--name", help="run name (a new run never overwrites an old one)")
+    distill.add_argument("--resume", metavar="NAME", help="continue the run NAME from its last checkpoint")
+    distill.add_argument(
+        "--storage",
+        help="where runs go: a local path, a shared filesystem path or a URI "
+        "(s3://, gs://); default: the config's output_dir",
+    )
+    cluster = distill.add_argument_group("Ray Train (one run over many workers)")
+    cluster.add_argument("--workers", type=int, help="run through Ray Train with this many DDP workers")
+    cluster.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU, gloo)")
+    cluster.add_argument("--cpus-per-worker", type=float, default=1.0)
+    cluster.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed")
+    cluster.add_argument(
+        "--inject-fault-at-epoch",
+        type=int,
+        metavar="EPOCH",
+        help="kill one worker once at EPOCH, to rehearse recovery on your cluster",
+    )
+    distill.set_defaults(func=cmd_distill)
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from cpsc_ray.runs.teacher import card_path, train_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    path = train_teacher(cfg, out=Path(args.out) if args.out else None)
+    print(f"teacher written to {path}\n{card_path(path).read_text()}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
+    cfg = load_config(args.config, overrides)
+    if args.workers:
+        from cpsc_ray.cluster.train import DistributedRunError, run_distributed
+
+        try:
+            summary = run_distributed(
+                cfg,
+                args.workers,
+                args.gpus_per_worker,
+                args.cpus_per_worker,
+                args.storage,
+                args.max_failures,
+                args.resume,
+                args.inject_fault_at_epoch,
+            )
+        except DistributedRunError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    else:
+        from cpsc_ray.method.engine import DivergenceError
+        from cpsc_ray.runs.in_process import run_in_process
+
+        if args.storage:
+            cfg = cfg.model_copy(update={"output_dir": args.storage})
+        try:
+            summary = run_in_process(cfg, resume=args.resume)
+        except DivergenceError as err:
+            print(
+                f"error: {err}; the run's metrics so far are kept: lower student.lr, generator.lr or the loss weights",
+                file=sys.stderr,
+            )
+            return 1
+    print_summary(summary)
+    report_run(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    best, last = summary.get("best") or {}, summary["last"]
+    chosen = summary["selected_by"]
+    print(
+        f"\nrun {summary['run']}: {summary['epochs']} epochs, {summary['images']:,} synthetic images, "
+        f"{summary['device_s']:.0f} device-seconds"
+    )
+    print(f"  teacher test accuracy:        {percent(summary['teacher_test_acc'])}")
+    print(f"  student test accuracy (last): {percent(last.get('test_acc'))}")
+    if chosen.get("metric"):
+        selected = f"best by {chosen['metric']}, epoch {chosen['epoch']}"
+        print(f"  student test accuracy ({selected}): {percent(best.get('test_acc'))}")
+    for warning in summary.get("warnings", []):
+        print(f"  warning: {warning}")
+    print(f"  outputs: {summary['run_dir']}")
+
+
+def report_run(summary: dict) -> None:
+    """The report of the run just finished, in its run directory when that is local."""
+    from cpsc_ray.results.report import build_report
+    from cpsc_ray.results.store import ResultsError
+
+    run_dir = summary["run_dir"]
+    storage = run_dir.rsplit("/", 1)[0]
+    if "://" in run_dir:
+        print(f"  report: cpsc-ray report {storage} --experiments {summary['run']} -o REPORT_DIR")
+        return
+    try:
+        page = build_report([storage], Path(run_dir) / "report", [summary["run"]])
+    except ResultsError as err:
+        print(f"warning: no report for this run: {err}", file=sys.stderr)
+        return
+    print(f"  report: {page}")
+    print(f"  compare every run there: cpsc-ray report {storage} -o {storage}/report")

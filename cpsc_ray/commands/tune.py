@@ -1,0 +1,116 @@
+"""``cpsc-ray tune`` and ``cpsc-ray finalize``: search hyperparameters with Ray Tune, then rerun the selected
+configuration over seeds and export the students."""
+
+from __future__ import annotations
+
+import argparse
+
+from cpsc_ray.commands import add_config_args, percent
+from cpsc_ray.config import load_config
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_tune(commands)
+    final = commands.add_parser("finalize", help="rerun an experiment's selected configuration over seeds, export it")
+    final.add_argument("experiment")
+    final.add_argument("--seeds", type=int, default=3)
+    final.add_argument("--storage", default="runs", help="where the experiment lives (default: runs)")
+    final.add_argument("--gpus-per-seed", type=float, default=0.0)
+    final.add_argument("--cpus-per-seed", type=float, default=1.0)
+    final.set_defaults(func=cmd_finalize)
+
+
+def _add_tune(commands: argparse._SubParsersAction) -> None:
+    tuning = commands.add_parser("tune", help="search loss weights, temperature and generator settings with Ray Tune")
+    add_config_args(tuning)
+    tuning.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
+    tuning.add_argument("--scheduler", choices=["fifo", "asha", "pbt", "pb2"], default="fifo")
+    tuning.add_argument("--search", choices=["random", "optuna"], default="random")
+    tuning.add_argument("--num-samples", type=int, default=8, help="trials (the population size for pbt/pb2)")
+    tuning.add_argument(
+        "--metric",
+        choices=["val_acc", "proxy"],
+        help="objective; default val_acc when the config holds a validation split, else proxy",
+    )
+    tuning.add_argument(
+        "--minimize-device-seconds",
+        action="store_true",
+        help="multi-objective Optuna (NSGA-II): maximise the metric, minimise device seconds",
+    )
+    tuning.add_argument("--seed-from", metavar="EXPERIMENT", help="start the PBT population from its best configs")
+    tuning.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers in each trial (Ray Train)")
+    tuning.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers"
+    )
+    tuning.add_argument("--cpus-per-worker", type=float, default=1.0)
+    tuning.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster holds whole")
+    tuning.add_argument("--perturbation-interval", type=int, default=1, help="epochs between PBT decisions")
+    tuning.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    tuning.add_argument(
+        "--budget-images",
+        type=int,
+        help="end the experiment once its trials synthesized this many "
+        "images in all (compare search methods at equal compute)",
+    )
+    tuning.add_argument("--keep-checkpoints", type=int, default=3, help="per trial (0 keeps all)")
+    tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
+    tuning.add_argument("--search-seed", type=int, default=0)
+    tuning.add_argument("--storage", help="local path, shared filesystem path or URI; default: the config's output_dir")
+    tuning.add_argument("--name", help="experiment name (default: <config name>-<method>)")
+    tuning.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    tuning.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cpsc_ray.cluster.tune import TuneOptions, run_tune
+
+    options = TuneOptions(
+        space=args.space,
+        scheduler=args.scheduler,
+        search=args.search,
+        num_samples=args.num_samples,
+        metric=args.metric,
+        minimize_device_seconds=args.minimize_device_seconds,
+        workers_per_trial=args.workers_per_trial,
+        gpus_per_worker=args.gpus_per_trial / args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker,
+        max_concurrent=args.max_concurrent,
+        perturbation_interval=args.perturbation_interval,
+        budget_images=args.budget_images,
+        grace_period=args.grace_period,
+        seed_from=args.seed_from,
+        storage=args.storage,
+        name=args.name,
+        keep_checkpoints=args.keep_checkpoints or None,
+        max_failures=args.max_failures,
+        search_seed=args.search_seed,
+    )
+    summary = run_tune(load_config(args.config, args.overrides), options, resume=args.resume)
+    print(f"\nexperiment {summary['experiment']}: {len(summary['trials'])} trials; results in {summary['results']}")
+    print(f"  {'trial':18s} {'score':>7s} {'test@best':>9s} {'epochs':>6s} {'images':>10s} {'device-s':>9s}")
+    for trial in summary["trials"][:10]:
+        score = "diverged" if trial["diverged"] else percent(trial["score"])
+        print(
+            f"  {trial['trial_id']:18s} {score:>7s} {percent(trial['test_at_best']):>9s} {trial['epochs']:>6d} "
+            f"{trial['images']:>10,d} {trial['device_s']:>9.0f}"
+        )
+    print(f"next: cpsc-ray finalize {summary['experiment']} --seeds 3 --storage {args.storage or '<output_dir>'}")
+    return 0
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from cpsc_ray.cluster.finalize import finalize
+
+    result = finalize(args.experiment, args.seeds, args.storage, args.gpus_per_seed, args.cpus_per_seed)
+    print(
+        f"\n{args.experiment}: trial {result['winner']} selected (score {percent(result['winner_score'])}); "
+        f"{len(result['schedule'])} hyperparameter phase(s) replayed over {result['seeds']} seeds"
+    )
+    print(
+        f"  test accuracy at the best validation epoch: {percent(result['test_mean'])} +/- "
+        f"{100 * result['test_std']:.2f} over {len(result['test_at_best'])} seeds"
+        + (f" ({result['diverged']} seed(s) diverged)" if result["diverged"] else "")
+    )
+    for path in result["students"]:
+        print(f"  student: {path}/student.safetensors (+ student.json, student.pt2)")
+    return 0
