@@ -9,6 +9,8 @@ import base64
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -22,9 +24,12 @@ from cpsc_ray.cli import main
 from cpsc_ray.cluster.finalize import finalize
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import load_config, with_values
-from cpsc_ray.results.records import ResultsError, epoch_table, read_results
-from cpsc_ray.results.report import build_report, clones
-from cpsc_ray.runs.distill import ensure_teacher, run_in_process
+from cpsc_ray.results.lineage import clones
+from cpsc_ray.results.report import build_report
+from cpsc_ray.results.schema import epoch_table
+from cpsc_ray.results.store import ResultsError, read_results
+from cpsc_ray.runs.in_process import run_in_process
+from cpsc_ray.runs.setup import ensure_teacher
 
 CALM = str(Path(__file__).parent / "spaces" / "calm_pbt.yaml")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -184,6 +189,31 @@ def test_the_schedule_follows_the_lineage(storage):
         chain = clones(results.lineage, record.trial_id, record.epoch + 1)
         assert chain[-1] == (record.epoch, record.source_trial_id)
         assert [epoch for epoch, _ in chain] == sorted(epoch for epoch, _ in chain)
+
+
+# With Ray and torch refused at import: every module of the results layer, then the report of the
+# fixture's results. (The rows still name the torch that computed them: the runs had it loaded.)
+WITHOUT_RAY_OR_TORCH = """
+import importlib, pkgutil, sys
+sys.modules["ray"] = sys.modules["torch"] = None  # importing either now raises ImportError
+import cpsc_ray.results
+for module in pkgutil.walk_packages(cpsc_ray.results.__path__, "cpsc_ray.results."):
+    importlib.import_module(module.name)
+from cpsc_ray.results.report import build_report
+build_report([sys.argv[1]], sys.argv[2])
+"""
+
+
+def test_the_results_layer_needs_neither_ray_nor_torch(storage, report, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_RAY_OR_TORCH, str(storage["root"]), str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(read_results([str(storage["root"])]).epochs.torch_version) == {torch.__version__}
+    for name in ("report.md", "report.html", "summary.parquet", "cross_dataset.parquet"):
+        assert (tmp_path / name).read_bytes() == (report / name).read_bytes(), name
 
 
 def test_a_path_without_results_is_refused(tmp_path, capsys):

@@ -28,8 +28,8 @@ import pytest
 from conftest import TINY
 
 from cpsc_ray.cluster.submit import JobServer
-from cpsc_ray.results.records import read_results
 from cpsc_ray.results.report import build_report
+from cpsc_ray.results.store import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_START_S = 120

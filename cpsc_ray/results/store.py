@@ -1,0 +1,230 @@
+"""Publishing and reading the results tables: ``<root>/results/<table>/dataset=../experiment=../``,
+with one row per trial summarised from its epochs when it is published."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from cpsc_ray.results.schema import (
+    IDENTITY,
+    LINEAGE_SCHEMA,
+    PARTITIONS,
+    TABLES,
+    TRIALS_SCHEMA,
+    VERSIONS,
+    epoch_table,
+)
+from cpsc_ray.storage import Storage
+
+
+def latest(rows: Iterable[Mapping[str, Any]], metric: str) -> Any:
+    """The last non-null value of ``metric`` in rows given in epoch order, or None."""
+    return next((r[metric] for r in reversed(list(rows)) if r.get(metric) is not None), None)
+
+
+def best_trial(trials: pd.DataFrame) -> pd.Series | None:
+    """The trial an experiment selected: the best selection metric among non-diverged trials (what
+    finalize reruns and the report names); None when no trial finished with a score."""
+    eligible = trials[~trials.diverged.astype(bool) & trials.score.notna()]
+    return None if eligible.empty else eligible.loc[eligible.score.idxmax()]
+
+
+def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per trial: best and last validation, proxy and test accuracy, and compute spent."""
+    rows = sorted(rows, key=lambda r: r["epoch"])
+    last = rows[-1]
+    selection = last["selection"]
+    measured = [r for r in rows if selection and r.get(selection) is not None]
+    best = max(measured, key=lambda r: r[selection]) if measured else None
+
+    def extreme(metric: str) -> float | None:
+        values = [r[metric] for r in rows if r.get(metric) is not None]
+        return max(values) if values else None
+
+    summary = {k: last.get(k) for k in IDENTITY}
+    summary.update(
+        score=best[selection] if best else None,
+        best_epoch=best["epoch"] if best else None,
+        epochs=last["epoch"],
+        images=sum(r.get("epoch_images") or 0 for r in rows),
+        device_s=sum((r.get("epoch_s") or 0.0) * (r.get("workers") or 1) for r in rows),
+        wall_s=last.get("wall_s"),
+        diverged=any(bool(r.get("diverged")) for r in rows),
+        best_val_acc=extreme("val_acc"),
+        last_val_acc=latest(rows, "val_acc"),
+        best_proxy=extreme("proxy"),
+        last_proxy=latest(rows, "proxy"),
+        test_at_best=best.get("test_acc") if best else None,
+        last_test_acc=latest(rows, "test_acc"),
+    )
+    summary.update({k: v for k, v in last.items() if k.startswith("config/") or k in VERSIONS})
+    return summary
+
+
+def lineage_rows(experiment: str, dataset: str, trial_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "experiment": experiment,
+            "dataset": dataset,
+            "trial_id": trial_id,
+            "source_trial_id": r["source_trial_id"],
+            "epoch": r["epoch"],
+            "source_checkpoint": r["source_checkpoint"],
+            "state_digest": r["state_digest"],
+            "lr_student": r["lr_student"],
+            "lr_generator": r["lr_generator"],
+            "loss_weights": json.dumps(r["loss_weights"]),
+            "config_before": json.dumps(r["config_before"]),
+            "config_after": json.dumps(r["config_after"]),
+        }
+        for r in records
+    ]
+
+
+def publish(root: Storage, experiment: str, epochs: list[dict[str, Any]], lineage: list[dict[str, Any]]) -> None:
+    """Write an experiment's (or a run's) tables into ``<root>/results/<table>/dataset=../experiment=../``,
+    each partition file atomically; a rerun replaces that experiment's partitions."""
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for row in epochs:
+        by_trial.setdefault(row["trial_id"], []).append(row)
+    tables = {
+        "epochs": epoch_table(epochs),
+        "trials": pa.Table.from_pylist([summarize_trial(r) for r in by_trial.values()], schema=TRIALS_SCHEMA),
+        "lineage": pa.Table.from_pylist(lineage, schema=LINEAGE_SCHEMA),
+    }
+    for name, table in tables.items():
+        for dataset in sorted(set(table.column("dataset").to_pylist())):
+            part = table.filter(pc.equal(table["dataset"], dataset)).drop_columns(list(PARTITIONS))
+            root.write_parquet(f"results/{name}/dataset={dataset}/experiment={experiment}/part-0.parquet", part)
+
+
+def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
+    """Gather every trial's rows and lineage of a tuning experiment into the results tables."""
+    trials = root.child(experiment, "cpsc", "trials")
+    epochs, lineage = [], []
+    for trial_id in trials.list_dirs():
+        if not trials.exists(f"{trial_id}/metrics.parquet"):
+            continue  # a trial that never finished an epoch
+        rows = trials.read_parquet(f"{trial_id}/metrics.parquet").to_pylist()
+        epochs.extend(rows)
+        if trials.exists(f"{trial_id}/lineage.json"):
+            lineage.extend(
+                lineage_rows(experiment, rows[0]["dataset"], trial_id, trials.read_json(f"{trial_id}/lineage.json"))
+            )
+    if not epochs:
+        raise ValueError(f"experiment {experiment}: no trial finished an epoch; nothing to collect")
+    publish(root, experiment, epochs, lineage)
+    summaries = sorted(
+        (summarize_trial([r for r in epochs if r["trial_id"] == t]) for t in {r["trial_id"] for r in epochs}),
+        key=lambda r: -1 if r["score"] is None else r["score"],
+        reverse=True,
+    )
+    return {"experiment": experiment, "results": root.uri("results"), "trials": summaries}
+
+
+class ResultsError(ValueError):
+    """Results that cannot be read; the message names the path and what was expected."""
+
+
+@dataclass
+class Results:
+    epochs: pd.DataFrame
+    trials: pd.DataFrame
+    lineage: pd.DataFrame
+
+
+def _read_table(location: str, name: str, experiments: list[str] | None) -> pd.DataFrame:
+    storage = Storage(location)
+    if not storage.exists(name):
+        return TABLES[name].empty_table().to_pandas()
+    partitioning = ds.partitioning(pa.schema([(p, pa.string()) for p in PARTITIONS]), flavor="hive")
+    expected = pa.schema([f for f in TABLES[name] if f.name not in PARTITIONS])
+    files = ds.dataset(storage.path(name), filesystem=storage.fs, format="parquet", partitioning=partitioning)
+    for fragment in files.get_fragments():
+        # Tables of earlier versions lack the columns added since: those read as nulls. Columns this
+        # version does not know, or of another type, mean it is not a cpsc-ray table it can read.
+        schema = fragment.physical_schema
+        unknown = sorted(set(schema.names) - set(expected.names))
+        retyped = sorted(
+            n for n in schema.names if n in expected.names and schema.field(n).type != expected.field(n).type
+        )
+        if unknown or retyped:
+            raise ResultsError(
+                f"{fragment.path}: not a cpsc-ray {name} table of this version (unknown columns: {unknown[:5]}, "
+                f"other types: {retyped[:5]}); rewrite it with this cpsc-ray or point at another results directory"
+            )
+    table = ds.dataset(
+        storage.path(name),
+        filesystem=storage.fs,
+        format="parquet",
+        partitioning=partitioning,
+        schema=pa.unify_schemas([expected, partitioning.schema]),
+    ).to_table()
+    if experiments:
+        table = table.filter(pc.is_in(table["experiment"], pa.array(experiments)))
+    return table.to_pandas()
+
+
+def read_results(locations: list[str], experiments: list[str] | None = None) -> Results:
+    """Read the results tables under each location (a ``results`` directory, or a storage root or run
+    directory holding one); local paths or URIs."""
+    frames: dict[str, list] = {name: [] for name in TABLES}
+    for location in locations:
+        base = Storage(location)
+        root = base if base.exists("epochs") else base.child("results")
+        if not root.exists("epochs"):
+            raise ResultsError(
+                f"{location}: no cpsc-ray results here (expected results/epochs/dataset=.../experiment=.../*.parquet "
+                "under a run's storage); give the --storage or output_dir a run or experiment wrote to"
+            )
+        for name in TABLES:
+            frames[name].append(_read_table(root.uri(), name, experiments))
+    return _concat(frames)
+
+
+def read_for_report(locations: list[str], experiments: list[str] | None = None) -> Results:
+    """Every location's results, each location once and each experiment from one location only (from two,
+    its rows would mix); unreadable Parquet and results without a run are refused."""
+    parts: dict[str, list] = {name: [] for name in TABLES}
+    seen: dict[tuple[str, str], str] = {}
+    unique: dict[str, str] = {}
+    for location in locations:
+        unique.setdefault(Storage(location).uri(), location)
+    for location in unique.values():
+        try:
+            part = read_results([location], experiments)
+        except (pa.ArrowException, OSError) as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ResultsError(
+                f"{location}: cannot read its results Parquet ({reason}); point at the --storage (or its results/ "
+                "directory) that cpsc-ray distill, tune or finalize wrote"
+            ) from None
+        for dataset, experiment in part.trials[["dataset", "experiment"]].drop_duplicates().itertuples(index=False):
+            if (dataset, experiment) in seen:
+                raise ResultsError(
+                    f"experiment {experiment} ({dataset}) is under both {seen[dataset, experiment]} and {location}; "
+                    "give each experiment once (drop a location, or choose with --experiments)"
+                )
+            seen[dataset, experiment] = location
+        for name in TABLES:
+            parts[name].append(getattr(part, name))
+    results = _concat(parts)
+    if results.trials.empty:
+        chosen = f" for experiments {', '.join(experiments)}" if experiments else ""
+        raise ResultsError(
+            f"{', '.join(locations)}: no runs in these results{chosen}; run cpsc-ray distill, tune or finalize with "
+            "--storage pointing here, or give the location they wrote to"
+        )
+    return results
+
+
+def _concat(frames: dict[str, list[pd.DataFrame]]) -> Results:
+    return Results(**{name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()})
