@@ -20,7 +20,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 import cpsc_ray
-from cpsc_ray.config import RunConfig, flatten
+from cpsc_ray.config import LossConfig, RunConfig, flatten
 from cpsc_ray.method.terms import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 
 IDENTITY = {
@@ -58,7 +58,8 @@ VERSIONS = {"cpsc_ray_version": pa.string(), "torch_version": pa.string(), "ray_
 EVAL_METRICS = ("val_acc", "proxy", "test_acc")
 RUN_KEYS = {"name", "seed", "output_dir"}  # config keys that name a run and where it writes, not what it trains
 
-PAPER_DEFAULTS = {"alpha": 5.0, "beta": 1.0, "gamma": 0.7, "eta": 0.7, "temperature": 0.07}
+# Runs at the shipped loss weights are labelled "defaults" in the results and reports.
+DEFAULT_WEIGHTS = LossConfig().model_dump(include={"alpha", "beta", "gamma", "eta", "temperature"})
 
 
 def _arrow_type(annotation: Any) -> pa.DataType:
@@ -96,8 +97,8 @@ SCHEMA = pa.schema([pa.field(n, t) for n, t in {**IDENTITY, **PROGRESS, **config
 
 
 def method_label(cfg: RunConfig) -> str:
-    weights = cfg.loss.model_dump(include=set(PAPER_DEFAULTS))
-    return "defaults" if weights == PAPER_DEFAULTS else "manual"
+    weights = cfg.loss.model_dump(include=set(DEFAULT_WEIGHTS))
+    return "defaults" if weights == DEFAULT_WEIGHTS else "manual"
 
 
 def versions() -> dict[str, str | None]:
