@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from cpsc_ray.config import with_values
-from cpsc_ray.runs.in_process import execute
 from cpsc_ray.runs.health import HealthMonitor
+from cpsc_ray.runs.in_process import execute
 from cpsc_ray.storage import Storage
 
 

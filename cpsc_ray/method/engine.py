@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cpsc_ray.config import RunConfig, flatten
+from cpsc_ray.method.diagnostics import term_gradients
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
     BNStatisticsPrior,
@@ -29,7 +28,9 @@ from cpsc_ray.method.losses import (
     student_objective,
 )
 from cpsc_ray.method.models import build_model
+from cpsc_ray.method.parallel import average_with_grad, gather_with_grad, noise_seed, world
 from cpsc_ray.method.schedules import multistep, warmup_cosine
+from cpsc_ray.method.spec import DivergenceError, EvalSet, ImageSpec, pick_device
 from cpsc_ray.method.terms import LOSS_METRICS
 
 # Config keys that shape the models or decide the optimizers: an engine cannot take a new value mid-run.
@@ -44,50 +45,6 @@ MODEL_SHAPING_KEYS = (
 )
 
 
-class DivergenceError(RuntimeError):
-    """A loss became NaN or infinite; the run cannot usefully continue."""
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    num_classes: int
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-@dataclass
-class EvalSet:
-    """Labelled images (already normalised for the teacher) on which the student's top-1 is measured."""
-
-    images: Tensor
-    labels: Tensor
-
-
-def noise_seed(seed: int, rank: int, epoch: int) -> int:
-    """Seed of a rank's noise stream for one epoch: a resumed run draws what an unbroken one would."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_with_grad(tensor: Tensor) -> Tensor:
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
-
-
-def _average_with_grad(tensor: Tensor) -> Tensor:
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(tensor) / dist.get_world_size()
-
-
 class ProjectionHead(nn.Module):
     """Maps student features to the teacher's width for the contrastive loss (an MLP, as in the reference)."""
 
@@ -97,14 +54,6 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class DistillEngine:
@@ -130,7 +79,7 @@ class DistillEngine:
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
         self.bn_prior: BNStatisticsPrior | None = None  # made by apply_hyperparameters once beta > 0
-        self._gather = _gather_with_grad if self.world_size > 1 else None
+        self._gather = gather_with_grad if self.world_size > 1 else None
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self._build_models(teacher)
         self._build_optimizers()
@@ -219,7 +168,7 @@ class DistillEngine:
                 raise ValueError(f"{key} cannot change during a run (it shapes the models or their optimizers)")
         self.cfg = cfg
         if cfg.loss.beta and self.bn_prior is None:
-            self.bn_prior = BNStatisticsPrior(self.teacher, _average_with_grad if self.world_size > 1 else None)
+            self.bn_prior = BNStatisticsPrior(self.teacher, average_with_grad if self.world_size > 1 else None)
         if self.bn_prior is not None:
             self.bn_prior.form = cfg.loss.bn_form
         self.generator_loss: WeightedSum = generator_objective(cfg.loss, self.bn_prior, self._gather)
@@ -250,7 +199,7 @@ class DistillEngine:
         with torch.no_grad():
             return model(probe, return_features=True)[1].shape[1]
 
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
     def draw(self) -> tuple[Tensor, Tensor]:
@@ -259,7 +208,7 @@ class DistillEngine:
         y = torch.randint(0, self.spec.num_classes, (self.local_batch,), device=self.device, generator=self.noise)
         return z, y
 
-    def _generator_batch(self, z: Tensor, y: Tensor, generator: nn.Module, head: nn.Module | None) -> SynthBatch:
+    def generator_batch(self, z: Tensor, y: Tensor, generator: nn.Module, head: nn.Module | None) -> SynthBatch:
         """What the generator's objective looks at: ``G(z, y)`` through the teacher (its BN statistics
         captured when the prior is on) and the student, with graphs back to the generator."""
         objective = self.generator_loss
@@ -274,8 +223,8 @@ class DistillEngine:
 
     def _generator_step(self, sums: dict[str, Tensor]) -> Tensor:
         z, y = self.draw()
-        with self._autocast():
-            total, parts = self.generator_loss(self._generator_batch(z, y, self.generator_ddp, self.head_ddp))
+        with self.autocast():
+            total, parts = self.generator_loss(self.generator_batch(z, y, self.generator_ddp, self.head_ddp))
         self.generator_opt.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.generator.reset_optimizer:
@@ -286,10 +235,10 @@ class DistillEngine:
 
     def _student_step(self, sums: dict[str, Tensor]) -> Tensor:
         z, y = self.draw()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             images = self.generator(z, y).contiguous(memory_format=self.memory_format)
             t_logits = self.teacher_fwd(images)
-        with self._autocast():
+        with self.autocast():
             s_logits = self.student_ddp(images)
             total, parts = self.student_loss(SynthBatch(y, t_logits, s_logits))
         self.student_opt.zero_grad(set_to_none=True)
@@ -311,36 +260,6 @@ class DistillEngine:
     def _accumulate(sums: dict[str, list[Tensor]], values: dict[str, Tensor]) -> None:
         for key, value in values.items():
             sums.setdefault(key, []).append(value.detach().float())
-
-    def term_gradients(self) -> dict[str, float]:
-        """Each generator term's weighted gradient norm at the generator's weights, on one extra batch:
-        which term drives the generator. The batch comes from its own stream, so training draws the same."""
-        objective = self.generator_loss
-        rng = torch.Generator(device=self.device).manual_seed(noise_seed(self.cfg.seed + 1, self.rank, self.epoch))
-        z = torch.randn(self.local_batch, self.cfg.generator.nz, device=self.device, generator=rng)
-        y = torch.randint(0, self.spec.num_classes, (self.local_batch,), device=self.device, generator=rng)
-        params = [p for p in self.generator.parameters() if p.requires_grad]
-        # This forward must not move the BN running statistics: training continues as if it never ran.
-        buffers = [b for model in (self.student, self.generator) for b in model.buffers()]
-        saved = [b.clone() for b in buffers]
-        with self._autocast():
-            batch = self._generator_batch(z, y, self.generator, self.head)
-            values = {name: term(batch) for name, term in objective.terms.items()}
-        norms = {}
-        for name, value in values.items():
-            grads = torch.autograd.grad(objective.weights[name] * value, params, retain_graph=True, allow_unused=True)
-            norms[f"g_grad_{name}"] = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None])
-            )
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
-        names = sorted(norms)
-        values_tensor = torch.stack([norms[n] for n in names])
-        if self.world_size > 1:
-            dist.all_reduce(values_tensor)
-            values_tensor /= self.world_size
-        return dict(zip(names, values_tensor.tolist()))
 
     def train_epoch(self) -> dict[str, float]:
         """Run one epoch; returns the mean of every loss term by name, learning rates, throughput."""
@@ -381,7 +300,7 @@ class DistillEngine:
         metrics = {name: None for name in LOSS_METRICS}
         metrics.update(dict(zip(names, means)))
         if self.cfg.eval.term_gradients:
-            metrics.update(self.term_gradients())
+            metrics.update(term_gradients(self))
         metrics.update(
             epoch=self.epoch,
             lr_student=self.student_opt.param_groups[0]["lr"],
@@ -415,7 +334,7 @@ class DistillEngine:
             correct = torch.zeros(1, device=self.device)
             predicted = torch.zeros(classes, device=self.device)
             for start in range(0, len(labels), self.cfg.eval.batch_size):
-                with self._autocast():
+                with self.autocast():
                     logits = self.student_fwd(images[start : start + self.cfg.eval.batch_size])
                 predictions = logits.argmax(1)
                 correct += (predictions == labels[start : start + self.cfg.eval.batch_size]).sum()

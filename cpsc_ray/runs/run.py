@@ -5,7 +5,7 @@ summary. ``runs.loop`` drives it the same way for every entry point; only rank 0
 Run directory::
 
     config.yaml         the full config the run used
-    metrics.parquet     one row per epoch (results.SCHEMA)
+    metrics.parquet     one row per epoch (results.schema.SCHEMA)
     checkpoints/last/   state.pt (engine.state_dict()) + meta.json, every train.checkpoint_every epochs
     best/               student.safetensors + student.json: the student at the best selection metric
     samples.png         synthetic samples, one row per class
