@@ -22,6 +22,7 @@ import ray
 from ray import tune
 
 from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
+from cpsc_ray.cluster.train import check_gpus_per_worker
 from cpsc_ray.cluster.trial import trainable
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.cluster.tune_state import check_restorable
@@ -165,6 +166,9 @@ def run_tune(
 ) -> dict[str, Any]:
     """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary.
     ``callbacks`` are Ray Tune callbacks, for programmatic use."""
+    gpus_per_trial = options.gpus_per_worker * options.workers_per_trial
+    how = f"--gpus-per-trial {gpus_per_trial:g} --workers-per-trial {options.workers_per_trial}"
+    check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, how)
     root = Storage(options.storage or cfg.output_dir)
     if not ray.is_initialized():
         ray.init()
