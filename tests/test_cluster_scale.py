@@ -38,3 +38,34 @@ def test_fractional_gpus_stay_allowed_for_one_worker():
     check_gpus_per_worker(4, 0.0, "--workers 4")  # CPU workers
     with pytest.raises(ConfigError, match=r"whole number of GPUs \(2\)"):
         check_gpus_per_worker(2, 1.5, "--workers 2 --gpus-per-worker 1.5")
+
+
+def test_pbt_explores_inside_the_search_space(digits_cfg):
+    import random
+
+    from ray.tune.schedulers import pbt
+
+    from cpsc_ray.cluster.search_space import load_search_space
+    from cpsc_ray.cluster.tune import build_scheduler
+
+    space = load_search_space("digits_pbt", digits_cfg)
+    scheduler = build_scheduler(TuneOptions(space="digits_pbt", scheduler="pbt"), space, epochs=8)
+    ints = [k for k, p in space.params.items() if p.distribution == "int"]
+    # Start at the edges, where unclipped factors leave the space: floats at their top, integers at 1.
+    config = {k: (p.high if p.distribution != "int" else int(p.low)) for k, p in space.params.items()}
+    seen = {k: set() for k in ints}
+    random.seed(0)
+    for _ in range(200):
+        config, _ = pbt._explore(
+            config,
+            scheduler._hyperparam_mutations,
+            scheduler._resample_probability,
+            scheduler._perturbation_factors,
+            scheduler._custom_explore_fn,
+        )
+        for key, p in space.params.items():
+            assert p.low <= config[key] <= p.high, f"{key}={config[key]} left [{p.low}, {p.high}]"
+        for key in ints:
+            assert isinstance(config[key], int)
+            seen[key].add(config[key])
+    assert all(len(values) >= 3 for values in seen.values()), seen  # small integers move, not only on resample

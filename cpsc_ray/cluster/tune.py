@@ -143,7 +143,9 @@ def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
         time_attr="epoch", metric="score", mode="max", perturbation_interval=options.perturbation_interval, synch=True
     )
     if options.scheduler == "pbt":
-        return PopulationBasedTraining(hyperparam_mutations=space.to_tune(), **common)
+        return PopulationBasedTraining(
+            hyperparam_mutations=space.pbt_mutations(), custom_explore_fn=space.clamp, **common
+        )
     from ray.tune.schedulers.pb2 import PB2
 
     return PB2(hyperparam_bounds=space.pb2_bounds(), **common)
