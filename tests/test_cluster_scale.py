@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import TINY
 
+from cpsc_ray.cli import main
 from cpsc_ray.cluster.train import check_gpus_per_worker, run_distributed
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import ConfigError
@@ -69,3 +74,46 @@ def test_pbt_explores_inside_the_search_space(digits_cfg):
             assert isinstance(config[key], int)
             seen[key].add(config[key])
     assert all(len(values) >= 3 for values in seen.values()), seen  # small integers move, not only on resample
+
+
+def test_relative_paths_are_made_absolute_in_the_driver(digits_cfg, tmp_path, monkeypatch):
+    from cpsc_ray.config import with_values
+    from cpsc_ray.runs.setup import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CPSC_RAY_CACHE", "cache")
+    cfg = with_values(digits_cfg, {"data.root": "data", "teacher.weights": "t/w.pt", "output_dir": "runs"})
+    resolved = with_absolute_paths(cfg)
+    assert (resolved.data.root, resolved.teacher.weights) == (str(tmp_path / "data"), str(tmp_path / "t/w.pt"))
+    assert resolved.output_dir == str(tmp_path / "runs")
+    assert os.environ["CPSC_RAY_CACHE"] == str(tmp_path / "cache")
+    remote = with_values(digits_cfg, {"teacher.weights": "s3://bucket/w.pt", "output_dir": "s3://bucket/runs"})
+    assert with_absolute_paths(remote).teacher.weights == "s3://bucket/w.pt"
+    assert with_absolute_paths(remote).output_dir == "s3://bucket/runs"
+
+
+def relative_teacher(digits_cfg, tmp_path: Path, monkeypatch) -> str:
+    """The session's teacher copied under tmp_path, named by a path relative to it (now the cwd)."""
+    source = Path(digits_cfg.teacher.weights).parent
+    shutil.copytree(source, tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    return f"teacher/{Path(digits_cfg.teacher.weights).name}"
+
+
+def test_a_relative_teacher_path_works_under_workers(ray_local, digits_cfg, tmp_path, monkeypatch):
+    weights = relative_teacher(digits_cfg, tmp_path, monkeypatch)
+    code = main(
+        ["distill", "--name", "rel", "--workers", "2", "--storage", "runs", *TINY, "train.epochs=1"]
+        + [f"teacher.weights={weights}"]
+    )
+    assert code == 0
+    assert pq.read_table(tmp_path / "runs/rel/metrics.parquet").num_rows == 1
+
+
+def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_path, monkeypatch):
+    from cpsc_ray.config import with_values
+
+    weights = relative_teacher(digits_cfg, tmp_path, monkeypatch)
+    cfg = with_values(digits_cfg, {"teacher.weights": weights, "train.epochs": 1})
+    summary = run_tune(cfg, TuneOptions(space="digits_pbt", storage="runs", name="rel", num_samples=1))
+    assert not summary["errored"] and len(summary["trials"]) == 1

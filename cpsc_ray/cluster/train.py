@@ -29,7 +29,7 @@ from cpsc_ray.runs.lineage import Exploit
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import DistillRun
-from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine
+from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine, with_absolute_paths
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 
@@ -164,7 +164,7 @@ def run_distributed(
     check_gpus_per_worker(workers, gpus_per_worker, f"--workers {workers} --gpus-per-worker {gpus_per_worker:g}")
     if storage:
         cfg = cfg.model_copy(update={"output_dir": storage})
-    cfg, outputs, name = open_run(cfg, resume)
+    cfg, outputs, name = open_run(with_absolute_paths(cfg), resume)
     if not ray.is_initialized():
         ray.init()
     cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)

@@ -29,7 +29,7 @@ from cpsc_ray.cluster.tune_state import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.store import collect_experiment, read_results
-from cpsc_ray.runs.setup import ensure_teacher, new_run_name
+from cpsc_ray.runs.setup import ensure_teacher, new_run_name, with_absolute_paths
 from cpsc_ray.storage import Storage
 
 
@@ -171,6 +171,7 @@ def run_tune(
     gpus_per_trial = options.gpus_per_worker * options.workers_per_trial
     how = f"--gpus-per-trial {gpus_per_trial:g} --workers-per-trial {options.workers_per_trial}"
     check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, how)
+    cfg = with_absolute_paths(cfg)
     root = Storage(options.storage or cfg.output_dir)
     if not ray.is_initialized():
         ray.init()
