@@ -117,3 +117,19 @@ def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_pat
     cfg = with_values(digits_cfg, {"teacher.weights": weights, "train.epochs": 1})
     summary = run_tune(cfg, TuneOptions(space="digits_pbt", storage="runs", name="rel", num_samples=1))
     assert not summary["errored"] and len(summary["trials"]) == 1
+
+
+def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, nothing_starts):
+    from cpsc_ray.cluster.search_space import load_search_space
+    from cpsc_ray.cluster.trial import tune_metrics
+    from cpsc_ray.cluster.tune import build_search
+
+    history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.9}, {"epoch": 3, "val_acc": 0.6}]
+    metrics = tune_metrics(history[-1], history, "val_acc", images_spent=10)
+    assert (metrics["score"], metrics["best_score"]) == (0.6, 0.9)  # PBT compares now, Optuna the best
+    space = load_search_space("digits_optuna", digits_cfg)
+    search = build_search(TuneOptions(space="digits_optuna", search="optuna"), space, ("best_score", "max"), None)
+    assert search.metric == "best_score"
+    options = TuneOptions(space="digits_optuna", search="optuna", scheduler="asha", minimize_device_seconds=True)
+    with pytest.raises(ConfigError, match="Pareto front"):
+        run_tune(digits_cfg, options)

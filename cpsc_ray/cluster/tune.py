@@ -173,8 +173,6 @@ def run_tune(
     check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, how)
     cfg = with_absolute_paths(cfg)
     root = Storage(options.storage or cfg.output_dir)
-    if not ray.is_initialized():
-        ray.init()
     if resume:
         return _resume(root, options)
     space = load_search_space(options.space, cfg)
@@ -182,13 +180,23 @@ def run_tune(
         space.check_perturbable()
     if options.minimize_device_seconds and options.search != "optuna":
         raise ConfigError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
+    if options.minimize_device_seconds and options.scheduler == "asha":
+        raise ConfigError(
+            "--minimize-device-seconds with --scheduler asha: trials ASHA stops would enter the Pareto front at "
+            "their early, cheap values; use --scheduler fifo"
+        )
     metric = objective_metric(cfg, options.metric)
     experiment = new_run_name(root, options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
+    if not ray.is_initialized():  # only once the request is known to be valid
+        ray.init()
     cfg = _resolve_teacher(cfg, options)
     setup = _new_setup(root, cfg, options, space, experiment, metric)
     setup.write(root)
     seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
-    objectives = (["score", "device_s"], ["max", "min"]) if options.minimize_device_seconds else ("score", "max")
+    # Optuna ranks a trial by its best epoch, as finalize and the report do; schedulers compare the current score.
+    objectives = (
+        (["best_score", "device_s"], ["max", "min"]) if options.minimize_device_seconds else ("best_score", "max")
+    )
     random.seed(options.search_seed)  # PBT's explore draws from Python's random
     tuner = tune.Tuner(
         trainable(setup),
@@ -217,6 +225,8 @@ def run_tune(
 def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
     if not options.name:
         raise ConfigError("--resume needs --name EXPERIMENT (the experiment to continue)")
+    if not ray.is_initialized():
+        ray.init()
     path = root.uri(options.name)
     if not tune.Tuner.can_restore(path):
         raise ConfigError(f"--resume: no Tune experiment at {path}")
