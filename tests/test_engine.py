@@ -202,3 +202,34 @@ def test_term_gradients_leave_training_unchanged(tiny_cfg):
     a, b = plain.state_dict(), measured.state_dict()
     a["counters"].pop("device_seconds"), b["counters"].pop("device_seconds")
     assert_states_equal(a, b)
+
+
+def test_a_checkpoint_restores_where_fewer_gpus_are_visible(tiny_cfg, monkeypatch):
+    """A state written where four GPUs were visible (Ray Train workers on one node see each other's)
+    restores on a node that sees one: the engine takes what it needs, its own device's state."""
+    engine = prepare_engine(tiny_cfg).engine
+    engine.train_epoch()
+    state = roundtrip(engine.state_dict())
+    state["rng"]["cuda"] = [torch.ByteTensor(16).random_() for _ in range(4)]  # one per GPU seen then
+
+    def set_rng_state_all(states):  # as CUDA does: a state per visible device, no more
+        if len(states) > torch.cuda.device_count():
+            raise RuntimeError(f"{len(states)} CUDA RNG states for {torch.cuda.device_count()} device(s)")
+
+    restored = prepare_engine(tiny_cfg).engine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    restored.load_state_dict(state)
+    assert restored.epoch == 1
+
+
+def test_only_the_engines_own_cuda_rng_state_is_restored():
+    from cpsc_ray.method.spec import device_rng_state
+
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
+    assert torch.equal(device_rng_state(states, torch.device("cuda", 2)), states[2])  # older, per-GPU checkpoints
+    assert device_rng_state(states[:2], torch.device("cuda", 3)) is None  # that GPU is not seen: reseeded anyway
+    assert device_rng_state(states[1], torch.device("cuda", 0)) is states[1]  # today's: the engine's device
+    assert device_rng_state(states, torch.device("cpu")) is None
+    assert device_rng_state(None, torch.device("cuda", 0)) is None

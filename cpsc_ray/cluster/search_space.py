@@ -91,6 +91,23 @@ class SearchSpace:
                     f"that experiment (--seed-from), or set it in the run config"
                 )
 
+    def pbt_mutations(self) -> dict[str, Any]:
+        """What PBT's explore may do to each key. Ray multiplies a number by 0.8 or 1.2, which rounding
+        undoes for small integers (1 * 1.2 -> 1) or drives out of bounds (1 * 0.8 -> 0): integers are
+        given as their list of values, which Ray's explore moves one step left or right, in bounds."""
+        return {
+            key: list(range(int(p.low), int(p.high) + 1)) if p.distribution == "int" else p.to_tune()
+            for key, p in self.params.items()
+        }
+
+    def clamp(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A perturbed config put back inside the space (PBT's ``custom_explore_fn``): Ray does not clip,
+        so over a long run multiplied loss weights and rates would drift past their bounds."""
+        for key, p in self.params.items():
+            if key in config and p.distribution in ("loguniform", "uniform"):
+                config[key] = min(max(config[key], p.low), p.high)
+        return config
+
     def pb2_bounds(self) -> dict[str, list[float]]:
         return {key: list(param.bounds) for key, param in self.params.items()}
 

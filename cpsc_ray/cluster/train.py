@@ -29,7 +29,7 @@ from cpsc_ray.runs.lineage import Exploit
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import DistillRun
-from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine
+from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine, with_absolute_paths
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 
@@ -138,6 +138,17 @@ def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Sca
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
 
 
+def check_gpus_per_worker(workers: int, gpus_per_worker: float, how: str) -> None:
+    """Two NCCL ranks on one GPU are refused by NCCL: a DDP worker gets whole GPUs. ``how`` names the
+    options that set the share, for the message. Fractional GPUs stay allowed for a single worker."""
+    if workers > 1 and gpus_per_worker % 1:
+        whole = max(1, round(gpus_per_worker))
+        raise ConfigError(
+            f"{how} gives each of the {workers} DDP workers {gpus_per_worker:g} GPU, and NCCL refuses two ranks "
+            f"on one GPU: give each worker a whole number of GPUs ({whole}), or run a single worker"
+        )
+
+
 def run_distributed(
     cfg: RunConfig,
     workers: int,
@@ -150,9 +161,10 @@ def run_distributed(
 ) -> dict[str, Any]:
     if cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
+    check_gpus_per_worker(workers, gpus_per_worker, f"--workers {workers} --gpus-per-worker {gpus_per_worker:g}")
     if storage:
         cfg = cfg.model_copy(update={"output_dir": storage})
-    cfg, outputs, name = open_run(cfg, resume)
+    cfg, outputs, name = open_run(with_absolute_paths(cfg), resume)
     if not ray.is_initialized():
         ray.init()
     cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)

@@ -50,11 +50,15 @@ def trial_config(base: RunConfig, values: dict[str, Any], trial_id: str) -> RunC
     return with_values(base, {**coerced, "seed": base.seed + trial_seed_offset(trial_id), "name": trial_id})
 
 
-def tune_metrics(row: dict[str, Any], score: float | None, images_spent: int) -> dict[str, Any]:
-    """What a trial reports to Tune: the row's numbers, the objective as ``score``, and the images it
-    synthesized since its last report (``images_spent``, what a compute budget adds up)."""
+def tune_metrics(row: dict[str, Any], history: list[dict[str, Any]], metric: str, images_spent: int) -> dict[str, Any]:
+    """What a trial reports to Tune: the row's numbers; ``score``, the objective's current value (what
+    PBT and ASHA compare); ``best_score``, its best so far (what Optuna optimises, and what finalize and
+    the report rank by); and ``images_spent``, the images synthesized since the last report (what a
+    compute budget adds up)."""
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
-    metrics["score"] = WORST_SCORE if row.get("diverged") or score is None else score
+    values = [r[metric] for r in history if r.get(metric) is not None]
+    metrics["score"] = WORST_SCORE if row.get("diverged") or not values else latest(history, metric)
+    metrics["best_score"] = max(values) if values else WORST_SCORE
     metrics["images_spent"] = images_spent
     metrics["report_id"] = uuid.uuid4().hex  # Tune repeats a finished trial's last result; count it once
     return metrics
@@ -106,7 +110,7 @@ class TuneReporter(Reporter):
         self.setup, self.cfg = setup, cfg
 
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
-        metrics = tune_metrics(row, latest(run.history, self.setup.metric), row["epoch_images"])
+        metrics = tune_metrics(row, run.history, self.setup.metric, row["epoch_images"])
         if not checkpoint_due:
             tune.report(metrics)
             return
@@ -115,7 +119,7 @@ class TuneReporter(Reporter):
             tune.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
     def diverged(self, run: DistillRun, row: dict[str, Any], error: DivergenceError) -> None:
-        report_diverged(row, self.setup, self.cfg)
+        report_diverged(row, run.history, self.setup, self.cfg)
 
 
 def _trial_in_process(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
@@ -126,9 +130,9 @@ def _trial_in_process(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: 
     run_epochs(run, TuneReporter(setup, cfg), start=start, checkpoint_every=setup.checkpoint_every, finish=False)
 
 
-def report_diverged(row: dict[str, Any], setup: TuneSetup, cfg: RunConfig) -> None:
+def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: TuneSetup, cfg: RunConfig) -> None:
     """Report the worst score; under PBT keep the population's pace until a better trial is cloned in."""
-    metrics = tune_metrics(row, None, row.get("epoch_images") or 0)
+    metrics = tune_metrics(row, history, setup.metric, row.get("epoch_images") or 0)
     if not setup.population_based:
         tune.report(metrics)
         return
@@ -186,12 +190,12 @@ def _trial_in_rounds(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: S
         history = outputs.read_parquet("metrics.parquet").to_pylist()
         spent = sum(r["epoch_images"] or 0 for r in history if r["epoch"] > epoch)
         if history[-1]["diverged"]:
-            report_diverged({**history[-1], "epoch_images": spent}, setup, cfg)
+            report_diverged({**history[-1], "epoch_images": spent}, history, setup, cfg)
             return
         state_uri = rounds.uri(name, Path(result.checkpoint.path).name)
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, POINTER).write_text(json.dumps({"state": state_uri}))
-            metrics = tune_metrics(history[-1], latest(history, setup.metric), spent)
+            metrics = tune_metrics(history[-1], history, setup.metric, spent)
             tune.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         if setup.keep_checkpoints:
             _drop_old_rounds(rounds, keep=setup.keep_checkpoints)

@@ -22,13 +22,14 @@ import ray
 from ray import tune
 
 from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
+from cpsc_ray.cluster.train import check_gpus_per_worker
 from cpsc_ray.cluster.trial import trainable
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.cluster.tune_state import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.store import collect_experiment, read_results
-from cpsc_ray.runs.setup import ensure_teacher, new_run_name
+from cpsc_ray.runs.setup import ensure_teacher, new_run_name, with_absolute_paths
 from cpsc_ray.storage import Storage
 
 
@@ -142,7 +143,9 @@ def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
         time_attr="epoch", metric="score", mode="max", perturbation_interval=options.perturbation_interval, synch=True
     )
     if options.scheduler == "pbt":
-        return PopulationBasedTraining(hyperparam_mutations=space.to_tune(), **common)
+        return PopulationBasedTraining(
+            hyperparam_mutations=space.pbt_mutations(), custom_explore_fn=space.clamp, **common
+        )
     from ray.tune.schedulers.pb2 import PB2
 
     return PB2(hyperparam_bounds=space.pb2_bounds(), **common)
@@ -165,9 +168,11 @@ def run_tune(
 ) -> dict[str, Any]:
     """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary.
     ``callbacks`` are Ray Tune callbacks, for programmatic use."""
+    gpus_per_trial = options.gpus_per_worker * options.workers_per_trial
+    how = f"--gpus-per-trial {gpus_per_trial:g} --workers-per-trial {options.workers_per_trial}"
+    check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, how)
+    cfg = with_absolute_paths(cfg)
     root = Storage(options.storage or cfg.output_dir)
-    if not ray.is_initialized():
-        ray.init()
     if resume:
         return _resume(root, options)
     space = load_search_space(options.space, cfg)
@@ -175,13 +180,23 @@ def run_tune(
         space.check_perturbable()
     if options.minimize_device_seconds and options.search != "optuna":
         raise ConfigError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
+    if options.minimize_device_seconds and options.scheduler == "asha":
+        raise ConfigError(
+            "--minimize-device-seconds with --scheduler asha: trials ASHA stops would enter the Pareto front at "
+            "their early, cheap values; use --scheduler fifo"
+        )
     metric = objective_metric(cfg, options.metric)
     experiment = new_run_name(root, options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
+    if not ray.is_initialized():  # only once the request is known to be valid
+        ray.init()
     cfg = _resolve_teacher(cfg, options)
     setup = _new_setup(root, cfg, options, space, experiment, metric)
     setup.write(root)
     seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
-    objectives = (["score", "device_s"], ["max", "min"]) if options.minimize_device_seconds else ("score", "max")
+    # Optuna ranks a trial by its best epoch, as finalize and the report do; schedulers compare the current score.
+    objectives = (
+        (["best_score", "device_s"], ["max", "min"]) if options.minimize_device_seconds else ("best_score", "max")
+    )
     random.seed(options.search_seed)  # PBT's explore draws from Python's random
     tuner = tune.Tuner(
         trainable(setup),
@@ -210,6 +225,8 @@ def run_tune(
 def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
     if not options.name:
         raise ConfigError("--resume needs --name EXPERIMENT (the experiment to continue)")
+    if not ray.is_initialized():
+        ray.init()
     path = root.uri(options.name)
     if not tune.Tuner.can_restore(path):
         raise ConfigError(f"--resume: no Tune experiment at {path}")

@@ -30,7 +30,7 @@ from cpsc_ray.method.losses import (
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.parallel import average_with_grad, gather_with_grad, noise_seed, world
 from cpsc_ray.method.schedules import multistep, warmup_cosine
-from cpsc_ray.method.spec import DivergenceError, EvalSet, ImageSpec, pick_device
+from cpsc_ray.method.spec import DivergenceError, EvalSet, ImageSpec, device_rng_state, pick_device
 from cpsc_ray.method.terms import LOSS_METRICS
 
 # Config keys that shape the models or decide the optimizers: an engine cannot take a new value mid-run.
@@ -369,9 +369,10 @@ class DistillEngine:
             "generator_opt": self.generator_opt.state_dict(),
             "schedule": {"epoch": self.epoch},
             "counters": {"images_synthesized": self.images_synthesized, "device_seconds": self.device_seconds},
+            # This engine's device only: a restart may see a different set of GPUs (issue #11).
             "rng": {
                 "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             },
         }
 
@@ -386,7 +387,8 @@ class DistillEngine:
         self.images_synthesized = int(state["counters"]["images_synthesized"])
         self.device_seconds = float(state["counters"]["device_seconds"])
         torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda_state = device_rng_state(state["rng"]["cuda"], self.device)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, self.device)
         # Restored optimizer state carries the source's learning rates and betas: the config wins.
         self.apply_hyperparameters(self.cfg)

@@ -36,3 +36,16 @@ def pick_device(requested: str) -> torch.device:
             raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def device_rng_state(saved: Tensor | list[Tensor] | None, device: torch.device) -> Tensor | None:
+    """The CUDA RNG state a checkpoint holds for ``device``, or None. Checkpoints hold the state of
+    their engine's device; older ones hold one per GPU visible then (other workers' GPUs included),
+    of which only this device's index is ours, if the restart sees that many. Noise streams are
+    reseeded every epoch, so a state that does not carry over costs nothing the run needs."""
+    if device.type != "cuda" or saved is None:
+        return None
+    if isinstance(saved, list):
+        index = device.index or 0
+        return saved[index] if index < len(saved) else None
+    return saved

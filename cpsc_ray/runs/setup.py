@@ -5,12 +5,14 @@ one). Every entry point, in process or on a Ray worker, prepares its run here.""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import yaml
 
-from cpsc_ray.config import ConfigError, RunConfig, to_yaml, validate_tree
+from cpsc_ray.config import ConfigError, RunConfig, to_yaml, validate_tree, with_values
 from cpsc_ray.data import dataset_info
 from cpsc_ray.method.engine import DistillEngine, ImageSpec, pick_device
 from cpsc_ray.results.schema import method_label
@@ -30,6 +32,30 @@ def ensure_teacher(cfg: RunConfig, progress: bool = True) -> RunConfig:
         )
         train_teacher(cfg, progress=progress)
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": path})})
+
+
+def local_path(path: str | None) -> str | None:
+    """A relative local path made absolute against this process's working directory; URIs, ``auto``
+    and None stay as they are."""
+    if path is None or path == "auto" or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The config with its local paths absolute, and the teacher cache too (``CPSC_RAY_CACHE``, which
+    processes started after this one inherit): Ray workers and Tune trials run in other working
+    directories, where a relative path would name another place."""
+    if "CPSC_RAY_CACHE" in os.environ:
+        os.environ["CPSC_RAY_CACHE"] = local_path(os.environ["CPSC_RAY_CACHE"])
+    return with_values(
+        cfg,
+        {
+            "data.root": local_path(cfg.data.root),
+            "teacher.weights": local_path(cfg.teacher.weights),
+            "output_dir": local_path(cfg.output_dir),
+        },
+    )
 
 
 def dataset_label(cfg: RunConfig) -> str:

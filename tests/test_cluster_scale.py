@@ -1,0 +1,135 @@
+"""What would break at cluster scale (issue #11), decided on CPU with Ray's start or the devices mocked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from conftest import TINY
+
+from cpsc_ray.cli import main
+from cpsc_ray.cluster.train import check_gpus_per_worker, run_distributed
+from cpsc_ray.cluster.tune import TuneOptions, run_tune
+from cpsc_ray.config import ConfigError
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Ray must not be started: a refusal comes before anything runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the request was checked")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def test_two_ddp_workers_never_share_a_gpu(tiny_cfg, nothing_starts):
+    with pytest.raises(ConfigError, match="--workers 2 --gpus-per-worker 0.5 .* NCCL refuses two ranks"):
+        run_distributed(tiny_cfg, workers=2, gpus_per_worker=0.5)
+    assert not Path(tiny_cfg.output_dir).exists(), "nothing is written for a refused request"
+    options = TuneOptions(space="digits_pbt", scheduler="pbt", workers_per_trial=2, gpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match="--gpus-per-trial 1 --workers-per-trial 2 .* whole number of GPUs"):
+        run_tune(tiny_cfg, options)
+
+
+def test_fractional_gpus_stay_allowed_for_one_worker():
+    check_gpus_per_worker(1, 0.25, "--gpus-per-trial 0.25")
+    check_gpus_per_worker(2, 1.0, "--workers 2 --gpus-per-worker 1")
+    check_gpus_per_worker(4, 0.0, "--workers 4")  # CPU workers
+    with pytest.raises(ConfigError, match=r"whole number of GPUs \(2\)"):
+        check_gpus_per_worker(2, 1.5, "--workers 2 --gpus-per-worker 1.5")
+
+
+def test_pbt_explores_inside_the_search_space(digits_cfg):
+    import random
+
+    from ray.tune.schedulers import pbt
+
+    from cpsc_ray.cluster.search_space import load_search_space
+    from cpsc_ray.cluster.tune import build_scheduler
+
+    space = load_search_space("digits_pbt", digits_cfg)
+    scheduler = build_scheduler(TuneOptions(space="digits_pbt", scheduler="pbt"), space, epochs=8)
+    ints = [k for k, p in space.params.items() if p.distribution == "int"]
+    # Start at the edges, where unclipped factors leave the space: floats at their top, integers at 1.
+    config = {k: (p.high if p.distribution != "int" else int(p.low)) for k, p in space.params.items()}
+    seen = {k: set() for k in ints}
+    random.seed(0)
+    for _ in range(200):
+        config, _ = pbt._explore(
+            config,
+            scheduler._hyperparam_mutations,
+            scheduler._resample_probability,
+            scheduler._perturbation_factors,
+            scheduler._custom_explore_fn,
+        )
+        for key, p in space.params.items():
+            assert p.low <= config[key] <= p.high, f"{key}={config[key]} left [{p.low}, {p.high}]"
+        for key in ints:
+            assert isinstance(config[key], int)
+            seen[key].add(config[key])
+    assert all(len(values) >= 3 for values in seen.values()), seen  # small integers move, not only on resample
+
+
+def test_relative_paths_are_made_absolute_in_the_driver(digits_cfg, tmp_path, monkeypatch):
+    from cpsc_ray.config import with_values
+    from cpsc_ray.runs.setup import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CPSC_RAY_CACHE", "cache")
+    cfg = with_values(digits_cfg, {"data.root": "data", "teacher.weights": "t/w.pt", "output_dir": "runs"})
+    resolved = with_absolute_paths(cfg)
+    assert (resolved.data.root, resolved.teacher.weights) == (str(tmp_path / "data"), str(tmp_path / "t/w.pt"))
+    assert resolved.output_dir == str(tmp_path / "runs")
+    assert os.environ["CPSC_RAY_CACHE"] == str(tmp_path / "cache")
+    remote = with_values(digits_cfg, {"teacher.weights": "s3://bucket/w.pt", "output_dir": "s3://bucket/runs"})
+    assert with_absolute_paths(remote).teacher.weights == "s3://bucket/w.pt"
+    assert with_absolute_paths(remote).output_dir == "s3://bucket/runs"
+
+
+def relative_teacher(digits_cfg, tmp_path: Path, monkeypatch) -> str:
+    """The session's teacher copied under tmp_path, named by a path relative to it (now the cwd)."""
+    source = Path(digits_cfg.teacher.weights).parent
+    shutil.copytree(source, tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    return f"teacher/{Path(digits_cfg.teacher.weights).name}"
+
+
+def test_a_relative_teacher_path_works_under_workers(ray_local, digits_cfg, tmp_path, monkeypatch):
+    weights = relative_teacher(digits_cfg, tmp_path, monkeypatch)
+    code = main(
+        ["distill", "--name", "rel", "--workers", "2", "--storage", "runs", *TINY, "train.epochs=1"]
+        + [f"teacher.weights={weights}"]
+    )
+    assert code == 0
+    assert pq.read_table(tmp_path / "runs/rel/metrics.parquet").num_rows == 1
+
+
+def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_path, monkeypatch):
+    from cpsc_ray.config import with_values
+
+    weights = relative_teacher(digits_cfg, tmp_path, monkeypatch)
+    cfg = with_values(digits_cfg, {"teacher.weights": weights, "train.epochs": 1})
+    summary = run_tune(cfg, TuneOptions(space="digits_pbt", storage="runs", name="rel", num_samples=1))
+    assert not summary["errored"] and len(summary["trials"]) == 1
+
+
+def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, nothing_starts):
+    from cpsc_ray.cluster.search_space import load_search_space
+    from cpsc_ray.cluster.trial import tune_metrics
+    from cpsc_ray.cluster.tune import build_search
+
+    history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.9}, {"epoch": 3, "val_acc": 0.6}]
+    metrics = tune_metrics(history[-1], history, "val_acc", images_spent=10)
+    assert (metrics["score"], metrics["best_score"]) == (0.6, 0.9)  # PBT compares now, Optuna the best
+    space = load_search_space("digits_optuna", digits_cfg)
+    search = build_search(TuneOptions(space="digits_optuna", search="optuna"), space, ("best_score", "max"), None)
+    assert search.metric == "best_score"
+    options = TuneOptions(space="digits_optuna", search="optuna", scheduler="asha", minimize_device_seconds=True)
+    with pytest.raises(ConfigError, match="Pareto front"):
+        run_tune(digits_cfg, options)
