@@ -133,3 +133,73 @@ def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, n
     options = TuneOptions(space="digits_optuna", search="optuna", scheduler="asha", minimize_device_seconds=True)
     with pytest.raises(ConfigError, match="Pareto front"):
         run_tune(digits_cfg, options)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(monkeypatch, epoch: int) -> None:
+    from cpsc_ray.runs.run import DistillRun
+
+    real = DistillRun.run_epoch
+
+    def run_epoch(self):
+        row = real(self)
+        if row["epoch"] == epoch:
+            raise Crash()
+        return row
+
+    monkeypatch.setattr(DistillRun, "run_epoch", run_epoch)
+
+
+def epochs_and_workers(run: Path) -> list[tuple[int, int]]:
+    return [(r["epoch"], r["workers"]) for r in pq.read_table(run / "metrics.parquet").to_pylist()]
+
+
+def test_resume_continues_from_the_newest_checkpoint_of_either_mode(ray_local, digits_cfg, tmp_path, monkeypatch):
+    storage = str(tmp_path / "runs")
+    # In process first, interrupted after its epoch-2 checkpoint; then resumed on 2 Train workers.
+    crash_after(monkeypatch, 3)
+    with pytest.raises(Crash):
+        main(
+            ["distill", "--name", "mixed", *TINY, "train.epochs=4", "train.checkpoint_every=2", f"output_dir={storage}"]
+        )
+    monkeypatch.undo()
+    assert main(["distill", "--resume", "mixed", "--workers", "2", "--storage", storage]) == 0
+    assert epochs_and_workers(tmp_path / "runs/mixed") == [(1, 1), (2, 1), (3, 2), (4, 2)]
+
+    # Train workers first, failed for good after their epoch-2 checkpoint; then resumed in process.
+    code = main(
+        ["distill", "--name", "trained", "--workers", "2", "--storage", storage, *TINY, "train.epochs=3"]
+        + ["--max-failures", "0", "--inject-fault-at-epoch", "3"]
+    )
+    assert code == 1
+    assert main(["distill", "--resume", "trained", f"output_dir={storage}"]) == 0
+    assert epochs_and_workers(tmp_path / "runs/trained") == [(1, 2), (2, 2), (3, 1)]
+
+
+def test_a_resume_with_nothing_to_continue_from_is_refused(digits_cfg, tmp_path, monkeypatch, capsys):
+    storage = str(tmp_path / "runs")
+    crash_after(monkeypatch, 1)
+    with pytest.raises(Crash):  # no checkpoint is due before epoch 4
+        main(
+            ["distill", "--name", "early", *TINY, "train.epochs=4", "train.checkpoint_every=4", f"output_dir={storage}"]
+        )
+    monkeypatch.undo()
+    assert main(["distill", "--resume", "early", f"output_dir={storage}"]) == 2  # a usage error, as bad config is
+    assert "no checkpoint to continue from" in capsys.readouterr().err
+    assert epochs_and_workers(tmp_path / "runs/early") == [(1, 1)], "the run's metrics are kept"
+
+
+def test_an_exploit_is_recorded_once(tiny_cfg, tmp_path):
+    from cpsc_ray.runs.lineage import Exploit, record_exploit
+    from cpsc_ray.runs.setup import prepare_engine
+    from cpsc_ray.storage import Storage
+
+    engine = prepare_engine(tiny_cfg).engine
+    outputs = Storage(str(tmp_path / "trial"))
+    exploit = Exploit("source_00001", 2, "/checkpoints/source/e00002", {"loss.alpha": 1.0}, {"loss.alpha": 1.2})
+    record_exploit(outputs, engine, exploit)
+    record_exploit(outputs, engine, exploit)  # the round restarted before its first checkpoint
+    assert len(outputs.read_json("lineage.json")) == 1

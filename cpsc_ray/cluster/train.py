@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.store import publish
-from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
+from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point, write_checkpoint_dir
 from cpsc_ray.runs.lineage import Exploit
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
@@ -103,13 +103,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prepared = prepare_engine(cfg, device, loop.role)
     outputs = Storage(loop.outputs)
     run = DistillRun(prepared.engine, prepared.identity, outputs if rank == 0 else None, keep_best=loop.keep_best)
-    start = None
+    starts = []  # Train's own checkpoint first: it wins a tie
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restart after a worker failure
+    if checkpoint is not None:  # a restart after a worker failure, or a resumed Train run
         with checkpoint.as_directory() as directory:
-            start = StartState(*read_checkpoint(Storage(directory)), where=checkpoint.path)
-    elif loop.start_state:
-        start = StartState(*read_checkpoint(Storage(loop.start_state)), where=loop.start_state, exploit=loop.exploit)
+            starts.append(StartState(*read_checkpoint(Storage(directory)), where=checkpoint.path))
+    if loop.start_state:  # a round's state, or a resumed run's newest checkpoint from either mode
+        state, meta = read_checkpoint(Storage(loop.start_state))
+        starts.append(StartState(state, meta, where=loop.start_state, exploit=loop.exploit))
+    start = max(starts, key=lambda s: s.epoch) if starts else None
     run_epochs(
         run,
         TrainReporter(loop, outputs, rank),
@@ -165,6 +167,7 @@ def run_distributed(
     if storage:
         cfg = cfg.model_copy(update={"output_dir": storage})
     cfg, outputs, name = open_run(with_absolute_paths(cfg), resume)
+    newest = resume_point(outputs, name) if resume else None
     if not ray.is_initialized():
         ray.init()
     cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)
@@ -177,6 +180,7 @@ def run_distributed(
                 outputs=outputs.uri(),
                 role=RunRole(kind="distill", experiment=name),
                 fault_epoch=fault_epoch,
+                start_state=outputs.uri(newest) if newest else None,
             )
         },
         scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),

@@ -62,3 +62,25 @@ def restore_engine(engine: DistillEngine, state: dict, where: str) -> None:
     except (RuntimeError, KeyError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise CheckpointError(f"checkpoint {where}: does not fit this run's models ({first})") from None
+
+
+def newest_checkpoint(run: Storage) -> str | None:
+    """The newest checkpoint directory of a run (relative to it), whichever mode wrote it: an in-process
+    run's ``checkpoints/last`` or Ray Train's ``checkpoint_*``; None when there is none."""
+    candidates = [d for d in run.list_dirs() if d.startswith("checkpoint_")] + [LAST]
+    epochs = {
+        d: json.loads(run.read_text(f"{d}/{META_FILE}"))["epoch"] for d in candidates if run.exists(f"{d}/{META_FILE}")
+    }
+    return max(epochs, key=epochs.get) if epochs else None
+
+
+def resume_point(run: Storage, name: str) -> str | None:
+    """What ``--resume`` continues from: the newest checkpoint. A run that has epochs but no checkpoint
+    is refused rather than started over, which would overwrite its metrics."""
+    newest = newest_checkpoint(run)
+    if newest is None and run.exists("metrics.parquet") and run.read_parquet("metrics.parquet").num_rows:
+        raise CheckpointError(
+            f"--resume {name}: the run has metrics but no checkpoint to continue from ({run.uri()}); "
+            f"start a new run instead (without --resume)"
+        )
+    return newest

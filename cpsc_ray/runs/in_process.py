@@ -11,7 +11,7 @@ from tqdm import tqdm
 from cpsc_ray.config import RunConfig
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.store import publish
-from cpsc_ray.runs.checkpoints import LAST, META_FILE, read_checkpoint
+from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun, RunSummary
 from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine
@@ -52,8 +52,9 @@ def execute(
     prepared = prepare_engine(cfg, role=RunRole(role.kind, name, role.trial_id, role.method, role.selection))
     run = DistillRun(prepared.engine, prepared.identity, outputs)
     start = None
-    if resume and outputs.exists(f"{LAST}/{META_FILE}"):
-        start = StartState(*read_checkpoint(outputs, LAST), where=outputs.uri(LAST))
+    newest = resume_point(outputs, name) if resume else None
+    if newest is not None:  # an in-process run's checkpoints/last, or a Ray Train run's newest
+        start = StartState(*read_checkpoint(outputs, newest), where=outputs.uri(newest))
     with tqdm(total=cfg.train.epochs, initial=start.epoch if start else 0, desc=name, disable=not progress) as bar:
         end = run_epochs(run, ProgressReporter(bar), start=start, schedule=schedule)
     return RunSummary(**end.summary, run_dir=outputs.uri()), run.history

@@ -48,6 +48,8 @@ def record_exploit(outputs: Storage, engine: DistillEngine, exploit: Exploit) ->
     """PBT lineage: which trial this one cloned, at which epoch, the configs before and after, and
     what is in effect right after the restore (state digest, learning rates, loss weights)."""
     lineage = outputs.read_json("lineage.json") if outputs.exists("lineage.json") else []
+    if lineage and lineage[-1]["source_checkpoint"] == exploit.source_checkpoint:
+        return  # a round that restarted before its first checkpoint restores the same clone again
     lineage.append(
         {
             **asdict(exploit),
