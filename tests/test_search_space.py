@@ -90,3 +90,15 @@ def test_missing_params_and_unknown_names(tmp_path):
     assert "params:" in error(tmp_path, "loss.alpha: {distribution: uniform, low: 1, high: 2}\n")
     with pytest.raises(SearchSpaceError, match="cpsc_pbt"):
         load_search_space("no_such_space")
+
+
+def test_seed_defaults_starts_the_first_trial_at_the_configs_own_values(digits_cfg):
+    from cpsc_ray.cli import build_parser
+    from cpsc_ray.cluster import tune as tune_module
+    from cpsc_ray.config import flatten
+
+    space = load_search_space("digits_pbt", digits_cfg)
+    point = tune_module.defaults_point(digits_cfg, space)
+    assert set(point) == set(space.params) and all(point[k] == flatten(digits_cfg)[k] for k in point)
+    args = build_parser().parse_args(["tune", "--space", "digits_pbt", "--seed-defaults"])
+    assert args.seed_defaults

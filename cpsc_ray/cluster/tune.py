@@ -26,7 +26,7 @@ from cpsc_ray.cluster.train import check_gpus_per_worker
 from cpsc_ray.cluster.trial import trainable
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.cluster.tune_state import check_restorable
-from cpsc_ray.config import ConfigError, RunConfig
+from cpsc_ray.config import ConfigError, RunConfig, flatten
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.store import collect_experiment, read_results
 from cpsc_ray.runs.setup import ensure_teacher, new_run_name, with_absolute_paths
@@ -49,6 +49,7 @@ class TuneOptions:
     budget_images: int | None = None  # stop the experiment once its trials synthesized this many images
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
     seed_from: str | None = None
+    seed_defaults: bool = False  # the base config's own values are the first trial's
     storage: str | None = None
     name: str | None = None
     keep_checkpoints: int | None = 3  # per trial; None keeps all
@@ -163,6 +164,12 @@ def seed_configs(storage: Storage, experiment: str, space: SearchSpace, populati
     return [configs[i % len(configs)] for i in range(population)]
 
 
+def defaults_point(cfg: RunConfig, space: SearchSpace) -> dict[str, Any]:
+    """The base config's values of the searched keys: a starting point at the defaults."""
+    values = flatten(cfg)
+    return {key: values[key] for key in space.params}
+
+
 def run_tune(
     cfg: RunConfig, options: TuneOptions, resume: bool = False, callbacks: list | None = None
 ) -> dict[str, Any]:
@@ -193,6 +200,8 @@ def run_tune(
     setup = _new_setup(root, cfg, options, space, experiment, metric)
     setup.write(root)
     seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
+    if options.seed_defaults:  # a search that starts where the shipped defaults are cannot end below them
+        seeds = [defaults_point(cfg, space), *(seeds or [])][: options.num_samples]
     # Optuna ranks a trial by its best epoch, as finalize and the report do; schedulers compare the current score.
     objectives = (
         (["best_score", "device_s"], ["max", "min"]) if options.minimize_device_seconds else ("best_score", "max")

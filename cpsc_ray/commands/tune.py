@@ -38,6 +38,9 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
         help="multi-objective Optuna (NSGA-II): maximise the metric, minimise device seconds",
     )
     tuning.add_argument("--seed-from", metavar="EXPERIMENT", help="start the PBT population from its best configs")
+    tuning.add_argument(
+        "--seed-defaults", action="store_true", help="the first trial starts at the config's own values"
+    )
     tuning.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers in each trial (Ray Train)")
     tuning.add_argument(
         "--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers"
@@ -79,6 +82,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         budget_images=args.budget_images,
         grace_period=args.grace_period,
         seed_from=args.seed_from,
+        seed_defaults=args.seed_defaults,
         storage=args.storage,
         name=args.name,
         keep_checkpoints=args.keep_checkpoints or None,
