@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.store import publish
-from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point, write_checkpoint_dir
+from cpsc_ray.runs.checkpoints import newest_checkpoint, read_checkpoint, resume_point, write_checkpoint_dir
 from cpsc_ray.runs.lineage import Exploit
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
@@ -68,6 +68,11 @@ class WorkerLoop:
     keep_best: bool = True
 
 
+def reported_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """A metric row as Ray reports it: its numbers, without the config columns."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
+
+
 class TrainReporter(Reporter):
     """Reports every epoch to Ray Train; rank 0 attaches the checkpoint when one is due."""
 
@@ -78,7 +83,7 @@ class TrainReporter(Reporter):
         inject_fault_once(self.outputs, epoch, self.loop.fault_epoch, self.rank)
 
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
-        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
+        metrics = reported_metrics(row)
         if not checkpoint_due:
             ray.train.report(metrics)
             return
@@ -194,7 +199,7 @@ def run_distributed(
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as err:
-        kept = "its checkpoints are kept there" if _has_checkpoint(outputs) else "it wrote no checkpoint yet"
+        kept = "its checkpoints are kept there" if newest_checkpoint(outputs) else "it wrote no checkpoint yet"
         raise DistributedRunError(
             f"run {name} failed after {max_failures} allowed worker failure(s): {str(err).splitlines()[0]}; "
             f"{kept} ({outputs.uri()}): continue it with --resume {name}, or allow restarts with --max-failures"
@@ -209,7 +214,3 @@ def run_distributed(
     summary = outputs.read_json("summary.json")
     summary["run_dir"] = outputs.uri()
     return summary
-
-
-def _has_checkpoint(outputs: Storage) -> bool:
-    return any(d.startswith("checkpoint_") for d in outputs.list_dirs())

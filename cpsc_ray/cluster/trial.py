@@ -20,13 +20,12 @@ import torch
 from ray import tune
 from ray.tune import Checkpoint
 
-from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
+from cpsc_ray.cluster.train import WorkerLoop, reported_metrics, scaling, train_loop_per_worker
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.config import RunConfig, flatten, with_values
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.results.store import latest
 from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
-from cpsc_ray.runs.lineage import Exploit
+from cpsc_ray.runs.lineage import Exploit, last_clone_is, read_lineage
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.runs.setup import RunRole, prepare_engine
@@ -55,9 +54,9 @@ def tune_metrics(row: dict[str, Any], history: list[dict[str, Any]], metric: str
     PBT and ASHA compare); ``best_score``, its best so far (what Optuna optimises, and what finalize and
     the report rank by); and ``images_spent``, the images synthesized since the last report (what a
     compute budget adds up)."""
-    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
+    metrics = reported_metrics(row)
     values = [r[metric] for r in history if r.get(metric) is not None]
-    metrics["score"] = WORST_SCORE if row.get("diverged") or not values else latest(history, metric)
+    metrics["score"] = WORST_SCORE if row.get("diverged") or not values else values[-1]
     metrics["best_score"] = max(values) if values else WORST_SCORE
     metrics["images_spent"] = images_spent
     metrics["report_id"] = uuid.uuid4().hex  # Tune repeats a finished trial's last result; count it once
@@ -81,9 +80,7 @@ def trial_start(trial_id: str, cfg: RunConfig, outputs: Storage) -> StartState |
         return None
     with checkpoint.as_directory() as directory:
         start = load_trial_checkpoint(directory)
-    lineage = outputs.read_json("lineage.json") if outputs.exists("lineage.json") else []
-    # A paused trial is restored from its latest checkpoint, which may be the clone it already recorded.
-    if start.trial_id == trial_id or (lineage and lineage[-1]["source_checkpoint"] == start.where):
+    if start.trial_id == trial_id or last_clone_is(read_lineage(outputs), start.where):
         return start
     before = outputs.read_json("config.json") if outputs.exists("config.json") else None
     exploit = Exploit(start.trial_id, start.epoch, start.where, before, flatten(cfg))

@@ -44,12 +44,22 @@ def state_digest(state: dict) -> str:
     return digest.hexdigest()
 
 
+def read_lineage(outputs: Storage) -> list[dict[str, Any]]:
+    return outputs.read_json("lineage.json") if outputs.exists("lineage.json") else []
+
+
+def last_clone_is(lineage: list[dict[str, Any]], source_checkpoint: str) -> bool:
+    """Whether the trial's latest recorded clone came from this checkpoint: restoring it again (a
+    paused trial, a round restarted before its first checkpoint) is no new exploit."""
+    return bool(lineage) and lineage[-1]["source_checkpoint"] == source_checkpoint
+
+
 def record_exploit(outputs: Storage, engine: DistillEngine, exploit: Exploit) -> None:
     """PBT lineage: which trial this one cloned, at which epoch, the configs before and after, and
     what is in effect right after the restore (state digest, learning rates, loss weights)."""
-    lineage = outputs.read_json("lineage.json") if outputs.exists("lineage.json") else []
-    if lineage and lineage[-1]["source_checkpoint"] == exploit.source_checkpoint:
-        return  # a round that restarted before its first checkpoint restores the same clone again
+    lineage = read_lineage(outputs)
+    if last_clone_is(lineage, exploit.source_checkpoint):
+        return
     lineage.append(
         {
             **asdict(exploit),
