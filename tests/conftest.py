@@ -50,15 +50,25 @@ def tiny_cfg(digits_cfg, tmp_path):
 @pytest.fixture(scope="session")
 def ray_local(session_cache):
     """One local Ray instance (2 CPUs, with the dashboard) shared by the tests that need Ray."""
+    import socket
+
     import ray
 
     tests_dir = str(Path(__file__).parent)  # so workers can import loops defined in test modules
+    # Workers that call Ray's State API (Train's placement-group cleaner does) find their cluster by
+    # RAY_ADDRESS; without it they fail wherever another Ray instance runs on the machine.
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        gcs_port = probe.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
+    address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     ray.init(
         num_cpus=2,
         include_dashboard=True,
         configure_logging=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": tests_dir}},
+        runtime_env={"env_vars": {"PYTHONPATH": tests_dir, "RAY_ADDRESS": address}},
     )
+    del os.environ["RAY_GCS_SERVER_PORT"]
     yield ray
     ray.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import TINY
+from ray.tune import Callback
 
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.train import check_gpus_per_worker, run_distributed
@@ -120,8 +122,8 @@ def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_pat
 
 
 def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, nothing_starts):
+    from cpsc_ray.cluster.reports import tune_metrics
     from cpsc_ray.cluster.search_space import load_search_space
-    from cpsc_ray.cluster.trial import tune_metrics
     from cpsc_ray.cluster.tune import build_search
 
     history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.9}, {"epoch": 3, "val_acc": 0.6}]
@@ -203,3 +205,194 @@ def test_an_exploit_is_recorded_once(tiny_cfg, tmp_path):
     record_exploit(outputs, engine, exploit)
     record_exploit(outputs, engine, exploit)  # the round restarted before its first checkpoint
     assert len(outputs.read_json("lineage.json")) == 1
+
+
+def test_lost_epochs_are_charged_and_never_give_the_best_student(digits_cfg, tmp_path, monkeypatch):
+    """Epoch 3 is the best so far, then lost (the process dies before its checkpoint). The resumed run
+    keeps the checkpoint's best student, epoch 2's, and charges epoch 3's work to the epoch that reruns it."""
+    import io
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cpsc_ray.method.engine import DistillEngine
+    from cpsc_ray.results.store import read_results
+
+    real_evaluate = DistillEngine.evaluate
+    monkeypatch.setattr(DistillEngine, "evaluate", lambda self: {**real_evaluate(self), "val": self.epoch / 10})
+    crash_after(monkeypatch, 3)
+    run, storage = tmp_path / "runs/lost", str(tmp_path / "runs")
+    with pytest.raises(Crash):
+        main(
+            ["distill", "--name", "lost", *TINY, "train.epochs=4", "train.checkpoint_every=2", f"output_dir={storage}"]
+        )
+    lost = pq.read_table(run / "metrics.parquet").to_pylist()[-1]
+    assert lost["epoch"] == 3 and json.loads((run / "best/student.json").read_text())["selected_by"]["epoch"] == 3
+    checkpointed = torch.load(io.BytesIO((run / "checkpoints/last/state.pt").read_bytes()), weights_only=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(DistillEngine, "evaluate", lambda self: {**real_evaluate(self), "val": 0.0})  # never better
+
+    assert main(["distill", "--resume", "lost", f"output_dir={storage}"]) == 0
+    assert json.loads((run / "best/student.json").read_text())["selected_by"]["epoch"] == 2
+    best = load_file(run / "best/student.safetensors")
+    assert all(torch.equal(best[k], v) for k, v in checkpointed["student"].items()), "the best is epoch 2's student"
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["lost_images"] == lost["epoch_images"] and rows[3]["lost_images"] == 0
+    assert rows[2]["overhead_s"] >= lost["epoch_s"] and rows[3]["overhead_s"] == 0
+    trial = read_results([storage]).trials.iloc[0]
+    assert trial.images == sum(r["epoch_images"] for r in rows) + lost["epoch_images"]
+    assert trial.device_s >= sum(r["epoch_s"] for r in rows) + lost["epoch_s"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAtEpoch(Callback):
+    """Stops the experiment once, at the start of a step after a trial has reported ``epoch``."""
+
+    def __init__(self, epoch: int, marker: Path):
+        self.epoch, self.marker = epoch, marker
+
+    def on_step_begin(self, iteration, trials, **info):
+        reached = any((t.last_result or {}).get("epoch", 0) >= self.epoch for t in trials)
+        if reached and not self.marker.exists():
+            self.marker.write_text("interrupted")
+            raise Interrupted()
+
+
+def live_placement_groups() -> list[dict]:
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+def test_a_multi_worker_trial_without_pbt_is_one_train_run_that_resumes(ray_local, digits_cfg, tmp_path, monkeypatch):
+    import time
+
+    import pandas as pd
+
+    from cpsc_ray.config import with_values
+
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    root = tmp_path / "runs"
+    cfg = with_values(digits_cfg, {"train.epochs": 6, "train.checkpoint_every": 1})
+    options = TuneOptions(
+        space="digits_pbt",
+        scheduler="asha",
+        num_samples=1,
+        workers_per_trial=2,
+        cpus_per_worker=0.5,
+        storage=str(root),
+        name="asha",
+    )
+    with pytest.raises(Interrupted):
+        run_tune(cfg, options, callbacks=[InterruptAtEpoch(2, tmp_path / "interrupted")])
+    (trial_dir,) = (root / "asha/cpsc/trials").iterdir()
+    before = pd.read_parquet(trial_dir / "metrics.parquet").set_index("epoch")
+    assert 2 <= len(before) < 6
+    # The interrupted trial's worker group and placement group are freed (Ray issue #54305).
+    deadline = time.monotonic() + 60
+    while live_placement_groups() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not live_placement_groups()
+
+    summary = run_tune(cfg, options, resume=True)
+    assert not summary["errored"]
+    after = pd.read_parquet(trial_dir / "metrics.parquet").set_index("epoch")
+    assert list(after.index) == [1, 2, 3, 4, 5, 6]
+    # It continued from the Train run's checkpoint: the epochs before it were not trained again.
+    assert (after.loc[[1, 2], "wall_s"] == before.loc[[1, 2], "wall_s"]).all()
+    # One Train run, named after the trial, kept the checkpoints; Tune got none.
+    assert [p.name for p in (root / "asha/cpsc/rounds").iterdir()] == [trial_dir.name]
+    assert not list((root / "asha").glob("*/checkpoint_*"))
+
+
+def test_a_request_the_cluster_can_never_hold_is_refused_naming_both(ray_local, tiny_cfg):
+    runs = Path(tiny_cfg.output_dir)
+    with pytest.raises(ConfigError, match=r"--workers 4 .* asks for 4 worker\(s\) of 1 CPU, .* it has 2 CPU"):
+        run_distributed(tiny_cfg, workers=4, cpus_per_worker=1)
+    with pytest.raises(ConfigError, match=r"of 1 CPU, 1 GPU, .* 0 GPU \(largest node 0\)"):
+        run_distributed(tiny_cfg, workers=1, gpus_per_worker=1)
+    assert not runs.exists(), "a refused request writes nothing"
+    options = TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1, max_concurrent=2)
+    with pytest.raises(ConfigError, match=r"--max-concurrent 2 asks for 2 worker\(s\) of 1 CPU x 2 trials at once"):
+        run_tune(tiny_cfg, options)
+    with pytest.raises(ConfigError, match=r"2 worker\(s\) of 1.5 CPU.*\(largest node 2\)"):
+        run_tune(tiny_cfg, TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1.5))
+
+
+def test_a_request_that_waits_says_what_it_waits_for(ray_local, tiny_cfg, monkeypatch, capsys):
+    import threading
+    import time
+
+    from cpsc_ray.cluster import resources
+
+    monkeypatch.setattr(resources, "WAIT_REPORT_S", 2.0)
+    held = ray.util.placement_group([{"CPU": 0.5}])  # another job's half CPU...
+    ray.get(held.ready())
+
+    def release_once_waited() -> None:  # ...released once the run's worker group has waited 5 s
+        deadline = time.monotonic() + 300
+        while len(resources.pending_groups()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(5)
+        ray.util.remove_placement_group(held)
+
+    threading.Thread(target=release_once_waited, daemon=True).start()
+    summary = run_distributed(tiny_cfg.model_copy(update={"name": "waited"}), workers=2, cpus_per_worker=1)
+    assert summary["epochs"] == 2
+    out = capsys.readouterr().out
+    assert "waiting for resources: 1 worker group(s) pending, for 2 worker(s) of 1 CPU; free now: 1.5 CPU" in out
+
+
+class RecordEpochs(Callback):
+    """Appends every reported epoch to a file (the copy Tune restores with the experiment goes on), and
+    stops the experiment once, when a trial first reports ``interrupt_at``."""
+
+    def __init__(self, log: Path, interrupt_at: int):
+        self.log, self.interrupt_at = log, interrupt_at
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        resumed = self.log.with_suffix(".interrupted").exists()
+        with self.log.open("a") as out:
+            out.write(f"{'after' if resumed else 'before'} {trial.trial_id} {result['epoch']}\n")
+
+    def on_step_begin(self, iteration, trials, **info):
+        marker = self.log.with_suffix(".interrupted")
+        if not marker.exists() and any((t.last_result or {}).get("epoch", 0) >= self.interrupt_at for t in trials):
+            marker.write_text("interrupted")
+            raise Interrupted()
+
+
+def test_a_resumed_pbt_experiment_perturbs_where_trials_checkpoint(ray_local, digits_cfg, tmp_path, monkeypatch):
+    """Interrupted after the perturbation at epoch 2 and resumed: a scheduler that forgot its state would
+    perturb at epoch 3, between checkpoints, and the clone would report epoch 3 twice."""
+    from cpsc_ray.config import with_values
+    from cpsc_ray.results.store import read_results
+
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    cfg = with_values(digits_cfg, {"train.epochs": 6})
+    options = TuneOptions(
+        space="digits_pbt",
+        scheduler="pbt",
+        num_samples=4,
+        perturbation_interval=2,
+        keep_checkpoints=None,
+        storage=str(tmp_path / "runs"),
+        name="pbt",
+    )
+    log = tmp_path / "epochs.log"
+    with pytest.raises(Interrupted):
+        run_tune(cfg, options, callbacks=[RecordEpochs(log, interrupt_at=3)])
+    summary = run_tune(cfg, options, resume=True)
+    assert not summary["errored"] and all(t["epochs"] == 6 for t in summary["trials"])
+    reported: dict[str, list[int]] = {}
+    for line in log.read_text().splitlines():
+        phase, trial_id, epoch = line.split()
+        if phase == "after":
+            reported.setdefault(trial_id, []).append(int(epoch))
+    assert len(reported) == 4
+    for trial_id, epochs in reported.items():
+        assert epochs == sorted(set(epochs)), f"{trial_id} reran epochs after the resume: {epochs}"
+    lineage = read_results([str(tmp_path / "runs")], experiments=["pbt"]).lineage
+    assert set(lineage.epoch) >= {2, 4} and set(lineage.epoch) <= {2, 4, 6}, "exploits before and after the resume"

@@ -65,7 +65,8 @@ def report(storage, tmp_path_factory):
 
 def expected(results, experiments: list[str], units: list[str] | None = None) -> dict:
     """The numbers a row must show, recomputed from the Parquet rows: accuracy over ``units`` (the
-    experiments whose non-diverged trials it rests on; default: all), compute over every epoch row."""
+    experiments whose non-diverged trials it rests on; default: all), compute over every epoch row
+    (with the set-up and lost epochs charged to it)."""
     trials = results.trials[results.trials.experiment.isin(units or experiments)]
     trials = trials[~trials.diverged.astype(bool)]
     epochs = results.epochs[results.epochs.experiment.isin(experiments)]
@@ -76,8 +77,8 @@ def expected(results, experiments: list[str], units: list[str] | None = None) ->
         "test_std": statistics.stdev(test) if len(test) > 1 else None,
         "val_mean": statistics.mean(trials.best_val_acc),
         "last_test_mean": statistics.mean(trials.last_test_acc),
-        "device_s": float((epochs.epoch_s * epochs.workers).sum()),
-        "images": int(epochs.epoch_images.sum()),
+        "device_s": float((epochs.epoch_s * epochs.workers + epochs.overhead_s.fillna(0)).sum()),
+        "images": int((epochs.epoch_images + epochs.lost_images.fillna(0)).sum()),
         "runs": int(epochs.groupby(["experiment", "trial_id"]).ngroups),
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cpsc_ray.cluster.reports import reported_metrics, tune_metrics
+from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.store import publish
@@ -66,15 +69,12 @@ class WorkerLoop:
     stop_epoch: int | None = None
     checkpoint_every: int | None = None
     keep_best: bool = True
-
-
-def reported_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    """A metric row as Ray reports it: its numbers, without the config columns."""
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
+    launched_at: float | None = None  # time.time() when the driver started the Train run: set-up is charged from it
 
 
 class TrainReporter(Reporter):
-    """Reports every epoch to Ray Train; rank 0 attaches the checkpoint when one is due."""
+    """Reports every epoch to Ray Train; rank 0 attaches the checkpoint when one is due. A tuning trial's
+    run reports what Tune needs: ``TuneReportCallback`` forwards rank 0's metrics to the trial."""
 
     def __init__(self, loop: WorkerLoop, outputs: Storage, rank: int):
         self.loop, self.outputs, self.rank = loop, outputs, rank
@@ -83,7 +83,11 @@ class TrainReporter(Reporter):
         inject_fault_once(self.outputs, epoch, self.loop.fault_epoch, self.rank)
 
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
-        metrics = reported_metrics(row)
+        role = self.loop.role
+        tuned = role.kind == "tune"
+        metrics = (
+            tune_metrics(row, run.history, role.selection, row["epoch_images"]) if tuned else reported_metrics(row)
+        )
         if not checkpoint_due:
             ray.train.report(metrics)
             return
@@ -100,6 +104,7 @@ class TrainReporter(Reporter):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Every worker runs this; ``config["loop"]`` is the run's WorkerLoop."""
     loop: WorkerLoop = config["loop"]
+    started_at = loop.launched_at or time.time()
     cfg = RunConfig.model_validate(loop.config)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
@@ -107,7 +112,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     prepared = prepare_engine(cfg, device, loop.role)
     outputs = Storage(loop.outputs)
-    run = DistillRun(prepared.engine, prepared.identity, outputs if rank == 0 else None, keep_best=loop.keep_best)
+    run = DistillRun(
+        prepared.engine, prepared.identity, outputs if rank == 0 else None, loop.keep_best, started_at=started_at
+    )
     starts = []  # Train's own checkpoint first: it wins a tie
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a worker failure, or a resumed Train run
@@ -165,16 +172,21 @@ def run_distributed(
     max_failures: int = 0,
     resume: str | None = None,
     fault_epoch: int | None = None,
+    autoscaling: bool = False,
 ) -> dict[str, Any]:
     if cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
-    check_gpus_per_worker(workers, gpus_per_worker, f"--workers {workers} --gpus-per-worker {gpus_per_worker:g}")
+    how = f"--workers {workers} --gpus-per-worker {gpus_per_worker:g} --cpus-per-worker {cpus_per_worker:g}"
+    check_gpus_per_worker(workers, gpus_per_worker, how)
     if storage:
         cfg = cfg.model_copy(update={"output_dir": storage})
-    cfg, outputs, name = open_run(with_absolute_paths(cfg), resume)
-    newest = resume_point(outputs, name) if resume else None
+    cfg = with_absolute_paths(cfg)  # before Ray starts: its workers inherit the absolute CPSC_RAY_CACHE
     if not ray.is_initialized():
         ray.init()
+    request = Request(workers, cpus_per_worker, gpus_per_worker, how)
+    check_fits(request, autoscaling)  # before the run directory exists: a refused request writes nothing
+    cfg, outputs, name = open_run(cfg, resume)
+    newest = resume_point(outputs, name) if resume else None
     cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)
     on_worker_resources(gpus_per_worker, prepare_probe, cfg)
     trainer = TorchTrainer(
@@ -186,6 +198,7 @@ def run_distributed(
                 role=RunRole(kind="distill", experiment=name),
                 fault_epoch=fault_epoch,
                 start_state=outputs.uri(newest) if newest else None,
+                launched_at=time.time(),
             )
         },
         scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
@@ -197,7 +210,8 @@ def run_distributed(
         ),
     )
     try:
-        trainer.fit()
+        with reporting_waits(request):
+            trainer.fit()
     except ray.train.TrainingFailedError as err:
         kept = "its checkpoints are kept there" if newest_checkpoint(outputs) else "it wrote no checkpoint yet"
         raise DistributedRunError(

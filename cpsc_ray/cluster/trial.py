@@ -1,9 +1,11 @@
 """One Ray Tune trial. A trial with one worker runs the epoch loop inside the Tune trainable: one Tune
-report per epoch, a checkpoint at every PBT boundary. A trial with several workers runs "rounds": each
-Tune iteration is one short Ray Train run of ``checkpoint_every`` epochs that starts from the state a
-pointer checkpoint names, since Train V2 gives Tune no checkpoint by itself. PBT's exploit arrives as
-the checkpoint of another trial: the trial continues from that state (recorded in its lineage) with
-its own, perturbed, hyperparameters."""
+report per epoch, a checkpoint at every PBT boundary. A trial with several workers runs a Ray Train
+run: under random or Optuna search one run for the whole trial, whose rank 0 reports every epoch to
+Tune (``TuneReportCallback``) and which keeps its checkpoints itself, so a retried or resumed trial
+continues from them. Under PBT or PB2 it runs "rounds": each Tune iteration is one short Train run
+of ``checkpoint_every`` epochs that starts from the state a pointer checkpoint names, since Train V2
+gives Tune no checkpoint by itself. PBT's exploit arrives as the checkpoint of another trial: the
+trial continues from that state (recorded in its lineage) with its own, perturbed, hyperparameters."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,12 @@ import torch
 from ray import tune
 from ray.tune import Checkpoint
 
-from cpsc_ray.cluster.train import WorkerLoop, reported_metrics, scaling, train_loop_per_worker
+from cpsc_ray.cluster.reports import tune_metrics
+from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.config import RunConfig, flatten, with_values
 from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.results.store import charged_images
 from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
 from cpsc_ray.runs.lineage import Exploit, last_clone_is, read_lineage
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
@@ -31,7 +36,6 @@ from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.runs.setup import RunRole, prepare_engine
 from cpsc_ray.storage import Storage
 
-WORST_SCORE = -1.0  # below every accuracy: a diverged trial ranks last and PBT replaces it
 POINTER = "pointer.json"
 
 
@@ -47,20 +51,6 @@ def trial_config(base: RunConfig, values: dict[str, Any], trial_id: str) -> RunC
     kinds = {k: type(v) for k, v in flatten(base).items()}
     coerced = {k: int(round(v)) if kinds.get(k) is int and isinstance(v, float) else v for k, v in values.items()}
     return with_values(base, {**coerced, "seed": base.seed + trial_seed_offset(trial_id), "name": trial_id})
-
-
-def tune_metrics(row: dict[str, Any], history: list[dict[str, Any]], metric: str, images_spent: int) -> dict[str, Any]:
-    """What a trial reports to Tune: the row's numbers; ``score``, the objective's current value (what
-    PBT and ASHA compare); ``best_score``, its best so far (what Optuna optimises, and what finalize and
-    the report rank by); and ``images_spent``, the images synthesized since the last report (what a
-    compute budget adds up)."""
-    metrics = reported_metrics(row)
-    values = [r[metric] for r in history if r.get(metric) is not None]
-    metrics["score"] = WORST_SCORE if row.get("diverged") or not values else values[-1]
-    metrics["best_score"] = max(values) if values else WORST_SCORE
-    metrics["images_spent"] = images_spent
-    metrics["report_id"] = uuid.uuid4().hex  # Tune repeats a finished trial's last result; count it once
-    return metrics
 
 
 def load_trial_checkpoint(directory: str) -> StartState:
@@ -94,10 +84,12 @@ def tune_trial(config: dict[str, Any], setup: TuneSetup) -> None:
     outputs = Storage(setup.trials).child(trial_id)
     start = trial_start(trial_id, cfg, outputs)
     outputs.write_json("config.json", flatten(cfg))
-    if setup.workers > 1:
+    if setup.workers == 1:
+        _trial_in_process(cfg, setup, trial_id, outputs, start)
+    elif setup.population_based:
         _trial_in_rounds(cfg, setup, trial_id, outputs, start)
     else:
-        _trial_in_process(cfg, setup, trial_id, outputs, start)
+        _trial_as_one_train_run(cfg, setup, trial_id, outputs)
 
 
 class TuneReporter(Reporter):
@@ -120,10 +112,11 @@ class TuneReporter(Reporter):
 
 
 def _trial_in_process(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
+    started_at = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     role = RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric)
     prepared = prepare_engine(cfg, device, role)
-    run = DistillRun(prepared.engine, prepared.identity, outputs, keep_best=False)
+    run = DistillRun(prepared.engine, prepared.identity, outputs, keep_best=False, started_at=started_at)
     run_epochs(run, TuneReporter(setup, cfg), start=start, checkpoint_every=setup.checkpoint_every, finish=False)
 
 
@@ -138,27 +131,48 @@ def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: T
         tune.report({**metrics, "epoch": epoch, **idle})
 
 
-def _round_trainer(cfg: RunConfig, setup: TuneSetup, loop: WorkerLoop, rounds: Storage, name: str):
+def _trainer(setup: TuneSetup, loop: WorkerLoop, storage: Storage, name: str, keep: int, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train.torch import TorchTrainer
 
+    # Worker groups of several trials can be ready at once; one then waits for its turn instead of
+    # failing at Train's 60 s start timeout (the variable reaches Train's controller).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(24 * 3600))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
         scaling_config=scaling(setup.workers, setup.gpus_per_worker, setup.cpus_per_worker),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=rounds.uri(),
+            storage_path=storage.uri(),
             failure_config=FailureConfig(max_failures=setup.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            callbacks=callbacks,
         ),
     )
 
 
+def _trial_as_one_train_run(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage) -> None:
+    """The whole trial as one Train run named after the trial: a retried trial or ``tune --resume``
+    starts the same run again, and Train continues it from its newest checkpoint."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    loop = WorkerLoop(
+        config=cfg.model_dump(),
+        outputs=outputs.uri(),
+        role=RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric),
+        checkpoint_every=cfg.train.checkpoint_every,
+        keep_best=False,
+        launched_at=time.time(),
+    )
+    keep = setup.keep_checkpoints or 2
+    _trainer(setup, loop, Storage(setup.rounds), trial_id, keep, callbacks=[TuneReportCallback()]).fit()
+    history = outputs.read_parquet("metrics.parquet").to_pylist()
+    if history[-1]["diverged"]:  # rank 0 reports no diverged epoch: the trial's last word is the worst score
+        report_diverged(history[-1], history, setup, cfg)
+
+
 def _trial_in_rounds(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
-    # Rounds of several trials can be ready at once; a round's worker group then waits for its turn
-    # instead of failing at Train's 60 s start timeout (the variable reaches Train's controller).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(24 * 3600))
     rounds = Storage(setup.rounds).child(trial_id)
     state_uri = start.where if start else None
     epoch = start.epoch if start else 0
@@ -181,11 +195,14 @@ def _trial_in_rounds(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: S
             stop_epoch=stop,
             checkpoint_every=setup.checkpoint_every,
             keep_best=False,
+            launched_at=time.time(),
         )
-        result = _round_trainer(cfg, setup, loop, rounds, name).fit()
+        launched = time.perf_counter()
+        result = _trainer(setup, loop, rounds, name, keep=1).fit()
         exploit = None
         history = outputs.read_parquet("metrics.parquet").to_pylist()
-        spent = sum(r["epoch_images"] or 0 for r in history if r["epoch"] > epoch)
+        this_round = [r for r in history if r["epoch"] > epoch]
+        spent = charged_images(this_round)  # with epochs a restart inside the round lost
         if history[-1]["diverged"]:
             report_diverged({**history[-1], "epoch_images": spent}, history, setup, cfg)
             return
@@ -193,6 +210,8 @@ def _trial_in_rounds(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: S
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, POINTER).write_text(json.dumps({"state": state_uri}))
             metrics = tune_metrics(history[-1], history, setup.metric, spent)
+            # What the round cost beyond its epochs: the driver warns when that dominates.
+            metrics["round_overhead_s"] = time.perf_counter() - launched - sum(r["epoch_s"] for r in this_round)
             tune.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         if setup.keep_checkpoints:
             _drop_old_rounds(rounds, keep=setup.keep_checkpoints)

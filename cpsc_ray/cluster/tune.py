@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
 from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.train import check_gpus_per_worker
 from cpsc_ray.cluster.trial import trainable
@@ -55,6 +56,7 @@ class TuneOptions:
     keep_checkpoints: int | None = 3  # per trial; None keeps all
     max_failures: int = 0
     search_seed: int = 0
+    autoscaling: bool = False  # the cluster adds nodes on demand: a request larger than it is now may wait
 
     @property
     def method(self) -> str:
@@ -95,6 +97,26 @@ class ComputeBudget(tune.Stopper):
         return self.spent >= self.images
 
 
+class RoundCostWarning(tune.Callback):
+    """Warns once, with the cost measured on the first finished round, that a PBT round of one epoch
+    restarts a multi-worker trial's worker group every epoch."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.warned = False
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict[str, Any], **info) -> None:
+        if self.warned or "round_overhead_s" not in result:
+            return
+        self.warned = True
+        print(
+            f"warning: --perturbation-interval 1 with {self.workers} workers per trial: every epoch is a round that "
+            f"starts the trial's worker group anew, measured at {result['round_overhead_s']:.1f} s per round against "
+            f"{result['epoch_s']:.1f} s of training ({trial}); a perturbation interval of K epochs pays it once per K",
+            flush=True,
+        )
+
+
 # ----- the driver ----------------------------------------------------------------------------------
 def build_search(options: TuneOptions, space: SearchSpace, metric_mode: tuple, seeds: list[dict] | None):
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -122,11 +144,7 @@ def build_search(options: TuneOptions, space: SearchSpace, metric_mode: tuple, s
 
 
 def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
-    from ray.tune.schedulers import (
-        ASHAScheduler,
-        FIFOScheduler,
-        PopulationBasedTraining,
-    )
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if options.scheduler == "fifo":
         return FIFOScheduler()
@@ -144,12 +162,12 @@ def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
         time_attr="epoch", metric="score", mode="max", perturbation_interval=options.perturbation_interval, synch=True
     )
     if options.scheduler == "pbt":
-        return PopulationBasedTraining(
-            hyperparam_mutations=space.pbt_mutations(), custom_explore_fn=space.clamp, **common
-        )
-    from ray.tune.schedulers.pb2 import PB2
+        from cpsc_ray.cluster.schedulers import AlignedPBT
 
-    return PB2(hyperparam_bounds=space.pb2_bounds(), **common)
+        return AlignedPBT(hyperparam_mutations=space.pbt_mutations(), custom_explore_fn=space.clamp, **common)
+    from cpsc_ray.cluster.schedulers import AlignedPB2
+
+    return AlignedPB2(hyperparam_bounds=space.pb2_bounds(), **common)
 
 
 def seed_configs(storage: Storage, experiment: str, space: SearchSpace, population: int) -> list[dict[str, Any]]:
@@ -175,9 +193,8 @@ def run_tune(
 ) -> dict[str, Any]:
     """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary.
     ``callbacks`` are Ray Tune callbacks, for programmatic use."""
-    gpus_per_trial = options.gpus_per_worker * options.workers_per_trial
-    how = f"--gpus-per-trial {gpus_per_trial:g} --workers-per-trial {options.workers_per_trial}"
-    check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, how)
+    request = trial_request(options)
+    check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, request.how)
     cfg = with_absolute_paths(cfg)
     root = Storage(options.storage or cfg.output_dir)
     if resume:
@@ -196,6 +213,7 @@ def run_tune(
     experiment = new_run_name(root, options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
     if not ray.is_initialized():  # only once the request is known to be valid
         ray.init()
+    check_fits(request, options.autoscaling)
     cfg = _resolve_teacher(cfg, options)
     setup = _new_setup(root, cfg, options, space, experiment, metric)
     setup.write(root)
@@ -207,6 +225,9 @@ def run_tune(
         (["best_score", "device_s"], ["max", "min"]) if options.minimize_device_seconds else ("best_score", "max")
     )
     random.seed(options.search_seed)  # PBT's explore draws from Python's random
+    callbacks = list(callbacks or [])
+    if options.population_based and options.workers_per_trial > 1 and options.perturbation_interval == 1:
+        callbacks.append(RoundCostWarning(options.workers_per_trial))
     tuner = tune.Tuner(
         trainable(setup),
         param_space=space.to_tune(),
@@ -228,7 +249,24 @@ def run_tune(
             verbose=1,
         ),
     )
-    return _collect(root, experiment, tuner.fit())
+    with reporting_waits(request):
+        return _collect(root, experiment, tuner.fit())
+
+
+def trial_request(options: TuneOptions) -> Request:
+    """What the trials ask of the cluster: one trial's workers, times the trials asked to run at once."""
+    gpus_per_trial = options.gpus_per_worker * options.workers_per_trial
+    how = f"--gpus-per-trial {gpus_per_trial:g} --workers-per-trial {options.workers_per_trial}"
+    how += f" --cpus-per-worker {options.cpus_per_worker:g}"
+    if options.max_concurrent:
+        how += f" --max-concurrent {options.max_concurrent}"
+    return Request(
+        options.workers_per_trial,
+        options.cpus_per_worker,
+        options.gpus_per_worker,
+        how,
+        groups=options.max_concurrent or 1,
+    )
 
 
 def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
@@ -242,7 +280,8 @@ def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
     check_restorable(root, options.name)
     setup = TuneSetup.read(root, options.name)
     tuner = tune.Tuner.restore(path, trainable=trainable(setup), resume_errored=True)
-    return _collect(root, options.name, tuner.fit())  # finished trials are not rerun
+    with reporting_waits(trial_request(TuneOptions(**setup.options))):
+        return _collect(root, options.name, tuner.fit())  # finished trials are not rerun
 
 
 def _new_setup(

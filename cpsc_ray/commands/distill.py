@@ -32,6 +32,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     cluster.add_argument("--cpus-per-worker", type=float, default=1.0)
     cluster.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed")
     cluster.add_argument(
+        "--autoscaling",
+        action="store_true",
+        help="the cluster adds nodes on demand: do not refuse workers larger than the cluster is now",
+    )
+    cluster.add_argument(
         "--inject-fault-at-epoch",
         type=int,
         metavar="EPOCH",
@@ -65,6 +70,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 args.max_failures,
                 args.resume,
                 args.inject_fault_at_epoch,
+                args.autoscaling,
             )
         except DistributedRunError as err:
             print(f"error: {err}", file=sys.stderr)

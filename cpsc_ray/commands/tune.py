@@ -47,6 +47,11 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
     )
     tuning.add_argument("--cpus-per-worker", type=float, default=1.0)
     tuning.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster holds whole")
+    tuning.add_argument(
+        "--autoscaling",
+        action="store_true",
+        help="the cluster adds nodes on demand: do not refuse trials larger than the cluster is now",
+    )
     tuning.add_argument("--perturbation-interval", type=int, default=1, help="epochs between PBT decisions")
     tuning.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     tuning.add_argument(
@@ -88,6 +93,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints or None,
         max_failures=args.max_failures,
         search_seed=args.search_seed,
+        autoscaling=args.autoscaling,
     )
     summary = run_tune(load_config(args.config, args.overrides), options, resume=args.resume)
     print(f"\nexperiment {summary['experiment']}: {len(summary['trials'])} trials; results in {summary['results']}")

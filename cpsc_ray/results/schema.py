@@ -40,11 +40,15 @@ IDENTITY = {
 PROGRESS = {
     "epoch": pa.int64(),
     "images": pa.int64(),  # synthesized over the state's history (a PBT clone inherits its source's)
-    "epoch_images": pa.int64(),  # synthesized in this epoch by this trial: sum these for compute totals
+    "epoch_images": pa.int64(),  # synthesized in this epoch by this trial
+    "lost_images": pa.int64(),  # synthesized in epochs a restart lost (and ran again), charged to the epoch after it
     "images_per_s": pa.float64(),
     "epoch_s": pa.float64(),
     "wall_s": pa.float64(),
     "device_s": pa.float64(),
+    # Device-seconds beyond this epoch's own: the set-up of a start (or round, or restart) and the epochs
+    # it lost, times the workers; charged to the first epoch after it.
+    "overhead_s": pa.float64(),
     "lr_student": pa.float64(),
     "lr_generator": pa.float64(),
     **{name: pa.float64() for name in LOSS_METRICS + SYNTHESIS_METRICS + TERM_GRADIENT_METRICS},
@@ -152,8 +156,8 @@ TRIAL_SUMMARY = {
     "score": pa.float64(),  # best value of the selection metric: what tuning maximised
     "best_epoch": pa.int64(),
     "epochs": pa.int64(),
-    "images": pa.int64(),  # synthesized by this trial itself (not what a PBT clone inherited)
-    "device_s": pa.float64(),  # spent by this trial itself: its epochs' seconds times its workers
+    "images": pa.int64(),  # synthesized by this trial itself (not what a PBT clone inherited), re-runs included
+    "device_s": pa.float64(),  # spent by this trial itself: its epochs' seconds times its workers, set-up included
     "wall_s": pa.float64(),
     "diverged": pa.bool_(),
     "best_val_acc": pa.float64(),

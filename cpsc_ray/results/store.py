@@ -37,6 +37,17 @@ def best_trial(trials: pd.DataFrame) -> pd.Series | None:
     return None if eligible.empty else eligible.loc[eligible.score.idxmax()]
 
 
+def charged_images(rows: list[dict[str, Any]]) -> int:
+    """The images these rows account for: their own epochs' and those of lost epochs charged to them."""
+    return sum((r.get("epoch_images") or 0) + (r.get("lost_images") or 0) for r in rows)
+
+
+def charged_device_s(rows: list[dict[str, Any]]) -> float:
+    """The device-seconds these rows account for: their epochs' seconds times the workers, plus the
+    set-up and lost epochs charged to them."""
+    return sum((r.get("epoch_s") or 0.0) * (r.get("workers") or 1) + (r.get("overhead_s") or 0.0) for r in rows)
+
+
 def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row per trial: best and last validation, proxy and test accuracy, and compute spent."""
     rows = sorted(rows, key=lambda r: r["epoch"])
@@ -54,8 +65,8 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
         score=best[selection] if best else None,
         best_epoch=best["epoch"] if best else None,
         epochs=last["epoch"],
-        images=sum(r.get("epoch_images") or 0 for r in rows),
-        device_s=sum((r.get("epoch_s") or 0.0) * (r.get("workers") or 1) for r in rows),
+        images=charged_images(rows),
+        device_s=charged_device_s(rows),
         wall_s=last.get("wall_s"),
         diverged=any(bool(r.get("diverged")) for r in rows),
         best_val_acc=extreme("val_acc"),

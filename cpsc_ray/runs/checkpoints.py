@@ -18,11 +18,19 @@ from cpsc_ray.storage import Storage
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 LAST = "checkpoints/last"
+BEST_STUDENT = "best_student"  # the state entry that holds the run's best student weights
 
 
-def checkpoint_files(engine: DistillEngine, meta: dict[str, Any]) -> dict[str, bytes]:
+def checkpoint_files(
+    engine: DistillEngine, meta: dict[str, Any], best_student: dict[str, Any] | None = None
+) -> dict[str, bytes]:
+    """``best_student``: the run's best weights so far, so that a restart keeps them rather than one
+    from the epochs it lost (the engine ignores the entry)."""
     buffer = io.BytesIO()
-    torch.save(engine.state_dict(), buffer)
+    state = engine.state_dict()
+    if best_student is not None:
+        state[BEST_STUDENT] = best_student
+    torch.save(state, buffer)
     return {STATE_FILE: buffer.getvalue(), META_FILE: json.dumps(meta, indent=2, default=str).encode()}
 
 

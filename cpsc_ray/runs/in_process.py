@@ -4,6 +4,7 @@ into the run directory."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tqdm import tqdm
@@ -48,9 +49,10 @@ def execute(
     """Run a distillation in this process into ``outputs``; returns the summary and the metric rows.
     ``schedule`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
     cfg = ensure_teacher(cfg, progress)
+    started_at = time.time()
     role = role or RunRole()
     prepared = prepare_engine(cfg, role=RunRole(role.kind, name, role.trial_id, role.method, role.selection))
-    run = DistillRun(prepared.engine, prepared.identity, outputs)
+    run = DistillRun(prepared.engine, prepared.identity, outputs, started_at=started_at)
     start = None
     newest = resume_point(outputs, name) if resume else None
     if newest is not None:  # an in-process run's checkpoints/last, or a Ray Train run's newest

@@ -10,7 +10,7 @@ from typing import Any
 
 from cpsc_ray.config import RunConfig
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.runs.checkpoints import restore_engine
+from cpsc_ray.runs.checkpoints import BEST_STUDENT, restore_engine
 from cpsc_ray.runs.lineage import Exploit, record_exploit
 from cpsc_ray.runs.run import DistillRun, RunSummary
 
@@ -75,7 +75,7 @@ def run_epochs(
     engine = run.engine
     if start is not None:
         restore_engine(engine, start.state, start.where)
-        run.resume_from(start.meta)
+        run.resume_from(start.meta, start.state.get(BEST_STUDENT))
         if start.exploit is not None and run.outputs is not None:
             record_exploit(run.outputs, engine, start.exploit)
     stop = stop_epoch or run.cfg.train.epochs

@@ -10,6 +10,10 @@ Run directory::
     best/               student.safetensors + student.json: the student at the best selection metric
     samples.png         synthetic samples, one row per class
     summary.json        teacher and student accuracy, best and last
+
+Compute is charged to the run that spent it: epochs lost to a restart (and run again) and each start's
+set-up are added to the first epoch after it (``lost_images``, ``overhead_s``), so a trial's totals hold
+all the work it did, not only the work its surviving rows show.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torchvision.utils import make_grid, save_image
 from cpsc_ray.config import RunConfig, to_yaml
 from cpsc_ray.method.engine import DistillEngine, DivergenceError
 from cpsc_ray.results.schema import EVAL_METRICS, config_row, epoch_table, versions
-from cpsc_ray.results.store import latest
+from cpsc_ray.results.store import charged_device_s, charged_images, latest
 from cpsc_ray.runs.checkpoints import LAST, checkpoint_files
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor
@@ -86,7 +90,16 @@ def sample_grid_png(engine: DistillEngine) -> bytes:
 
 
 class DistillRun:
-    def __init__(self, engine: DistillEngine, identity: RunIdentity, outputs: Storage | None, keep_best: bool = True):
+    def __init__(
+        self,
+        engine: DistillEngine,
+        identity: RunIdentity,
+        outputs: Storage | None,
+        keep_best: bool = True,
+        started_at: float | None = None,
+    ):
+        """``started_at`` (``time.time()``) is when this start began: its set-up up to the first epoch is
+        charged to that epoch. Default: now."""
         self.engine = engine
         self.identity = identity
         self.outputs = outputs  # None on ranks other than 0
@@ -94,19 +107,49 @@ class DistillRun:
         self.keep_best = keep_best  # tuning trials skip it: `finalize` reruns the chosen config instead
         self.history: list[dict[str, Any]] = []
         self.best = Selection(metric=self.selection, value=None, epoch=None)
+        self._best_student: dict[str, Any] | None = None  # CPU copy of the best weights, for checkpoints
         self.health = HealthMonitor(engine.cfg, engine.spec.num_classes, self.selection)
         self._wall_before = 0.0
         self._started = time.perf_counter()
+        # Rows already written belong to an earlier start of this run; unless a checkpoint keeps them
+        # (``resume_from``) they were lost with it, and their work is charged to the next epoch.
+        self._written = self._read_rows()
+        self._setup_from = max([started_at or time.time(), *self._written_at()])
+        self._lost = self._written
 
-    def resume_from(self, meta: dict[str, Any]) -> None:
+    def _read_rows(self) -> list[dict[str, Any]]:
+        if self.outputs is None or not self.outputs.exists("metrics.parquet"):
+            return []
+        return self.outputs.read_parquet("metrics.parquet").to_pylist()
+
+    def _written_at(self) -> list[float]:
+        """When the rows were last written: a restart's set-up begins no earlier than the last lost epoch."""
+        if not self._written:
+            return []
+        return [self.outputs.fs.get_file_info(self.outputs.path("metrics.parquet")).mtime.timestamp()]
+
+    def resume_from(self, meta: dict[str, Any], best_student: dict[str, Any] | None = None) -> None:
         """Continue after the engine was restored from a checkpoint with this meta: this run's own rows
-        up to the checkpoint's epoch are kept; later ones were lost with the process and are re-run."""
-        if self.outputs is not None and self.outputs.exists("metrics.parquet"):
-            rows = self.outputs.read_parquet("metrics.parquet").to_pylist()
-            self.history = [r for r in rows if r["epoch"] <= meta["epoch"]]
+        up to the checkpoint's epoch are kept; later ones were lost with the process and are re-run. The
+        best student is the checkpoint's (``best_student``), never one of the lost epochs."""
+        self.history = [r for r in self._written if r["epoch"] <= meta["epoch"]]
+        self._lost = [r for r in self._written if r["epoch"] > meta["epoch"]]
         self.best = meta["best"]
+        self._best_student = best_student
+        if best_student is not None:
+            self._write_best_files()
         self.health.load_state(meta.get("health", {}))
         self._wall_before = meta["wall_s"]
+
+    def _charges(self) -> dict[str, Any]:
+        """What the next row carries beyond its own epoch: the lost epochs' work (their own charges
+        included) and this start's set-up, once."""
+        if self._setup_from is None:
+            return {"lost_images": 0, "overhead_s": 0.0}
+        setup_s = max(0.0, time.time() - self._setup_from) * self.identity.workers
+        charges = {"lost_images": charged_images(self._lost), "overhead_s": charged_device_s(self._lost) + setup_s}
+        self._setup_from, self._lost = None, []
+        return charges
 
     def last_score(self) -> float | None:
         return latest(self.history, self.selection)
@@ -134,6 +177,7 @@ class DistillRun:
 
     def run_epoch(self) -> dict[str, Any]:
         """Train and (when due) evaluate one epoch; rank 0 writes the row and the best student."""
+        charges = self._charges()
         try:
             train_metrics = self.engine.train_epoch()
         except DivergenceError:
@@ -147,13 +191,14 @@ class DistillRun:
                     "device_s": engine.device_seconds,
                     "wall_s": self.wall_s(),
                     "diverged": True,
+                    **charges,
                 }
             )
             raise
         epoch = self.engine.epoch
         due = epoch % self.cfg.eval.every == 0 or self.done
         measured = self.engine.evaluate() if due else {}
-        row = {**self.identity.columns(), **train_metrics, "wall_s": self.wall_s(), "diverged": False}
+        row = {**self.identity.columns(), **train_metrics, **charges, "wall_s": self.wall_s(), "diverged": False}
         row.update({metric: measured.get(name) for name, metric in METRIC_OF_SET.items()})
         selection_set = next((name for name, metric in METRIC_OF_SET.items() if metric == self.selection), None)
         row["class_coverage"] = measured.get(f"{selection_set}_coverage")
@@ -178,8 +223,15 @@ class DistillRun:
     def _write_best(self) -> None:
         if self.outputs is None or not self.keep_best:
             return
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.engine.student.state_dict().items()}
-        self.outputs.write_bytes("best/student.safetensors", save(weights))
+        self._best_student = {
+            k: v.detach().cpu().contiguous().clone() for k, v in self.engine.student.state_dict().items()
+        }
+        self._write_best_files()
+
+    def _write_best_files(self) -> None:
+        if self.outputs is None or not self.keep_best:
+            return
+        self.outputs.write_bytes("best/student.safetensors", save(self._best_student))
         self.outputs.write_json("best/student.json", self.student_card(self.best))
 
     def student_card(self, chosen: dict[str, Any]) -> dict[str, Any]:
@@ -199,7 +251,7 @@ class DistillRun:
         }
 
     def checkpoint_files(self) -> dict[str, bytes]:
-        return checkpoint_files(self.engine, self.meta())
+        return checkpoint_files(self.engine, self.meta(), self._best_student)
 
     def write_last_checkpoint(self) -> None:
         if self.outputs is None:
