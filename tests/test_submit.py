@@ -1,7 +1,4 @@
-"""``cpsc-ray submit`` against a real local Ray head: its own temp dir, free ports and auth token, so
-it neither joins nor disturbs the session's ``ray_local`` instance or other Ray clusters on the
-machine. The head runs as ``ray start --block`` in its own process session and is stopped by
-signalling that session only (``ray stop`` would stop every Ray process on the machine).
+"""``cpsc-ray submit`` against a real local Ray head of its own (tests/ray_nodes.py).
 
 The job uploads a copy of the checkout holding a config and a search space that exist only in the
 copy, so it can succeed only by running the uploaded code."""
@@ -10,29 +7,23 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import TINY
+from ray_nodes import REPO, Head, copy_of_the_code, free_ports, running_head
 
 from cpsc_ray.cluster.submit import JobServer
 from cpsc_ray.results.report import build_report
 from cpsc_ray.results.store import read_results
 
-REPO = Path(__file__).resolve().parents[1]
-HEAD_START_S = 120
 JOB_TIMEOUT_S = 480
 SPACE = """params:
   loss.alpha: {distribution: loguniform, low: 0.5, high: 5.0}
@@ -41,152 +32,16 @@ SPACE = """params:
 """
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def free_port_window(size: int) -> int:
-    """The first port of ``size`` consecutive free ports, for the head's workers."""
-    for first in range(20000, 30000, size):
-        try:
-            for port in range(first, first + size):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError("no window of free ports for Ray's workers")
-
-
-def session_members(session: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == session:
-                    members.append(int(entry))
-            except OSError:
-                pass
-    return members
-
-
-@dataclass
-class Head:
-    url: str
-    token: str
-    gcs_port: int
-    env: dict[str, str]  # for clients: the token, this venv's tools, no RAY_ADDRESS
-
-
-def working_in(directory: Path) -> list[int]:
-    """Processes whose working directory is under ``directory``: a job's driver runs in its unpacked
-    working dir below the head's temp dir, in a process session of its own."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if Path(os.readlink(f"/proc/{entry}/cwd")).is_relative_to(directory):
-                    members.append(int(entry))
-            except OSError:
-                pass
-    return members
-
-
-def _stop(proc: subprocess.Popen, temp: Path) -> list[int]:
-    """Stop the head: ``ray start --block`` tears its processes down on SIGTERM; whatever remains in
-    its session, or still works in its temp dir (a job driver that outlived its job), is killed.
-    Returns what had to be killed."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    remaining = lambda: sorted(set(session_members(proc.pid)) | set(working_in(temp)))  # noqa: E731
-    deadline = time.monotonic() + 20
-    while remaining() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    leftovers = remaining()
-    for pid in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return leftovers
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    gcs, dashboard, client, agent, agent_grpc, runtime_env_agent, metrics, node_manager, objects = free_ports(9)
-    workers = free_port_window(100)
-    temp = Path(tempfile.mkdtemp(prefix="cpsc-ray-head-"))  # short: Ray's socket paths live under it
-    token = secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--metrics-export-port={metrics}",
-        f"--node-manager-port={node_manager}",
-        f"--object-manager-port={objects}",
-        f"--min-worker-port={workers}",
-        f"--max-worker-port={workers + 99}",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]
-    log = temp / "head.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + HEAD_START_S
-        while True:
-            assert proc.poll() is None, f"ray start exited ({proc.returncode}):\n{log.read_text()}"
-            try:
-                request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
-                urllib.request.urlopen(request, timeout=5).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"head not up after {HEAD_START_S} s:\n{log.read_text()}"
-                time.sleep(1)
-        yield Head(url, token, gcs, env)
-    finally:
-        leftovers = _stop(proc, temp)
-        shutil.rmtree(temp, ignore_errors=True)
-    assert not leftovers, f"processes of the head outlived it: {leftovers}"
+    with running_head(num_cpus=2) as head:
+        yield head
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
     """A copy of the repository's code with a config and a search space only the copy holds."""
-    root = tmp_path_factory.mktemp("checkout")
-    for name in ("cpsc_ray", "search_spaces", "launch"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", root)
+    root = copy_of_the_code(tmp_path_factory.mktemp("checkout"))
     shutil.copy(REPO / "cpsc_ray/configs/digits.yaml", root / "cpsc_ray/configs/submitted_digits.yaml")
     (root / "search_spaces/submitted_calm.yaml").write_text(SPACE)
     return root
