@@ -13,21 +13,32 @@ import posixpath
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+def _around_path(uri: str, path: str) -> tuple[str, str]:
+    """What a URI holds besides its filesystem path, and another process needs to reach the same store: what
+    comes before the path (the scheme; credentials, s3://KEY:SECRET@bucket; a host, hdfs://namenode:8020) and
+    the options after it (an S3-compatible store's ?endpoint_override=HOST:PORT&scheme=http)."""
+    address = urlsplit(uri)
+    located = (address.netloc + address.path).rstrip("/")
+    # A path with %-escapes, which pyarrow decodes, is not found in the URI: only its scheme is kept.
+    authority = located.removesuffix(path) if located.endswith(path) else ""
+    return f"{address.scheme}://{authority}", f"?{address.query}" if address.query else ""
+
+
 class Storage:
     def __init__(self, root: str):
         if "://" in root:
             self.fs, path = pafs.FileSystem.from_uri(root)
-            self.scheme = root.split("://", 1)[0]
         else:
             self.fs, path = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
-            self.scheme = ""
         self.root = path.rstrip("/") or "/"
+        self._before, self._after = _around_path(root, self.root) if "://" in root else ("", "")
 
     @property
     def is_local(self) -> bool:
@@ -35,8 +46,12 @@ class Storage:
 
     def uri(self, *parts: str) -> str:
         """The full address of a path under the root: what another process or node should be given."""
-        path = self.path(*parts)
-        return f"{self.scheme}://{path}" if self.scheme else path
+        return self.uri_of(self.path(*parts))
+
+    def uri_of(self, path: str) -> str:
+        """The full address of any path on this storage's filesystem, such as a Ray checkpoint's ``path``
+        (Ray strips the URI down to the filesystem's path, as pyarrow does)."""
+        return f"{self._before}{path}{self._after}"
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if parts else self.root

@@ -112,7 +112,7 @@ def finalize(
         "test_at_best": chosen,
         "test_mean": statistics.mean(chosen) if chosen else None,
         "test_std": statistics.stdev(chosen) if len(chosen) > 1 else 0.0,
-        "students": [s["run_dir"] + "/best" for s in summaries],
+        "students": [Storage(s["run_dir"]).uri("best") for s in summaries],
     }
     root.write_json(f"{final}/finalize.json", result)
     return result

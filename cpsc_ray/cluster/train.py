@@ -119,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a worker failure, or a resumed Train run
         with checkpoint.as_directory() as directory:
-            starts.append(StartState(*read_checkpoint(Storage(directory)), where=checkpoint.path))
+            starts.append(StartState(*read_checkpoint(Storage(directory)), where=outputs.uri_of(checkpoint.path)))
     if loop.start_state:  # a round's state, or a resumed run's newest checkpoint from either mode
         state, meta = read_checkpoint(Storage(loop.start_state))
         starts.append(StartState(state, meta, where=loop.start_state, exploit=loop.exploit))

@@ -53,13 +53,14 @@ def trial_config(base: RunConfig, values: dict[str, Any], trial_id: str) -> RunC
     return with_values(base, {**coerced, "seed": base.seed + trial_seed_offset(trial_id), "name": trial_id})
 
 
-def load_trial_checkpoint(directory: str) -> StartState:
-    """The state a trial checkpoint holds: the state itself, or (multi-worker rounds) a pointer to it."""
+def load_trial_checkpoint(directory: str, where: str) -> StartState:
+    """The state a trial checkpoint holds: the state itself, or (multi-worker rounds) a pointer to it.
+    ``directory`` is where it is read, ``where`` its address (a remote checkpoint's differ)."""
     local = Storage(directory)
     if local.exists(POINTER):
         target = local.read_json(POINTER)["state"]
         return StartState(*read_checkpoint(Storage(target)), where=target)
-    return StartState(*read_checkpoint(local), where=directory)
+    return StartState(*read_checkpoint(local), where=where)
 
 
 def trial_start(trial_id: str, cfg: RunConfig, outputs: Storage) -> StartState | None:
@@ -68,8 +69,10 @@ def trial_start(trial_id: str, cfg: RunConfig, outputs: Storage) -> StartState |
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
+    # A remote checkpoint is read from a temporary local copy; lineage records where it stays. Tune keeps it
+    # on the same store as the trial's outputs.
     with checkpoint.as_directory() as directory:
-        start = load_trial_checkpoint(directory)
+        start = load_trial_checkpoint(directory, outputs.uri_of(checkpoint.path))
     if start.trial_id == trial_id or last_clone_is(read_lineage(outputs), start.where):
         return start
     before = outputs.read_json("config.json") if outputs.exists("config.json") else None

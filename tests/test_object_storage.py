@@ -1,0 +1,97 @@
+"""Object storage other than AWS: a whole tiny PBT run (one-worker trials, and two-worker Ray Train trials)
+against a real S3 API, moto's server on the loopback, and everything it wrote read back from s3://."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow.fs as pafs
+import pytest
+from moto.server import ThreadedMotoServer
+from ray.tune import ExperimentAnalysis
+from test_tune import SPACES, assert_one_row_per_trained_epoch, check_exploits
+
+from cpsc_ray.cli import main
+from cpsc_ray.cluster.trial import load_trial_checkpoint
+from cpsc_ray.cluster.tune import TuneOptions, run_tune
+from cpsc_ray.config import with_values
+from cpsc_ray.runs.lineage import read_lineage
+from cpsc_ray.storage import Storage
+
+BUCKET = "runs"
+
+
+def test_child_uris_keep_the_store_options_and_credentials():
+    options = "endpoint_override=h:1&scheme=http"
+    assert Storage(f"s3://b/p?{options}").child("x").uri("y") == f"s3://b/p/x/y?{options}"
+    secret = Storage(f"s3://key:sec%2Fret@b/p/?{options}")
+    assert secret.uri() == f"s3://key:sec%2Fret@b/p?{options}"
+    assert secret.uri_of("b/other/checkpoint_0") == f"s3://key:sec%2Fret@b/other/checkpoint_0?{options}"
+    assert Storage("gs://b/p").uri("x") == "gs://b/p/x"
+    assert Storage("file:///tmp/p").uri("x") == "file:///tmp/p/x"
+    assert Storage("/tmp/p/").uri("x") == Storage("/tmp/p").uri_of("/tmp/p/x") == "/tmp/p/x"
+
+
+@pytest.fixture(scope="module")
+def s3_root():
+    """A bucket on moto's S3 server, as a URI a user of MinIO or Ceph would give. The credentials and region
+    travel in it: Ray's workers started with this test session's environment, before this fixture."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    credentials = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
+    pafs.S3FileSystem(
+        **credentials, endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True
+    ).create_dir(BUCKET)
+    yield f"s3://testing:testing@{BUCKET}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_tuning_run_on_an_s3_compatible_store_reads_back_from_it(ray_local, digits_cfg, s3_root, tmp_path, workers):
+    experiment = f"pbt-{workers}w"
+    summary = run_tune(
+        with_values(digits_cfg, {"train.epochs": 2}),
+        TuneOptions(
+            space=str(SPACES / "calm_pbt.yaml"),
+            scheduler="pbt",
+            num_samples=2,
+            perturbation_interval=1,
+            workers_per_trial=workers,
+            cpus_per_worker=0.5,
+            keep_checkpoints=None,
+            search_seed=3,
+            storage=s3_root,
+            name=experiment,
+        ),
+    )
+    assert not summary["errored"]
+    root = Storage(s3_root)
+    assert summary["results"] == root.uri("results")
+
+    # Results and lineage: the exploits' source checkpoints are in the bucket and hold what was cloned.
+    results = check_exploits(s3_root, experiment, epochs=2)
+    assert len(results.trials) == 2 and set(results.epochs.workers) == {workers}
+    assert_one_row_per_trained_epoch(results.epochs, total=2)
+    in_experiment = f"s3://testing:testing@{BUCKET}/{experiment}/"
+    trials = root.child(experiment, "cpsc", "trials")
+    for trial_id in set(results.lineage.trial_id):
+        for record in read_lineage(trials.child(trial_id)):
+            assert record["source_checkpoint"].startswith(in_experiment), record["source_checkpoint"]
+
+    # Checkpoints: each trial's newest, as Tune holds it, is a last epoch's state (PBT's last round may have
+    # cloned the other trial's into it).
+    analysis = ExperimentAnalysis(root.uri(experiment))
+    trial_ids = {trial.trial_id for trial in analysis.trials}
+    for trial in analysis.trials:
+        checkpoint = trial.checkpoint
+        with checkpoint.as_directory() as directory:
+            start = load_trial_checkpoint(directory, root.uri_of(checkpoint.path))
+        assert start.epoch == 2 and start.trial_id in trial_ids
+        assert start.where.startswith(in_experiment)
+
+    # The report reads the same results.
+    out = tmp_path / "report"
+    assert main(["report", s3_root, "-o", str(out), "--experiments", experiment]) == 0
+    assert experiment in (out / "report.md").read_text()
