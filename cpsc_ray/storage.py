@@ -53,6 +53,12 @@ class Storage:
         (Ray strips the URI down to the filesystem's path, as pyarrow does)."""
         return f"{self._before}{path}{self._after}"
 
+    @classmethod
+    def of_file(cls, location: str) -> tuple["Storage", str]:
+        """The storage of a file's directory and the file's name, for a path or a URI (its query kept)."""
+        file = cls(location)
+        return cls(file.uri_of(posixpath.dirname(file.root))), posixpath.basename(file.root)
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if parts else self.root
 

@@ -30,6 +30,8 @@ def test_child_uris_keep_the_store_options_and_credentials():
     assert Storage("gs://b/p").uri("x") == "gs://b/p/x"
     assert Storage("file:///tmp/p").uri("x") == "file:///tmp/p/x"
     assert Storage("/tmp/p/").uri("x") == Storage("/tmp/p").uri_of("/tmp/p/x") == "/tmp/p/x"
+    folder, name = Storage.of_file(f"s3://b/teachers/t.pt?{options}")  # a teacher given as a URI
+    assert (folder.uri(), name) == (f"s3://b/teachers?{options}", "t.pt")
 
 
 @pytest.fixture(scope="module")

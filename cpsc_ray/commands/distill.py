@@ -4,11 +4,13 @@ over Ray Train workers, then print the run's summary and write its report."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from cpsc_ray.commands import add_config_args, percent
 from cpsc_ray.config import load_config
+from cpsc_ray.storage import Storage
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -117,9 +119,10 @@ def report_run(summary: dict) -> None:
     from cpsc_ray.results.store import ResultsError
 
     run_dir = summary["run_dir"]
-    storage = run_dir.rsplit("/", 1)[0]
+    parent, _ = Storage.of_file(run_dir)
+    storage = parent.uri()
     if "://" in run_dir:
-        print(f"  report: cpsc-ray report {storage} --experiments {summary['run']} -o REPORT_DIR")
+        print(f"  report: cpsc-ray report {shlex.quote(storage)} --experiments {summary['run']} -o REPORT_DIR")
         return
     try:
         page = build_report([storage], Path(run_dir) / "report", [summary["run"]])

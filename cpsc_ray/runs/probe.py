@@ -78,7 +78,7 @@ def synthesize_probe(
 
 def load_or_make_probe(teacher: Teacher, cfg: EvalConfig, device: torch.device) -> tuple[Tensor, Tensor]:
     """The teacher's probe set, made on first use and stored beside its weights (a path or a URI)."""
-    beside = Storage(teacher.location.rsplit("/", 1)[0])
+    beside, _ = Storage.of_file(teacher.location)
     name = probe_name(teacher.weights, cfg)
     if beside.exists(name):
         stored = torch.load(io.BytesIO(beside.read_bytes(name)), map_location="cpu", weights_only=True)

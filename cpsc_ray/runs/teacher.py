@@ -230,16 +230,15 @@ def resolve_weights(cfg: RunConfig) -> str:
 
 
 def weights_exist(location: str) -> bool:
-    parent, name = location.rsplit("/", 1)
-    return Storage(parent).exists(name)
+    parent, name = Storage.of_file(location)
+    return parent.exists(name)
 
 
 def fetch_weights(location: str) -> Path:
     """A local file for weights given as a path or a URI; a URI is downloaded once, with its card."""
     if "://" not in location:
         return Path(location)
-    parent, name = location.rsplit("/", 1)
-    remote = Storage(parent)
+    remote, name = Storage.of_file(location)
     local = cache_dir() / "fetched" / hashlib.sha256(location.encode()).hexdigest()[:16] / name
     if not local.is_file():
         local.parent.mkdir(parents=True, exist_ok=True)
