@@ -18,11 +18,19 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cpsc_ray.config import ConfigError
+
 
 class Storage:
     def __init__(self, root: str):
         if "://" in root:
-            self.fs, path = pafs.FileSystem.from_uri(root)
+            try:
+                self.fs, path = pafs.FileSystem.from_uri(root)
+            except pa.ArrowInvalid as err:
+                raise ConfigError(
+                    f"{root}: not a location pyarrow can open ({err}); give a local path or a URI such as "
+                    "s3://bucket/prefix"
+                ) from None
             self.scheme = root.split("://", 1)[0]
         else:
             self.fs, path = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
