@@ -26,12 +26,14 @@ class Registry(Generic[T]):
 
         return add
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: str | None = None) -> T:
+        """The builder registered as ``name``; ``key`` is the config field that named it, for the error."""
         try:
             return self._entries[name]
         except KeyError:
+            where = f"{key}: " if key else ""
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())} (cpsc-ray models)"
+                f"{where}unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())} (cpsc-ray models)"
             ) from None
 
     def names(self) -> list[str]:

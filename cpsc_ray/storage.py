@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cpsc_ray.config import ConfigError
+
 
 def _around_path(uri: str, path: str) -> tuple[str, str]:
     """What a URI holds besides its filesystem path, and another process needs to reach the same store: what
@@ -34,7 +36,13 @@ def _around_path(uri: str, path: str) -> tuple[str, str]:
 class Storage:
     def __init__(self, root: str):
         if "://" in root:
-            self.fs, path = pafs.FileSystem.from_uri(root)
+            try:
+                self.fs, path = pafs.FileSystem.from_uri(root)
+            except pa.ArrowInvalid as err:
+                raise ConfigError(
+                    f"{root}: not a location pyarrow can open ({err}); give a local path or a URI such as "
+                    "s3://bucket/prefix"
+                ) from None
         else:
             self.fs, path = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
         self.root = path.rstrip("/") or "/"

@@ -1,9 +1,11 @@
 """The CLI end to end on the digits default with tiny budgets: run directory, metrics, checkpoints,
 model selection without the test set, resume, teacher training; what `config --show` and `models` list,
-and that `report` and `--help` load neither Ray nor torch."""
+that `report` and `--help` load neither Ray nor torch, and the manners of the command line: every option
+explained with its default, a version, warnings on stderr."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import re
@@ -18,7 +20,7 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file
 
-from cpsc_ray.cli import main
+from cpsc_ray.cli import build_parser, main
 from cpsc_ray.method.models import build_model
 from cpsc_ray.results.schema import SCHEMA
 from cpsc_ray.runs.run import DistillRun
@@ -210,7 +212,7 @@ def test_an_unknown_key_points_to_the_show_command_that_lists_its_section(capsys
 WITHOUT_RAY_OR_TORCH = """
 import sys
 sys.modules["ray"] = sys.modules["torch"] = None  # importing either now raises ImportError
-from cpsc_ray.cli import main
+from cpsc_ray.cli import build_parser, main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -229,3 +231,51 @@ def test_report_and_help_load_neither_ray_nor_torch(digits_cfg, tmp_path):
     for args in (["--help"], ["submit", "--help"], ["config", "--show", "loss"]):
         done = cli(*args)
         assert done.returncode == 0 and done.stdout, (args, done.stderr[-2000:])
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """The top-level parser and each command's, by name."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"cpsc-ray": parser, **commands.choices}
+
+
+def test_every_option_of_every_command_has_help_that_shows_its_default(capsys):
+    for name, parser in _parsers().items():
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args(["--help"])
+        page = capsys.readouterr().out
+        assert done.value.code == 0 and "``" not in page, name  # plain text, no reStructuredText
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.dest}: no help"
+            if action.default not in (None, [], argparse.SUPPRESS) and not isinstance(action.default, bool):
+                shown = parser._get_formatter()._get_help_string(action)
+                assert "default" in shown, f"{name} {action.dest}: default {action.default!r} not shown"
+    assert "exit codes:" in _parsers()["cpsc-ray"].format_help()
+
+
+def test_version_is_the_package_version(capsys):
+    from cpsc_ray import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"cpsc-ray {__version__}\n"
+
+
+def test_warnings_reach_stderr_with_a_prefix(capsys):
+    import logging
+
+    assert main(["models"]) == 0
+    capsys.readouterr()
+    logging.getLogger("cpsc_ray.commands.distill").warning("the report could not be built")
+    captured = capsys.readouterr()
+    assert captured.err == "warning: the report could not be built\n" and captured.out == ""
+
+
+def test_name_and_resume_are_one_or_the_other(capsys):
+    for command in ("distill", "tune"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--name", "a", "--resume", "b"])
+        assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -130,8 +130,8 @@ def test_tune_state_naming_current_modules_is_restorable(tmp_path, monkeypatch):
     check_restorable(Storage(str(tmp_path)), "no-such-experiment")
 
 
-def test_tune_resume_of_an_old_experiment_says_what_to_do(ray_local, tmp_path, monkeypatch, capsys):
+def test_tune_resume_of_an_old_experiment_says_what_to_do(tmp_path, monkeypatch, capsys):
     _write_experiment(tmp_path, _state(5, old=True, monkeypatch=monkeypatch))
-    code = main(["tune", "--resume", "--name", "old-exp", "--storage", str(tmp_path), "--space", "digits_optuna"])
+    code = main(["tune", "--resume", "old-exp", "--storage", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith("error: --resume:") and "cpsc_ray.tune" in err

@@ -162,3 +162,58 @@ def test_damaged_checkpoint_is_named(tmp_path):
 def test_resume_of_unknown_run(tiny_cfg, capsys):
     assert main(["distill", "--resume", "nothing-here", f"output_dir={tiny_cfg.output_dir}"]) == 2
     assert "--resume nothing-here" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("key", ["student.arch", "teacher.arch"])
+def test_an_unknown_model_name_fails_before_anything_is_written(key, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["distill", f"{key}=resnet_nope", f"output_dir={runs}"]) == 2
+    assert f"{key}: unknown model 'resnet_nope'; choose one of:" in one_line_error(capsys) and not runs.exists()
+
+
+def test_a_location_pyarrow_cannot_open(capsys):
+    assert main(["finalize", "exp", "--storage", "nosuch://bucket/runs"]) == 2
+    assert "nosuch://bucket/runs: not a location pyarrow can open" in one_line_error(capsys)
+
+
+def _tuned_experiment(root, base: dict) -> None:
+    """An experiment as tune leaves it before any trial reported: its setup, no results yet."""
+    from dataclasses import asdict
+
+    from cpsc_ray.cluster.tune_setup import TuneSetup
+
+    setup = TuneSetup(base, "exp", "random+fifo", "val_acc", "", "", 1, 0.0, 1.0, 0, 1, 3, False, [], {})
+    Storage(str(root)).write_json(TuneSetup.path("exp"), asdict(setup))
+
+
+def test_finalize_of_unusable_experiments(tmp_path, capsys):
+    _tuned_experiment(tmp_path, {"loss": {"alpah": 1.0}})
+    assert main(["finalize", "exp", "--storage", str(tmp_path)]) == 2
+    assert "exp's base config: loss.alpah: unknown key" in one_line_error(capsys)
+    _tuned_experiment(tmp_path, {})
+    assert main(["finalize", "exp", "--storage", str(tmp_path)]) == 2
+    assert "no cpsc-ray results here" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no "-final" run begun
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--space is required for a new experiment"),
+        (["--space", "no_such_space.yaml"], "no_such_space.yaml"),
+        (["--space", "digits_pbt", "--scheduler", "pbt", "--seed-from", "nothing"], "no cpsc-ray results here"),
+        (["--resume", "nothing"], "--resume: no Tune experiment at"),
+    ],
+)
+def test_tune_refuses_bad_input_before_writing_or_starting_ray(args, message, tmp_path, capsys):
+    import ray
+
+    runs = tmp_path / "runs"
+    assert main(["tune", *args, "--storage", str(runs)]) == 2
+    assert message in one_line_error(capsys) and not runs.exists() and not ray.is_initialized()

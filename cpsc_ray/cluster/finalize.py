@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load
 
 from cpsc_ray.cluster.tune_setup import TuneSetup
-from cpsc_ray.config import ConfigError, RunConfig, with_values
+from cpsc_ray.config import ConfigError, RunConfig, validate_tree, with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.models import build_model
 from cpsc_ray.results.lineage import Schedule, replay_schedule
@@ -81,7 +81,7 @@ def finalize(
 ) -> dict[str, Any]:
     root = Storage(storage or ".")
     setup = TuneSetup.read(root, experiment)
-    base = RunConfig.model_validate(setup.base)
+    base = validate_tree(setup.base, f"{experiment}'s base config")
     winner, schedule = select(root, experiment)
     final = new_run_name(root, f"{experiment}-final")
     if not ray.is_initialized():

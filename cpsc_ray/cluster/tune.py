@@ -14,6 +14,7 @@ Layout under the storage root::
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,8 +31,10 @@ from cpsc_ray.cluster.tune_state import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, flatten
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.store import collect_experiment, read_results
-from cpsc_ray.runs.setup import ensure_teacher, new_run_name, with_absolute_paths
+from cpsc_ray.runs.setup import check_model_names, ensure_teacher, new_run_name, with_absolute_paths
 from cpsc_ray.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,11 +112,10 @@ class RoundCostWarning(tune.Callback):
         if self.warned or "round_overhead_s" not in result:
             return
         self.warned = True
-        print(
-            f"warning: --perturbation-interval 1 with {self.workers} workers per trial: every epoch is a round that "
+        logger.warning(
+            f"--perturbation-interval 1 with {self.workers} workers per trial: every epoch is a round that "
             f"starts the trial's worker group anew, measured at {result['round_overhead_s']:.1f} s per round against "
-            f"{result['epoch_s']:.1f} s of training ({trial}); a perturbation interval of K epochs pays it once per K",
-            flush=True,
+            f"{result['epoch_s']:.1f} s of training ({trial}); a perturbation interval of K epochs pays it once per K"
         )
 
 
@@ -210,6 +212,8 @@ def run_tune(
             "their early, cheap values; use --scheduler fifo"
         )
     metric = objective_metric(cfg, options.metric)
+    check_model_names(cfg)
+    seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
     experiment = new_run_name(root, options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
     if not ray.is_initialized():  # only once the request is known to be valid
         ray.init()
@@ -217,7 +221,6 @@ def run_tune(
     cfg = _resolve_teacher(cfg, options)
     setup = _new_setup(root, cfg, options, space, experiment, metric)
     setup.write(root)
-    seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
     if options.seed_defaults:  # a search that starts where the shipped defaults are cannot end below them
         seeds = [defaults_point(cfg, space), *(seeds or [])][: options.num_samples]
     # Optuna ranks a trial by its best epoch, as finalize and the report do; schedulers compare the current score.
@@ -271,13 +274,13 @@ def trial_request(options: TuneOptions) -> Request:
 
 def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
     if not options.name:
-        raise ConfigError("--resume needs --name EXPERIMENT (the experiment to continue)")
-    if not ray.is_initialized():
-        ray.init()
+        raise ConfigError("--resume NAME: the name of the experiment to continue")
     path = root.uri(options.name)
     if not tune.Tuner.can_restore(path):
         raise ConfigError(f"--resume: no Tune experiment at {path}")
     check_restorable(root, options.name)
+    if not ray.is_initialized():  # only once there is an experiment to continue
+        ray.init()
     setup = TuneSetup.read(root, options.name)
     tuner = tune.Tuner.restore(path, trainable=trainable(setup), resume_errored=True)
     with reporting_waits(trial_request(TuneOptions(**setup.options))):
@@ -311,7 +314,7 @@ def _collect(root: Storage, experiment: str, grid) -> dict[str, Any]:
     summary = collect_experiment(root, experiment)
     summary["errored"] = [f"{r.path}: {type(r.error).__name__}" for r in grid if r.error is not None]
     for line in summary["errored"]:
-        print(f"warning: trial failed: {line} (see error.txt there)")
+        logger.warning("trial failed: %s (see error.txt there)", line)
     return summary
 
 

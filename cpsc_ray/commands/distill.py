@@ -4,13 +4,16 @@ over Ray Train workers, then print the run's summary and write its report."""
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from pathlib import Path
 
-from cpsc_ray.commands import add_config_args, percent
+from cpsc_ray.commands import add_config_args, add_run_args, percent
 from cpsc_ray.config import load_config
 from cpsc_ray.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -21,17 +24,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     distill = commands.add_parser("distill", help="distil a student data-free")
     add_config_args(distill)
-    distill.add_argument("--name", help="run name (a new run never overwrites an old one)")
-    distill.add_argument("--resume", metavar="NAME", help="continue the run NAME from its last checkpoint")
-    distill.add_argument(
-        "--storage",
-        help="where runs go: a local path, a shared filesystem path or a URI "
-        "(s3://, gs://); default: the config's output_dir",
-    )
+    add_run_args(distill, "run", "the config's name")
     cluster = distill.add_argument_group("Ray Train (one run over many workers)")
-    cluster.add_argument("--workers", type=int, help="run through Ray Train with this many DDP workers")
+    cluster.add_argument(
+        "--workers", type=int, help="run through Ray Train with this many DDP workers (default: in this process)"
+    )
     cluster.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU, gloo)")
-    cluster.add_argument("--cpus-per-worker", type=float, default=1.0)
+    cluster.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker")
     cluster.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed")
     cluster.add_argument(
         "--autoscaling",
@@ -109,7 +108,7 @@ def print_summary(summary: dict) -> None:
         selected = f"best by {chosen['metric']}, epoch {chosen['epoch']}"
         print(f"  student test accuracy ({selected}): {percent(best.get('test_acc'))}")
     for warning in summary.get("warnings", []):
-        print(f"  warning: {warning}")
+        logger.warning(warning)
     print(f"  outputs: {summary['run_dir']}")
 
 
@@ -127,7 +126,7 @@ def report_run(summary: dict) -> None:
     try:
         page = build_report([storage], Path(run_dir) / "report", [summary["run"]])
     except ResultsError as err:
-        print(f"warning: no report for this run: {err}", file=sys.stderr)
+        logger.warning("no report for this run: %s", err)
         return
     print(f"  report: {page}")
     print(f"  compare every run there: cpsc-ray report {storage} -o {storage}/report")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -18,12 +17,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cpsc_ray.results.report import build_report
-    from cpsc_ray.results.store import ResultsError
 
-    try:
-        page = build_report(args.results, args.out, args.experiments)
-    except ResultsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    page = build_report(args.results, args.out, args.experiments)
     print(f"report: {page} (report.md, summary.parquet and cross_dataset.parquet beside it)")
     return 0

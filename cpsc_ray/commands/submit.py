@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
     from ray.job_submission import JobStatus
 
     from cpsc_ray.cluster.submit import JobServer
+
+logger = logging.getLogger(__name__)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -99,10 +102,10 @@ def _job_env(command: list[str], args: argparse.Namespace) -> dict:
     entrypoint(command)
     env = runtime_env(args.runtime_env, args.working_dir, dict(_pairs(args.env)))
     if trains_in_driver(command) and not args.entrypoint_num_gpus:
-        print(
-            f"warning: {command[0]} trains in the job's driver, which has no GPU without "
-            "--entrypoint-num-gpus 1 (distill can use --workers N --gpus-per-worker 1 instead)",
-            file=sys.stderr,
+        logger.warning(
+            "%s trains in the job's driver, which has no GPU without --entrypoint-num-gpus 1 (distill can use "
+            "--workers N --gpus-per-worker 1 instead)",
+            command[0],
         )
     return env
 

@@ -5,32 +5,52 @@ from __future__ import annotations
 
 import argparse
 
-from cpsc_ray.commands import add_config_args, percent
-from cpsc_ray.config import load_config
+from cpsc_ray.commands import DEFAULT_STORAGE, add_config_args, add_run_args, percent
+from cpsc_ray.config import ConfigError, load_config
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_tune(commands)
     final = commands.add_parser("finalize", help="rerun an experiment's selected configuration over seeds, export it")
-    final.add_argument("experiment")
-    final.add_argument("--seeds", type=int, default=3)
-    final.add_argument("--storage", default="runs", help="where the experiment lives (default: runs)")
-    final.add_argument("--gpus-per-seed", type=float, default=0.0)
-    final.add_argument("--cpus-per-seed", type=float, default=1.0)
+    final.add_argument("experiment", metavar="EXPERIMENT", help="the tuning experiment's name (as tune printed it)")
+    final.add_argument("--seeds", type=int, default=3, help="reruns, each from scratch with its own seed")
+    final.add_argument(
+        "--storage",
+        metavar="LOCATION",
+        default=DEFAULT_STORAGE,
+        help="where the experiment lives: the --storage or output_dir tune wrote to (default: %(default)s, the "
+        "output_dir of every shipped config)",
+    )
+    final.add_argument("--gpus-per-seed", type=float, default=0.0, help="GPUs of each seed's rerun (0: CPU)")
+    final.add_argument("--cpus-per-seed", type=float, default=1.0, help="CPUs of each seed's rerun")
     final.set_defaults(func=cmd_finalize)
 
 
 def _add_tune(commands: argparse._SubParsersAction) -> None:
     tuning = commands.add_parser("tune", help="search loss weights, temperature and generator settings with Ray Tune")
     add_config_args(tuning)
-    tuning.add_argument("--space", required=True, help="search space: a YAML path or a name in search_spaces/")
-    tuning.add_argument("--scheduler", choices=["fifo", "asha", "pbt", "pb2"], default="fifo")
-    tuning.add_argument("--search", choices=["random", "optuna"], default="random")
+    tuning.add_argument(
+        "--space",
+        help="search space: a YAML path or a name in search_spaces/; required for a new experiment (--resume "
+        "continues with its own)",
+    )
+    tuning.add_argument(
+        "--scheduler",
+        choices=["fifo", "asha", "pbt", "pb2"],
+        default="fifo",
+        help="fifo: every trial runs to the end; asha: stops poor trials early; pbt, pb2: population-based training",
+    )
+    tuning.add_argument(
+        "--search",
+        choices=["random", "optuna"],
+        default="random",
+        help="how trials draw their values: random sampling, or Optuna's TPE (NSGA-II with --minimize-device-seconds)",
+    )
     tuning.add_argument("--num-samples", type=int, default=8, help="trials (the population size for pbt/pb2)")
     tuning.add_argument(
         "--metric",
         choices=["val_acc", "proxy"],
-        help="objective; default val_acc when the config holds a validation split, else proxy",
+        help="objective (default: val_acc when the config holds a validation split, else proxy)",
     )
     tuning.add_argument(
         "--minimize-device-seconds",
@@ -45,8 +65,10 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
     tuning.add_argument(
         "--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers"
     )
-    tuning.add_argument("--cpus-per-worker", type=float, default=1.0)
-    tuning.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster holds whole")
+    tuning.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of each trial's workers")
+    tuning.add_argument(
+        "--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds whole)"
+    )
     tuning.add_argument(
         "--autoscaling",
         action="store_true",
@@ -60,18 +82,21 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
         help="end the experiment once its trials synthesized this many "
         "images in all (compare search methods at equal compute)",
     )
-    tuning.add_argument("--keep-checkpoints", type=int, default=3, help="per trial (0 keeps all)")
+    tuning.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per trial (0 keeps all)")
     tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
-    tuning.add_argument("--search-seed", type=int, default=0)
-    tuning.add_argument("--storage", help="local path, shared filesystem path or URI; default: the config's output_dir")
-    tuning.add_argument("--name", help="experiment name (default: <config name>-<method>)")
-    tuning.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    tuning.add_argument(
+        "--search-seed", type=int, default=0, help="seed of the search's sampling and of PBT's perturbations"
+    )
+    add_run_args(tuning, "experiment", "<config name>-<method>")
     tuning.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from cpsc_ray.cluster.tune import TuneOptions, run_tune
 
+    if not (args.space or args.resume):
+        raise ConfigError("tune: --space is required for a new experiment (a YAML path or a name in search_spaces/)")
+    cfg = load_config(args.config, args.overrides)
     options = TuneOptions(
         space=args.space,
         scheduler=args.scheduler,
@@ -89,13 +114,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seed_from=args.seed_from,
         seed_defaults=args.seed_defaults,
         storage=args.storage,
-        name=args.name,
+        name=args.resume or args.name,
         keep_checkpoints=args.keep_checkpoints or None,
         max_failures=args.max_failures,
         search_seed=args.search_seed,
         autoscaling=args.autoscaling,
     )
-    summary = run_tune(load_config(args.config, args.overrides), options, resume=args.resume)
+    summary = run_tune(cfg, options, resume=bool(args.resume))
     print(f"\nexperiment {summary['experiment']}: {len(summary['trials'])} trials; results in {summary['results']}")
     print(f"  {'trial':18s} {'score':>7s} {'test@best':>9s} {'epochs':>6s} {'images':>10s} {'device-s':>9s}")
     for trial in summary["trials"][:10]:
@@ -104,7 +129,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"  {trial['trial_id']:18s} {score:>7s} {percent(trial['test_at_best']):>9s} {trial['epochs']:>6d} "
             f"{trial['images']:>10,d} {trial['device_s']:>9.0f}"
         )
-    print(f"next: cpsc-ray finalize {summary['experiment']} --seeds 3 --storage {args.storage or '<output_dir>'}")
+    print(f"next: cpsc-ray finalize {summary['experiment']} --seeds 3 --storage {args.storage or cfg.output_dir}")
     return 0
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from cpsc_ray.config import ConfigError
 from cpsc_ray.results.schema import (
     IDENTITY,
     LINEAGE_SCHEMA,
@@ -141,8 +142,9 @@ def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
     return {"experiment": experiment, "results": root.uri("results"), "trials": summaries}
 
 
-class ResultsError(ValueError):
-    """Results that cannot be read; the message names the path and what was expected."""
+class ResultsError(ConfigError):
+    """Results that cannot be read; the message names the path and what was expected (an input error, as a bad
+    config is)."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ import yaml
 from cpsc_ray.config import ConfigError, RunConfig, to_yaml, validate_tree, with_values
 from cpsc_ray.data import dataset_info
 from cpsc_ray.method.engine import DistillEngine, ImageSpec, pick_device
+from cpsc_ray.method.models import MODELS
 from cpsc_ray.results.schema import method_label
 from cpsc_ray.runs.evaluation import build_eval_sets, selection_metric, top1
 from cpsc_ray.runs.run import RunIdentity
@@ -22,8 +23,17 @@ from cpsc_ray.runs.teacher import load_teacher, resolve_weights, train_teacher, 
 from cpsc_ray.storage import Storage
 
 
+def check_model_names(cfg: RunConfig) -> None:
+    """Registry names the config cannot validate itself (models register on import, with torch): an unknown one
+    fails before a teacher is trained or a run directory made."""
+    for key, name in (("teacher.arch", cfg.teacher.arch), ("student.arch", cfg.student.arch)):
+        if name is not None:
+            MODELS.get(name, key)
+
+
 def ensure_teacher(cfg: RunConfig, progress: bool = True) -> RunConfig:
     """A config whose teacher.weights is a concrete file: ``auto`` trains and caches it when missing."""
+    check_model_names(cfg)
     path = resolve_weights(cfg)
     if cfg.teacher.weights == "auto" and not weights_exist(path):
         print(
@@ -129,6 +139,7 @@ def open_run(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, Storage, st
             raise ConfigError(f"--resume {resume}: no run of that name under {root.uri()} (no config.yaml there)")
         cfg = validate_tree(yaml.safe_load(outputs.read_text("config.yaml")), f"{outputs.uri('config.yaml')}")
         return cfg, outputs, resume
+    check_model_names(cfg)
     name = new_run_name(root, cfg.name)
     outputs = root.child(name)
     outputs.write_text("config.yaml", to_yaml(cfg))
