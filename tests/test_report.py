@@ -6,6 +6,9 @@ Parquet rows; bad inputs must fail with one line naming the path and exit code 2
 from __future__ import annotations
 
 import base64
+import io
+import json
+import os
 import re
 import shutil
 import statistics
@@ -19,17 +22,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import TINY
+from PIL import Image
 
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.finalize import finalize
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import load_config, with_values
+from cpsc_ray.results import plots
 from cpsc_ray.results.lineage import clones
 from cpsc_ray.results.report import build_report
-from cpsc_ray.results.schema import epoch_table
-from cpsc_ray.results.store import ResultsError, read_results
+from cpsc_ray.results.schema import LOSS_METRICS, epoch_table
+from cpsc_ray.results.store import ResultsError, read_results, run_directory, run_name
 from cpsc_ray.runs.in_process import run_in_process
 from cpsc_ray.runs.setup import ensure_teacher
+from cpsc_ray.storage import Storage
 
 CALM = str(Path(__file__).parent / "spaces" / "calm_pbt.yaml")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -57,10 +63,20 @@ def storage(ray_local, digits_cfg, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report(storage, tmp_path_factory):
+def built(storage, tmp_path_factory) -> dict:
+    """The report of the fixture's results, and every matplotlib figure it drew (to check what they plot)."""
     out = tmp_path_factory.mktemp("report-out")
-    assert main(["report", str(storage["root"]), "-o", str(out)]) == 0
-    return out
+    figures = []
+    draw = plots._png
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plots, "_png", lambda fig: figures.append(fig) or draw(fig))
+        assert main(["report", str(storage["root"]), "-o", str(out)]) == 0
+    return {"out": out, "figures": figures}
+
+
+@pytest.fixture(scope="module")
+def report(built) -> Path:
+    return built["out"]
 
 
 def expected(results, experiments: list[str], units: list[str] | None = None) -> dict:
@@ -159,28 +175,153 @@ def cross_table(markdown: str, columns: list[str]) -> dict[str, dict[str, str]]:
         for line in markdown.splitlines()
         if line.startswith("| dataset |") or re.match(r"\| digits(-8px)? \| digits_teacher", line)
     ]
-    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    cells = [
+        [re.sub(r"^\[(.*)\]\(#[^)]*\)$", r"\1", c.strip()) for c in line.strip().strip("|").split("|")]
+        for line in lines
+    ]
     assert cells[0] == columns
     return {row[0]: dict(zip(columns, row)) for row in cells[1:]}
 
 
+def images_of(page: str) -> list[tuple[str, bytes]]:
+    """Each <img> of a page: its alt text and its decoded data-URI bytes."""
+    found = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([^']*)'>", page)
+    assert len(found) == page.count("<img "), "an image without alt text or not a data-URI PNG"
+    return [(alt, base64.b64decode(data)) for alt, data in found]
+
+
 def test_the_html_is_self_contained_and_holds_the_plots(storage, report):
     page = (report / "report.html").read_text()
-    images = re.findall(r"<img [^>]*src='([^']*)'", page)
-    # Per pair: accuracy against compute, accuracy per epoch of each row, loss-weight sensitivity; for
-    # PBT also the selected trial's hyperparameter schedule.
-    assert len(images) == (1 + 2 + 1) + (1 + 2 + 1 + 1)
-    assert all(src.startswith("data:image/png;base64,") for src in images)
-    assert all(base64.b64decode(src.split(",", 1)[1]).startswith(PNG) for src in images)
+    images = images_of(page)
+    # Per pair: accuracy against compute and loss-weight sensitivity; per row: accuracy per epoch, loss
+    # terms and the samples of each run shown (distill runs; PBT's selected trial and its 2 rerun seeds);
+    # for PBT also the selected trial's hyperparameter schedule.
+    assert len(images) == (2 + (2 + 2) + (2 + 1)) + (2 + (2 + 1) + (2 + 3 + 1))
+    for alt, png in images:
+        assert png.startswith(PNG) and alt
+        with Image.open(io.BytesIO(png)) as image:
+            image.load()  # decodes the whole image
+            assert min(image.size) > 100, alt
     assert not re.search(r"<(link|script)\b|src='http", page)
     for caption in (
         "accuracy against compute",
         "accuracy per epoch",
         "loss-weight sensitivity",
+        "loss terms per epoch of paper-0, paper-1",
+        "loss terms per epoch of pbt8/",
+        "synthetic images of paper-0 after its last epoch (2), one row per class",
+        "synthetic images of pbt8-final/seed1",
         "pbt8, hyperparameter schedule of the selected trial",
     ):
-        assert caption in page
+        assert caption in page, caption
     assert len(list((report / "plots").glob("*.png"))) == len(images)
+    # Every row of the tables links to its run's section.
+    targets = re.findall(r"<a href='#([^']+)'>", page)
+    assert len(targets) == 4 + 3  # the pair tables' rows, the cross table's non-empty cells
+    assert all(f"<h3 id='{target}'>" in page for target in targets)
+
+
+def test_the_sample_grids_show_every_class_upscaled(storage, report):
+    """Every run that ran to its last epoch wrote its grid, tuning trials included; the report shows
+    those of the distill runs and of the selected runs, one row per class at 64 px or more per image."""
+    results = read_results([str(storage["root"])])
+    root = Storage(str(storage["root"]))
+    finished = results.trials[~results.trials.diverged.astype(bool) & (results.trials.epochs == 2)]
+    assert set(finished.kind) == {"distill", "tune", "finalize"}
+    for trial in finished.itertuples():
+        grid = run_directory(root, trial.kind, trial.experiment, trial.trial_id).read_bytes("samples.png")
+        with Image.open(io.BytesIO(grid)) as image:
+            assert image.size[1] >= 10 * plots.TILE_PX  # digits: 10 classes, one row each
+    page = (report / "report.html").read_text()
+    shown = [(alt, png) for alt, png in images_of(page) if "synthetic images of" in alt]
+    assert len(shown) == 2 + 1 + 1 + 3
+    pbt = storage["final"]["winner"]
+    run = run_directory(root, "tune", "pbt8", pbt)
+    assert (f"synthetic images of pbt8/{pbt} after its last epoch (2)", run.read_bytes("samples.png")) in [
+        (alt.split(": ", 1)[1].split(", one row")[0], png) for alt, png in shown
+    ]
+
+
+def is_percent_axis(ax) -> bool:
+    return type(ax.yaxis.get_major_formatter()).__name__ == "PercentFormatter"
+
+
+def test_the_plots_fit_their_data_and_hold_the_parquet_rows(storage, built):
+    results = read_results([str(storage["root"])])
+    figures = built["figures"]
+    loss_figures = 0
+    for fig in figures:
+        title = fig._suptitle.get_text() if fig._suptitle else ""
+        assert title, "a plot without a title"
+        for ax in (a for a in fig.axes if a.get_visible()):
+            assert ax.get_xlabel() and ax.get_ylabel(), f"{title}: an unlabelled axis"
+            if is_percent_axis(ax):
+                low, high = ax.get_ylim()
+                assert 0.0 <= low < high <= 1.0, f"{title}: accuracy axis {low}..{high}"
+        if "loss terms per epoch" not in title:
+            continue
+        loss_figures += 1
+        lines = [line for ax in fig.axes for line in ax.get_lines() if line.get_gid()]
+        assert {line.get_gid().split(":")[1] for line in lines} <= set(LOSS_METRICS)
+        assert {"g_total", "s_total", "g_bn", "s_kd"} <= {line.get_gid().split(":")[1] for line in lines}
+        for line in lines:
+            run, column = line.get_gid().split(":")
+            epochs = results.epochs
+            names = pd.Series(
+                [run_name(*r) for r in epochs[["kind", "experiment", "trial_id"]].itertuples(index=False)]
+            )
+            rows = epochs[names.to_numpy() == run].sort_values("epoch")
+            assert list(line.get_xdata()) == list(rows.epoch), line.get_gid()
+            assert list(line.get_ydata()) == pytest.approx(list(rows[column]), nan_ok=True), line.get_gid()
+    assert loss_figures == 4
+
+
+def test_the_accuracy_axis_of_a_single_point_stays_within_100_percent(monkeypatch):
+    figures = []
+    draw = plots._png
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or draw(fig))
+    point = pd.DataFrame({"experiment": ["x"], "trial_id": ["run"], "epoch": [1], "val_acc": [0.98], "test_acc": [1.0]})
+    plots.accuracy_per_epoch(point.iloc[0:0], point, None, "one point")
+    for ax in figures[0].axes:
+        assert 0.0 <= ax.get_ylim()[0] and ax.get_ylim()[1] <= 1.0
+
+
+# Injected into a copy of the page: after the load, every image must have decoded (a non-zero natural
+# width); the result goes into the DOM that --dump-dom prints.
+CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const broken = images.filter((img) => !img.complete || img.naturalWidth === 0).map((img) => img.alt);
+  document.body.setAttribute("data-checked", JSON.stringify({images: images.length, broken}));
+});
+</script>"""
+
+
+def browser() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    not browser() and not os.environ.get("CI"), reason="no chromium to load the report in (CI installs it)"
+)
+def test_a_browser_shows_every_image_without_console_errors(report, tmp_path):
+    assert browser(), "CI is set but no chromium was found: .ci/run installs it with apt-get"
+    page = (report / "report.html").read_text()
+    checked = tmp_path / "report.html"
+    checked.write_text(page.replace("</body>", CHECK_IMAGES + "</body>"))
+    done = subprocess.run(
+        [browser(), "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0"]
+        + ["--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = re.search(r"data-checked=\"([^\"]*)\"", done.stdout)
+    assert found, done.stderr[-2000:]
+    result = json.loads(found.group(1).replace("&quot;", '"'))
+    assert result == {"images": len(images_of(page)), "broken": []}
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line]  # the page logs nothing itself
+    assert not console, console
 
 
 def test_the_schedule_follows_the_lineage(storage):

@@ -13,6 +13,15 @@ from pathlib import Path
 class Heading:
     level: int
     text: str
+    anchor: str | None = None  # what a Link to this heading targets
+
+
+@dataclass
+class Link:
+    """A table cell that leads to the heading of that ``anchor``."""
+
+    text: str
+    anchor: str
 
 
 @dataclass
@@ -23,13 +32,13 @@ class Text:
 @dataclass
 class Table:
     headers: list[str]
-    rows: list[list[str]]
+    rows: list[list[str | Link]]
 
 
 @dataclass
 class Plot:
     name: str
-    caption: str
+    caption: str  # also the image's alt text: says what it shows
     png: bytes
 
 
@@ -41,11 +50,18 @@ def to_markdown(blocks: list[Block], figures: Path) -> str:
     lines: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
+            if block.anchor:
+                lines.append(f'<a id="{block.anchor}"></a>')
             lines += [f"{'#' * block.level} {block.text}", ""]
         elif isinstance(block, Text):
             lines += [block.text, ""]
         elif isinstance(block, Table):
-            cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+
+            def cell(value: str | Link) -> str:
+                text = value.text if isinstance(value, Link) else value
+                text = text.replace("|", "\\|")
+                return f"[{text}](#{value.anchor})" if isinstance(value, Link) else text
+
             lines.append("| " + " | ".join(cell(h) for h in block.headers) + " |")
             lines.append("|" + "---|" * len(block.headers))
             lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in block.rows]
@@ -75,12 +91,13 @@ def to_html(blocks: list[Block]) -> str:
     ]
     for block in blocks:
         if isinstance(block, Heading):
-            parts.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
+            anchor = f" id='{esc(block.anchor)}'" if block.anchor else ""
+            parts.append(f"<h{block.level}{anchor}>{esc(block.text)}</h{block.level}>")
         elif isinstance(block, Text):
             parts.append(f"<p>{esc(block.text)}</p>")
         elif isinstance(block, Table):
             head = "".join(f"<th>{esc(h)}</th>" for h in block.headers)
-            body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            body = "".join("<tr>" + "".join(f"<td>{_html_cell(c)}</td>" for c in row) + "</tr>" for row in block.rows)
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         else:
             data = base64.b64encode(block.png).decode()
@@ -90,3 +107,9 @@ def to_html(blocks: list[Block]) -> str:
             )
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _html_cell(value: str | Link) -> str:
+    if isinstance(value, Link):
+        return f"<a href='#{html.escape(value.anchor)}'>{html.escape(value.text)}</a>"
+    return html.escape(value)

@@ -34,8 +34,9 @@ from cpsc_ray.results.analysis import (
     summarize,
 )
 from cpsc_ray.results.lineage import clones, mutated_keys, replay_schedule
-from cpsc_ray.results.render import Block, Heading, Plot, Table, Text, to_html, to_markdown
-from cpsc_ray.results.store import Results, read_for_report
+from cpsc_ray.results.render import Block, Heading, Link, Plot, Table, Text, to_html, to_markdown
+from cpsc_ray.results.schema import LOSS_METRICS, MIN_COVERAGE
+from cpsc_ray.results.store import Results, read_for_report, run_name, samples_png
 
 
 def build_report(locations: Sequence[str] | str, out_dir: str | Path, experiments: list[str] | None = None) -> Path:
@@ -121,7 +122,7 @@ def compose(
 def cross_table(summary: pd.DataFrame, cross: pd.DataFrame) -> Table:
     tuning = sorted(set(summary.method[summary.kind != "distill"]))
     methods = [DEFAULTS, *tuning]
-    table = Table(["dataset", "teacher → student", *methods], [])
+    table = Table(["dataset", "teacher → student", *methods], [])  # a cell links to its experiment's section
     for key, _ in summary.groupby(PAIR, sort=True, dropna=False):
         identity = dict(zip(PAIR, key))
         cells = of_pair(cross, identity).set_index("method")
@@ -132,10 +133,9 @@ def cross_table(summary: pd.DataFrame, cross: pd.DataFrame) -> Table:
                 continue
             cell = cells.loc[method]
             marker = "†" if cell.single_run else ""
-            row.append(
-                f"{pct(cell.test_mean, cell.test_std)} (n={cell.n}{marker}) · "
-                f"{hours(cell.device_hours, cell.compute_unit)}"
-            )
+            spent = hours(cell.device_hours, cell.compute_unit)
+            text = f"{pct(cell.test_mean, cell.test_std)} (n={cell.n}{marker}) · {spent}"
+            row.append(Link(text, run_anchor({**identity, "experiment": cell.experiment})))
         table.rows.append(row)
     return table
 
@@ -157,10 +157,10 @@ PAIR_HEADERS = [
 ]
 
 
-def pair_row(row: dict[str, Any]) -> list[str]:
+def pair_row(row: dict[str, Any]) -> list[str | Link]:
     return [
         row["method"],
-        row["experiment"],
+        Link(row["experiment"], run_anchor(row)),
         row["accuracy_from"],
         f"{row['n']}{'†' if row['single_run'] else ''}",
         row["selection"],
@@ -176,9 +176,19 @@ def pair_row(row: dict[str, Any]) -> list[str]:
     ]
 
 
+def _slug(*parts: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", "-".join(str(p) for p in parts)).strip("-")
+
+
+def run_anchor(row: dict[str, Any]) -> str:
+    """The id of a table row's section: its pair and experiment(s)."""
+    return "run-" + _slug(row["dataset"], row["teacher"], row["student"], row["experiment"])
+
+
 def _pair_section(results: Results, identity: dict[str, Any], entries: list[Entry]) -> list[Block]:
     dataset, pair = identity["dataset"], pair_label(identity["teacher"], identity["student"])
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{dataset}-{identity['teacher']}-{identity['student']}").strip("-")
+    slug = _slug(dataset, identity["teacher"], identity["student"])
+    where = f"{dataset}, {pair}"
     epochs = of_pair(results.epochs, identity)
     lineage = results.lineage[results.lineage.dataset == dataset]
     teachers = sorted({pct(acc) for acc in epochs.teacher_test_acc.dropna()})
@@ -186,6 +196,7 @@ def _pair_section(results: Results, identity: dict[str, Any], entries: list[Entr
         Heading(2, f"{dataset}: {pair}"),
         Text(f"Teacher test accuracy: {', '.join(teachers) or 'not recorded'} (the ceiling the students chase)."),
         Table(PAIR_HEADERS, [pair_row(e.row) for e in entries]),
+        Text("Each experiment links to its section: accuracy and loss terms per epoch, and the synthetic images."),
     ]
     unit = "/".join(sorted({e.row["compute_unit"] for e in entries}))
     scored = [e for e in entries if e.row["n"] > 0]
@@ -206,30 +217,73 @@ def _pair_section(results: Results, identity: dict[str, Any], entries: list[Entr
         blocks.append(
             Plot(
                 f"{slug}-compute",
-                f"{dataset}, {pair}: accuracy against compute",
+                f"{where}: accuracy against compute",
                 plots.accuracy_vs_compute(curves, outcomes, unit, f"{dataset}: {pair}"),
             )
         )
-    for i, entry in enumerate(entries):
-        row = entry.row
-        title = (
-            f"{dataset}, {pair}: {_label(entry)}, accuracy per epoch "
-            f"({len(entry.search)} trials searched, {len(entry.reruns)} runs/seeds)"
+    blocks += _sensitivity_plot(results, identity, f"{slug}-sensitivity", where)
+    for entry in entries:
+        blocks += _run_section(results, epochs, lineage[lineage.experiment == entry.row["experiment"]], entry, where)
+    return blocks
+
+
+GENERATOR_TERMS = [m for m in LOSS_METRICS if m.startswith("g_")]
+STUDENT_TERMS = [m for m in LOSS_METRICS if m.startswith("s_")]
+
+
+def _run_section(
+    results: Results, epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, where: str
+) -> list[Block]:
+    """A table row's own section: what its accuracy rests on, its accuracy and loss terms per epoch,
+    the synthetic images of each run shown, and PBT's schedule of the selected trial."""
+    row = entry.row
+    anchor = run_anchor(row)
+    shown = pd.concat([entry.search[entry.search.trial_id == entry.selected], entry.reruns])
+    names = _run_names(shown)
+    blocks: list[Block] = [
+        Heading(3, f"{where}: {row['method']}, {row['experiment']}", anchor),
+        Text(
+            f"Accuracy from: {row['accuracy_from']}. Runs shown: {', '.join(names) or 'none'}. Loss terms: "
+            f"shaded epochs are those whose student predicted fewer than {MIN_COVERAGE:.0%} of the classes "
+            "(collapsed), a red line the epoch a run diverged at."
+        ),
+    ]
+    title = (
+        f"{where}: {_label(entry)}, accuracy per epoch "
+        f"({len(entry.search)} trials searched, {len(entry.reruns)} runs/seeds)"
+    )
+    blocks.append(
+        Plot(
+            f"{anchor}-epochs",
+            title,
+            plots.accuracy_per_epoch(
+                _rows_of(epochs, entry.search), _rows_of(epochs, entry.reruns), entry.selected, title
+            ),
         )
-        blocks.append(
-            Plot(
-                f"{slug}-{i}-epochs",
-                title,
-                plots.accuracy_per_epoch(
-                    _rows_of(epochs, entry.search), _rows_of(epochs, entry.reruns), entry.selected, title
-                ),
+    )
+    if not shown.empty:
+        rows = _rows_of(epochs, shown)
+        rows = rows.assign(run=_run_names(rows))
+        title = f"{where}: {_label(entry)}, loss terms per epoch of {', '.join(names)}"
+        terms = {"generator's loss terms (g_*)": GENERATOR_TERMS, "student's loss terms (s_*)": STUDENT_TERMS}
+        blocks.append(Plot(f"{anchor}-losses", title, plots.loss_terms(rows, terms, MIN_COVERAGE, title)))
+    for i, (_, trial) in enumerate(shown.iterrows()):
+        name = names[i]
+        png = samples_png(results, trial)
+        if png is None:
+            blocks.append(
+                Text(f"{name}: no sample grid (it diverged, was stopped early, or its storage is elsewhere).")
             )
-        )
-        experiment_lineage = lineage[lineage.experiment == row["experiment"]]
-        if entry.selected is not None and (not experiment_lineage.empty or row["method"] in ("pbt", "pb2")):
-            blocks += _schedule_plot(epochs, experiment_lineage, entry, f"{slug}-{i}-schedule", f"{dataset}, {pair}")
-    sensitivity = _sensitivity_plot(results, identity, f"{slug}-sensitivity", f"{dataset}, {pair}")
-    return blocks + sensitivity
+            continue
+        caption = f"{where}: synthetic images of {name} after its last epoch ({trial.epochs}), one row per class"
+        blocks.append(Plot(f"{anchor}-samples-{i}", caption, png))
+    if entry.selected is not None and (not lineage.empty or row["method"] in ("pbt", "pb2")):
+        blocks += _schedule_plot(epochs, lineage, entry, f"{anchor}-schedule", where)
+    return blocks
+
+
+def _run_names(runs: pd.DataFrame) -> list[str]:
+    return [run_name(r.kind, r.experiment, r.trial_id) for r in runs.itertuples()]
 
 
 def _label(entry: Entry) -> str:

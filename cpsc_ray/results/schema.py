@@ -60,6 +60,9 @@ PROGRESS = {
 }
 VERSIONS = {"cpsc_ray_version": pa.string(), "torch_version": pa.string(), "ray_version": pa.string()}
 EVAL_METRICS = ("val_acc", "proxy", "test_acc")
+# A student that predicts fewer than this fraction of the classes on a class-balanced set has collapsed:
+# runs.health warns of it, the report shades those epochs.
+MIN_COVERAGE = 0.5
 RUN_KEYS = {"name", "seed", "output_dir"}  # config keys that name a run and where it writes, not what it trains
 
 # Runs at the shipped loss weights are labelled "defaults" in the results and reports.

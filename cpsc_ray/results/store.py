@@ -4,6 +4,7 @@ with one row per trial summarised from its epochs when it is published."""
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -152,6 +153,31 @@ class Results:
     epochs: pd.DataFrame
     trials: pd.DataFrame
     lineage: pd.DataFrame
+    storage: dict[tuple[str, str], str]  # (dataset, experiment) -> the storage root its run directories are under
+
+
+def run_name(kind: str, experiment: str, trial_id: str) -> str:
+    """A run as reports and sample grids name it: the experiment, and the trial or seed within it."""
+    return experiment if kind == "distill" else f"{experiment}/{trial_id}"
+
+
+def run_directory(root: Storage, kind: str, experiment: str, trial_id: str) -> Storage:
+    """A run's own directory (samples.png, summary.json) under its storage root, as the entry points lay
+    it out: a distill run ``<experiment>/`` (runs.setup.open_run), a finalize seed ``<experiment>/<seed>/``
+    (cluster.finalize), a tuning trial ``<experiment>/cpsc/trials/<trial>/`` (cluster.tune)."""
+    if kind == "tune":
+        return root.child(experiment, "cpsc", "trials", trial_id)
+    return root.child(experiment, trial_id) if kind == "finalize" else root.child(experiment)
+
+
+def samples_png(results: Results, trial: pd.Series) -> bytes | None:
+    """The sample grid a run (a row of the trials table) wrote after its last epoch; None when it has
+    none: a run that diverged or was stopped early, or whose storage is not there."""
+    root = results.storage.get((trial.dataset, trial.experiment))
+    if root is None:
+        return None
+    run = run_directory(Storage(root), trial.kind, trial.experiment, trial.trial_id)
+    return run.read_bytes("samples.png") if run.exists("samples.png") else None
 
 
 def _read_table(location: str, name: str, experiments: list[str] | None) -> pd.DataFrame:
@@ -190,6 +216,7 @@ def read_results(locations: list[str], experiments: list[str] | None = None) -> 
     """Read the results tables under each location (a ``results`` directory, or a storage root or run
     directory holding one); local paths or URIs."""
     frames: dict[str, list] = {name: [] for name in TABLES}
+    storage: dict[tuple[str, str], str] = {}
     for location in locations:
         base = Storage(location)
         root = base if base.exists("epochs") else base.child("results")
@@ -200,13 +227,16 @@ def read_results(locations: list[str], experiments: list[str] | None = None) -> 
             )
         for name in TABLES:
             frames[name].append(_read_table(root.uri(), name, experiments))
-    return _concat(frames)
+        for key in frames["trials"][-1][["dataset", "experiment"]].drop_duplicates().itertuples(index=False):
+            storage[tuple(key)] = posixpath.dirname(root.uri())
+    return _concat(frames, storage)
 
 
 def read_for_report(locations: list[str], experiments: list[str] | None = None) -> Results:
     """Every location's results, each location once and each experiment from one location only (from two,
     its rows would mix); unreadable Parquet and results without a run are refused."""
     parts: dict[str, list] = {name: [] for name in TABLES}
+    storage: dict[tuple[str, str], str] = {}
     seen: dict[tuple[str, str], str] = {}
     unique: dict[str, str] = {}
     for location in locations:
@@ -229,7 +259,8 @@ def read_for_report(locations: list[str], experiments: list[str] | None = None) 
             seen[dataset, experiment] = location
         for name in TABLES:
             parts[name].append(getattr(part, name))
-    results = _concat(parts)
+        storage.update(part.storage)
+    results = _concat(parts, storage)
     if results.trials.empty:
         chosen = f" for experiments {', '.join(experiments)}" if experiments else ""
         raise ResultsError(
@@ -239,5 +270,5 @@ def read_for_report(locations: list[str], experiments: list[str] | None = None) 
     return results
 
 
-def _concat(frames: dict[str, list[pd.DataFrame]]) -> Results:
-    return Results(**{name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()})
+def _concat(frames: dict[str, list[pd.DataFrame]], storage: dict[tuple[str, str], str]) -> Results:
+    return Results(**{name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}, storage=storage)

@@ -19,11 +19,11 @@ import math
 from typing import Any
 
 from cpsc_ray.config import RunConfig
+from cpsc_ray.results.schema import MIN_COVERAGE
 
 logger = logging.getLogger(__name__)
 
 PATIENCE = 2
-MIN_COVERAGE = 0.5  # fraction of classes a healthy student predicts on a class-balanced set
 CHANCE_MULTIPLE = 2.0  # agreement (or pseudo-label accuracy) below this many times chance is "at chance"
 
 COLLAPSE = "collapse"

@@ -8,7 +8,7 @@ Run directory::
     metrics.parquet     one row per epoch (results.schema.SCHEMA)
     checkpoints/last/   state.pt (engine.state_dict()) + meta.json, every train.checkpoint_every epochs
     best/               student.safetensors + student.json: the student at the best selection metric
-    samples.png         synthetic samples, one row per class
+    samples.png         synthetic samples after the last epoch, one labelled row per class (tuning trials too)
     summary.json        teacher and student accuracy, best and last
 
 Compute is charged to the run that spent it: epochs lost to a restart (and run again) and each start's
@@ -18,18 +18,17 @@ all the work it did, not only the work its surviving rows show.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, NotRequired, TypedDict
 
 from safetensors.torch import save
-from torchvision.utils import make_grid, save_image
 
 from cpsc_ray.config import RunConfig, to_yaml
 from cpsc_ray.method.engine import DistillEngine, DivergenceError
+from cpsc_ray.results.plots import sample_grid
 from cpsc_ray.results.schema import EVAL_METRICS, config_row, epoch_table, versions
-from cpsc_ray.results.store import charged_device_s, charged_images, latest
+from cpsc_ray.results.store import charged_device_s, charged_images, latest, run_name
 from cpsc_ray.runs.checkpoints import LAST, checkpoint_files
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor
@@ -79,14 +78,14 @@ class RunSummary(TypedDict):
     run_dir: NotRequired[str]
 
 
-def sample_grid_png(engine: DistillEngine) -> bytes:
+def sample_grid_png(engine: DistillEngine, identity: RunIdentity) -> bytes:
     classes = engine.spec.num_classes
     per_class = 8 if classes <= 20 else 4
     images, labels = engine.sample(per_class)
     shown = labels < 50  # a grid of 200 classes helps nobody
-    buffer = io.BytesIO()
-    save_image(make_grid(images[shown], nrow=per_class, padding=1, pad_value=1.0), buffer, format="png")
-    return buffer.getvalue()
+    run = run_name(identity.kind, identity.experiment, identity.trial_id)
+    title = f"{run}: synthetic images after epoch {engine.epoch}, one row per class"
+    return sample_grid(images[shown].permute(0, 2, 3, 1).numpy(), labels[shown].numpy(), title)
 
 
 class DistillRun:
@@ -205,6 +204,8 @@ class DistillRun:
         self._record(row)
         if self.outputs is not None:  # rank 0 speaks for the run
             self.health.observe(row)
+            if self.done:  # here, not in finish(): tuning trials end without it
+                self.outputs.write_bytes("samples.png", sample_grid_png(self.engine, self.identity))
         if (
             self.selection
             and row[self.selection] is not None
@@ -260,7 +261,7 @@ class DistillRun:
             self.outputs.write_bytes(f"{LAST}/{name}", data)
 
     def finish(self) -> RunSummary:
-        """Sample grid and summary; returns the summary."""
+        """Summary and config; returns the summary."""
         last = self.history[-1] if self.history else {}
         evaluated = [r for r in self.history if r.get("test_acc") is not None]
         best_row = next((r for r in evaluated if r["epoch"] == self.best["epoch"]), None)
@@ -277,7 +278,6 @@ class DistillRun:
             warnings=self.health.warnings,
         )
         if self.outputs is not None:
-            self.outputs.write_bytes("samples.png", sample_grid_png(self.engine))
             self.outputs.write_json("summary.json", summary)
             self.outputs.write_text("config.yaml", to_yaml(self.cfg))
         return summary
