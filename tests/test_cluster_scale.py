@@ -315,10 +315,14 @@ def test_a_request_the_cluster_can_never_hold_is_refused_naming_both(ray_local, 
         run_distributed(tiny_cfg, workers=1, gpus_per_worker=1)
     assert not runs.exists(), "a refused request writes nothing"
     options = TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1, max_concurrent=2)
-    with pytest.raises(ConfigError, match=r"--max-concurrent 2 asks for 2 worker\(s\) of 1 CPU x 2 trials at once"):
+    at_once = r"--max-concurrent 2 asks for 2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself x 2 trials"
+    with pytest.raises(ConfigError, match=at_once):
         run_tune(tiny_cfg, options)
     with pytest.raises(ConfigError, match=r"2 worker\(s\) of 1.5 CPU.*\(largest node 2\)"):
         run_tune(tiny_cfg, TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1.5))
+    # Two 1-CPU workers fill the 2 CPUs, and the trial itself holds a sliver more: it would wait forever.
+    with pytest.raises(ConfigError, match=r"2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself"):
+        run_tune(tiny_cfg, TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1))
 
 
 def test_a_request_that_waits_says_what_it_waits_for(ray_local, tiny_cfg, monkeypatch, capsys):

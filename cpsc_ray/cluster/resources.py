@@ -20,14 +20,15 @@ WAIT_REPORT_S = float(os.environ.get("CPSC_RAY_WAIT_REPORT_S", 60))  # tests sho
 
 @dataclass(frozen=True)
 class Request:
-    """``groups`` worker groups (trials at once) of ``workers`` workers each; ``how`` names the options
-    that set it, for messages."""
+    """``groups`` worker groups (trials at once) of ``workers`` workers each, and ``group_cpus`` more for
+    whatever drives each group (a multi-worker trial's trainable); ``how`` names the options that set it."""
 
     workers: int
     cpus_per_worker: float
     gpus_per_worker: float
     how: str
     groups: int = 1
+    group_cpus: float = 0.0
 
     @property
     def per_worker(self) -> dict[str, float]:
@@ -35,8 +36,9 @@ class Request:
 
     def describe(self) -> str:
         each = ", ".join(f"{v:g} {k}" for k, v in self.per_worker.items())
+        driver = f" plus {self.group_cpus:g} CPU for the trial itself" if self.group_cpus else ""
         groups = f" x {self.groups} trials at once" if self.groups > 1 else ""
-        return f"{self.workers} worker(s) of {each}{groups}"
+        return f"{self.workers} worker(s) of {each}{driver}{groups}"
 
 
 def worker_slots(request: Request, nodes: list[dict[str, float]]) -> int:
@@ -51,8 +53,9 @@ def check_fits(request: Request, autoscaling: bool = False) -> None:
     if autoscaling or not request.per_worker:
         return
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    needed = request.workers * request.groups
-    if worker_slots(request, nodes) >= needed:
+    cpus = request.groups * (request.workers * request.cpus_per_worker + request.group_cpus)
+    fits_cpus = cpus <= sum(n.get("CPU", 0) for n in nodes) + 1e-9
+    if fits_cpus and worker_slots(request, nodes) >= request.workers * request.groups:
         return
     have = ", ".join(
         f"{sum(n.get(k, 0) for n in nodes):g} {k} (largest node {max((n.get(k, 0) for n in nodes), default=0):g})"

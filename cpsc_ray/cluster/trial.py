@@ -37,6 +37,7 @@ from cpsc_ray.runs.setup import RunRole, prepare_engine
 from cpsc_ray.storage import Storage
 
 POINTER = "pointer.json"
+TRAINABLE_CPUS = 0.01  # what a multi-worker trial's trainable holds besides its workers
 
 
 def trial_seed_offset(trial_id: str) -> int:
@@ -232,5 +233,5 @@ def trainable(setup: TuneSetup):
     """``tune_trial`` with the experiment's setup bound and each trial's resources."""
     per_worker = {"CPU": setup.cpus_per_worker, "GPU": setup.gpus_per_worker}
     # Multi-worker trials hold their workers through Ray Train; the trainable itself only waits on them.
-    resources = per_worker if setup.workers == 1 else {"CPU": 0.01}
+    resources = per_worker if setup.workers == 1 else {"CPU": TRAINABLE_CPUS}
     return tune.with_resources(tune.with_parameters(tune_trial, setup=setup), resources)

@@ -25,7 +25,7 @@ from ray import tune
 from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
 from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.train import check_gpus_per_worker
-from cpsc_ray.cluster.trial import trainable
+from cpsc_ray.cluster.trial import TRAINABLE_CPUS, trainable
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.cluster.tune_state import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, flatten
@@ -269,6 +269,7 @@ def trial_request(options: TuneOptions) -> Request:
         options.gpus_per_worker,
         how,
         groups=options.max_concurrent or 1,
+        group_cpus=TRAINABLE_CPUS if options.workers_per_trial > 1 else 0.0,
     )
 
 
@@ -321,9 +322,10 @@ def _collect(root: Storage, experiment: str, grid) -> dict[str, Any]:
 def _fitting_concurrency(options: TuneOptions) -> int:
     """As many trials at once as the cluster can hold whole, so no worker group waits on a timeout."""
     available = ray.cluster_resources()
+    request = trial_request(options)
     per_trial = {
-        "CPU": options.cpus_per_worker * options.workers_per_trial,
-        "GPU": options.gpus_per_worker * options.workers_per_trial,
+        "CPU": request.cpus_per_worker * request.workers + request.group_cpus,
+        "GPU": request.gpus_per_worker * request.workers,
     }
     fits = [int(available.get(k, 0) // v) for k, v in per_trial.items() if v > 0]
     return max(1, min(fits)) if fits else 1
