@@ -1,17 +1,30 @@
 """The wheel holds the whole package: every module and subfolder, the shipped configs and the search spaces,
-and it works when installed on its own (dependencies reached from this interpreter, cpsc_ray only from it)."""
+and it works when installed on its own (dependencies reached from this interpreter, cpsc_ray only from it).
+What the package declares is what it imports, with floors and no caps; the launch files install the same and
+the image is built on the Ray that CI tests."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+import cpsc_ray
 
 REPO = Path(__file__).resolve().parents[1]
 # What a checkout holds beside the sources; a stale build/ in particular would leak deleted modules into the wheel.
@@ -107,3 +120,117 @@ def test_the_installed_wheel_runs_alone(wheel, tmp_path):
     assert found["spaces"] == sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))
     assert found["space_dirs"] and all(Path(d).is_relative_to(venv) for d in found["space_dirs"])
     assert found["configs"] == sorted(p.stem for p in (REPO / "cpsc_ray/configs").glob("*.yaml"))
+
+
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+DEPENDENCIES = [Requirement(line) for line in PROJECT["dependencies"]]
+# The Ray CI tests: the one the README's test command installed into this interpreter.
+RAY_VERSION = importlib.metadata.version("ray")
+
+
+def _declared(*extras: str) -> set[str]:
+    lines = PROJECT["dependencies"] + [line for extra in extras for line in PROJECT["optional-dependencies"][extra]]
+    return {canonicalize_name(Requirement(line).name) for line in lines}
+
+
+def _imported_modules(folder: Path) -> set[str]:
+    """Top-level modules the files under ``folder`` import, lazy and optional imports inside functions included."""
+    modules = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.partition(".")[0])
+    return modules
+
+
+@pytest.mark.parametrize(("folder", "extras"), [("cpsc_ray", ()), ("tests", ("test",))])
+def test_every_imported_package_is_declared(folder, extras):
+    """A package that arrives only through another one's dependencies can vanish in that one's next release."""
+    root = REPO / folder
+    own = {"cpsc_ray"} | {path.stem for path in root.rglob("*.py")}
+    declared = _declared(*extras)
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for module in sorted(_imported_modules(root) - set(sys.stdlib_module_names) - own):
+        providers = {canonicalize_name(name) for name in distributions.get(module, [])}
+        if not providers & declared:
+            undeclared[module] = sorted(providers) or "not installed"
+    assert not undeclared, f"{folder}/ imports packages pyproject.toml does not declare: {undeclared}"
+
+
+def test_every_requirement_has_a_floor_and_no_cap():
+    """Floors are what CI installed (an older one is untested); caps are left to real incompatibilities."""
+    for line in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["test"]:
+        requirement = Requirement(line)
+        assert [spec.operator for spec in requirement.specifier] == [">="], line
+        installed = importlib.metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed, prereleases=True), f"{line}: installed {installed}"
+
+
+def _dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(instruction, arguments) pairs, continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines() if not line.startswith("#")))
+    return [tuple(line.split(None, 1)) for line in joined.splitlines() if line.strip()]
+
+
+def test_the_image_is_the_ray_ci_tests_with_this_package_installed():
+    steps = _dockerfile(REPO / "launch/Dockerfile")
+    (base,) = [args for op, args in steps if op == "FROM"]
+    image = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3(\d+)-gpu", base.strip())
+    assert image, f"not an official Ray GPU image: {base}"
+    assert image[1] == RAY_VERSION
+    assert SpecifierSet(PROJECT["requires-python"]).contains(f"3.{image[2]}")
+    # What the wheel is built from; the search spaces reach it through a symlink, so their folder must come too.
+    search_spaces = (REPO / "cpsc_ray/search_spaces").resolve().relative_to(REPO).as_posix()
+    needed = {"pyproject.toml", PROJECT["readme"], "cpsc_ray", search_spaces}
+    copies = [i for i, (op, _) in enumerate(steps) if op == "COPY"]
+    copied = {
+        source.rstrip("/")
+        for i in copies
+        for source in [word for word in shlex.split(steps[i][1]) if not word.startswith("--")][:-1]
+    }
+    assert needed <= copied
+    installs = [
+        i for i, (op, args) in enumerate(steps) if op == "RUN" and re.search(r"\bpip install( -\S+)* \.( |$)", args)
+    ]
+    assert installs and installs[0] > max(copies), "pip install . must come after the sources are copied"
+    ignore = (REPO / "launch/Dockerfile.dockerignore").read_text().splitlines()
+    assert "*" in ignore and {f"!{name}" for name in needed} <= set(ignore)
+
+
+def test_the_launch_files_install_what_pyproject_declares():
+    """cluster.yaml and runtime_env.yaml list the dependencies again (their nodes do not install cpsc-ray itself)."""
+
+    def specs(lines):
+        return {(canonicalize_name(r.name), frozenset(r.extras), r.specifier) for r in map(Requirement, lines)}
+
+    (ray,) = [r for r in DEPENDENCIES if r.name == "ray"]
+    others = [str(r) for r in DEPENDENCIES if r is not ray]
+    cluster = yaml.safe_load((REPO / "launch/cluster.yaml").read_text())
+    (install,) = [c for c in cluster["setup_commands"] if c.startswith("pip install")]
+    pinned_ray = f"ray[{','.join(sorted(ray.extras))}]=={RAY_VERSION}"
+    assert specs(w for w in shlex.split(install)[2:] if not w.startswith("-")) == specs([pinned_ray, *others])
+
+    runtime_env = (REPO / "launch/runtime_env.yaml").read_text()
+    commented = re.search(r"^#   (packages: \[.*?\])$", runtime_env, re.M | re.S)[1]
+    packages = yaml.safe_load(re.sub(r"^#\s*", "", commented, flags=re.M))["packages"]
+    assert specs(packages) == specs(others)
+
+    rayjob = yaml.safe_load((REPO / "launch/rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    assert rayjob["rayVersion"] == RAY_VERSION
+    groups = [rayjob["headGroupSpec"], *rayjob["workerGroupSpecs"]]
+    images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    # The tag launch/README.md builds: the package's one version.
+    assert images == {f"ghcr.io/your-org/cpsc-ray:{cpsc_ray.__version__}"}
+    assert f"# image_uri: ghcr.io/your-org/cpsc-ray:{cpsc_ray.__version__}" in runtime_env
+
+
+def test_ci_lints_with_the_pinned_ruff_after_the_readme_test_command():
+    ci = (REPO / ".ci/run").read_text()
+    readme_test_command = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
+    assert readme_test_command in (REPO / "README.md").read_text() and readme_test_command in ci.splitlines()
+    assert any(Requirement(line).name == "ruff" for line in PROJECT["optional-dependencies"]["dev"])
+    assert ".venv/bin/pip install -e '.[dev]'" in ci
+    assert ".venv/bin/ruff check ." in ci and ".venv/bin/ruff format --check ." in ci
