@@ -400,3 +400,11 @@ def test_a_resumed_pbt_experiment_perturbs_where_trials_checkpoint(ray_local, di
         assert epochs == sorted(set(epochs)), f"{trial_id} reran epochs after the resume: {epochs}"
     lineage = read_results([str(tmp_path / "runs")], experiments=["pbt"]).lineage
     assert set(lineage.epoch) >= {2, 4} and set(lineage.epoch) <= {2, 4, 6}, "exploits before and after the resume"
+
+
+def test_a_user_error_on_the_teachers_worker_reaches_the_driver_in_one_line(ray_local, digits_cfg, tmp_path, capsys):
+    missing = tmp_path / "no-teacher.safetensors"
+    code = main(["distill", "--workers", "2", "--storage", str(tmp_path / "runs"), *TINY, f"teacher.weights={missing}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and str(missing) in err, err
+    assert not (tmp_path / "runs").exists(), "nothing is written"

@@ -141,8 +141,15 @@ def prepare_probe(cfg: RunConfig) -> None:
 
 
 def on_worker_resources(gpus: float, task, *args) -> Any:
-    """Run ``task`` where the trial's workers would run: on a GPU node when the run uses GPUs."""
-    return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(task).remote(*args))
+    """Run ``task`` where the trial's workers would run: on a GPU node when the run uses GPUs. A user error
+    there (a missing data.root, a teacher that does not fit) reaches the driver as itself, not wrapped in
+    Ray's traceback, so the CLI reports it in one line."""
+    try:
+        return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(task).remote(*args))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, ConfigError):
+            raise err.cause from None
+        raise
 
 
 def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ScalingConfig:
@@ -185,10 +192,13 @@ def run_distributed(
         ray.init()
     request = Request(workers, cpus_per_worker, gpus_per_worker, how)
     check_fits(request, autoscaling)  # before the run directory exists: a refused request writes nothing
-    cfg, outputs, name = open_run(cfg, resume)
-    newest = resume_point(outputs, name) if resume else None
+    if resume:  # the resumed run's own config
+        cfg, outputs, name = open_run(cfg, resume)
     cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)
     on_worker_resources(gpus_per_worker, prepare_probe, cfg)
+    if not resume:  # a new run directory only once its teacher is known to load
+        cfg, outputs, name = open_run(cfg, None)
+    newest = resume_point(outputs, name) if resume else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
