@@ -1,12 +1,17 @@
-"""Shared fixtures: one small digits teacher per test session, tiny budgets through overrides."""
+"""Shared fixtures: one small digits teacher per test session, tiny budgets through overrides; reading
+TensorBoard's event files back."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
+
+from cpsc_ray.method.terms import LOSS_METRICS
 
 torch.set_num_threads(2)
 
@@ -72,3 +77,35 @@ def ray_local(session_cache):
     del os.environ["RAY_GCS_SERVER_PORT"]
     yield ray
     ray.shutdown()
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """The scalars of a directory's event files, tag -> {step: value}, as TensorBoard shows them (points
+    a restart purged left out); a step shown twice fails."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        points = events.Scalars(tag)
+        scalars[tag] = {point.step: point.value for point in points}
+        assert len(scalars[tag]) == len(points), f"{tag}: a step shown twice"
+    return scalars
+
+
+def assert_tensorboard_shows_what_each_trial_reported(root: Path, experiment: str) -> None:
+    """Tune's TensorBoard logger wrote every report of every trial (one per epoch, or per round for
+    multi-worker PBT trials) into the trial's directory: its loss terms and accuracies at that epoch."""
+    trials = sorted((root / experiment / "cpsc/trials").iterdir())
+    assert trials
+    for trial in trials:
+        (trial_dir,) = [p for p in (root / experiment).iterdir() if p.is_dir() and trial.name in p.name]
+        scalars = {tag.removeprefix("ray/tune/"): points for tag, points in tensorboard_scalars(trial_dir).items()}
+        rows = {r["epoch"]: r for r in pq.read_table(trial / "metrics.parquet").to_pylist()}
+        assert scalars["epoch"], trial.name
+        for step, epoch in scalars["epoch"].items():
+            for name in (*LOSS_METRICS, "val_acc", "test_acc"):
+                value = rows[int(epoch)][name]
+                if value is not None and math.isfinite(value):  # a diverged epoch's NaN is not logged
+                    assert scalars[name][step] == pytest.approx(value, rel=1e-5), (trial.name, epoch, name)

@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import TINY
+from conftest import TINY, tensorboard_scalars
 
 from cpsc_ray.cli import main
 from cpsc_ray.config import RunConfig, with_values
 from cpsc_ray.runs.checkpoints import read_checkpoint
+from cpsc_ray.runs.tensorboard import TENSORBOARD_DIR, scalars_of
 from cpsc_ray.storage import Storage
 
 
@@ -113,6 +114,15 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_local, digits_cfg, 
     assert rows[-1]["images"] == 4 * 2 * (2 + 2) * 32  # restored counters, not restarted ones
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 4 and summary["last"]["test_acc"] == rows[-1]["test_acc"]
+
+    # Rank 0 alone wrote TensorBoard files, one per start of the run; epoch 3, lost with the killed
+    # worker and trained again, shows once: the rerun's value.
+    assert len(list((run / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
+    scalars = tensorboard_scalars(run / TENSORBOARD_DIR)
+    for row in rows:
+        for name, value in scalars_of(row).items():
+            assert scalars[name][row["epoch"]] == pytest.approx(value, rel=1e-6), (name, row["epoch"])
+    assert set(scalars["s_total"]) == {1, 2, 3, 4}
 
 
 def test_without_retries_the_run_fails_clearly_and_keeps_its_checkpoints(ray_local, digits_cfg, tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_tensorboard_shows_what_each_trial_reported
 from ray.tune import Callback, ExperimentAnalysis
 from safetensors.torch import load_file
 
@@ -62,6 +63,7 @@ def test_optuna_with_asha_writes_what_the_trials_reported(ray_local, digits_cfg,
         == results.epochs.epoch_images.sum()
         == results.epochs.groupby("trial_id").images.max().sum()
     )
+    assert_tensorboard_shows_what_each_trial_reported(tmp_path / "runs", "opt")
 
 
 def test_a_compute_budget_ends_the_experiment(ray_local, digits_cfg, tmp_path):
@@ -261,3 +263,4 @@ def test_multi_worker_trials_run_in_rounds_and_exploit(ray_local, digits_cfg, tm
     results = check_exploits(str(tmp_path / "runs"), "rounds", epochs=3)
     assert set(results.epochs.workers) == {2}
     assert_one_row_per_trained_epoch(results.epochs, total=3)
+    assert_tensorboard_shows_what_each_trial_reported(tmp_path / "runs", "rounds")

@@ -10,6 +10,7 @@ Run directory::
     best/               student.safetensors + student.json: the student at the best selection metric
     samples.png         synthetic samples after the last epoch, one labelled row per class (tuning trials too)
     summary.json        teacher and student accuracy, best and last
+    tensorboard/        every epoch's metrics as TensorBoard scalars (``runs.tensorboard``; not tuning trials)
 
 Compute is charged to the run that spent it: epochs lost to a restart (and run again) and each start's
 set-up are added to the first epoch after it (``lost_images``, ``overhead_s``), so a trial's totals hold
@@ -32,6 +33,7 @@ from cpsc_ray.results.store import charged_device_s, charged_images, latest, run
 from cpsc_ray.runs.checkpoints import LAST, checkpoint_files
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor
+from cpsc_ray.runs.tensorboard import EpochScalars
 from cpsc_ray.storage import Storage
 
 
@@ -108,6 +110,7 @@ class DistillRun:
         self.best = Selection(metric=self.selection, value=None, epoch=None)
         self._best_student: dict[str, Any] | None = None  # CPU copy of the best weights, for checkpoints
         self.health = HealthMonitor(engine.cfg, engine.spec.num_classes, self.selection)
+        self.scalars = EpochScalars.for_run(outputs, identity.kind)
         self._wall_before = 0.0
         self._started = time.perf_counter()
         # Rows already written belong to an earlier start of this run; unless a checkpoint keeps them
@@ -220,6 +223,8 @@ class DistillRun:
         self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
         if self.outputs is not None:
             self.outputs.write_parquet("metrics.parquet", epoch_table(self.history))
+        if self.scalars is not None:
+            self.scalars.write(row)
 
     def _write_best(self) -> None:
         if self.outputs is None or not self.keep_best:
@@ -280,4 +285,6 @@ class DistillRun:
         if self.outputs is not None:
             self.outputs.write_json("summary.json", summary)
             self.outputs.write_text("config.yaml", to_yaml(self.cfg))
+        if self.scalars is not None:
+            self.scalars.close()
         return summary
