@@ -211,9 +211,15 @@ def test_finalize_of_unusable_experiments(tmp_path, capsys):
         (["--resume", "nothing"], "--resume: no Tune experiment at"),
     ],
 )
-def test_tune_refuses_bad_input_before_writing_or_starting_ray(args, message, tmp_path, capsys):
+def test_tune_refuses_bad_input_before_writing_or_starting_ray(args, message, tmp_path, capsys, monkeypatch):
     import ray
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the input was checked")
+
+    # As if no Ray ran yet (the session's shared instance may): a start would fail the test.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
     runs = tmp_path / "runs"
     assert main(["tune", *args, "--storage", str(runs)]) == 2
-    assert message in one_line_error(capsys) and not runs.exists() and not ray.is_initialized()
+    assert message in one_line_error(capsys) and not runs.exists()

@@ -4,7 +4,6 @@ with one row per trial summarised from its epochs when it is published."""
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -228,7 +227,7 @@ def read_results(locations: list[str], experiments: list[str] | None = None) -> 
         for name in TABLES:
             frames[name].append(_read_table(root.uri(), name, experiments))
         for key in frames["trials"][-1][["dataset", "experiment"]].drop_duplicates().itertuples(index=False):
-            storage[tuple(key)] = posixpath.dirname(root.uri())
+            storage[tuple(key)] = Storage.of_file(root.uri())[0].uri()  # the root above results/, query kept
     return _concat(frames, storage)
 
 
