@@ -113,12 +113,19 @@ def test_a_relative_teacher_path_works_under_workers(ray_local, digits_cfg, tmp_
 
 
 def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_path, monkeypatch):
+    """On a 2-worker trial, whose workers run elsewhere still; its rank 0 reports reach Tune's TensorBoard."""
+    from conftest import assert_tensorboard_shows_what_each_trial_reported
+
     from cpsc_ray.config import with_values
 
     weights = relative_teacher(digits_cfg, tmp_path, monkeypatch)
-    cfg = with_values(digits_cfg, {"teacher.weights": weights, "train.epochs": 1})
-    summary = run_tune(cfg, TuneOptions(space="digits_pbt", storage="runs", name="rel", num_samples=1))
+    cfg = with_values(digits_cfg, {"teacher.weights": weights, "train.epochs": 2})
+    options = TuneOptions(
+        space="digits_pbt", storage="runs", name="rel", num_samples=1, workers_per_trial=2, cpus_per_worker=0.5
+    )
+    summary = run_tune(cfg, options)
     assert not summary["errored"] and len(summary["trials"]) == 1
+    assert_tensorboard_shows_what_each_trial_reported(tmp_path / "runs", "rel")
 
 
 def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, nothing_starts):
