@@ -34,6 +34,14 @@ class Request:
     def per_worker(self) -> dict[str, float]:
         return {k: v for k, v in {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}.items() if v > 0}
 
+    @property
+    def per_group(self) -> dict[str, float]:
+        """What one group holds whole: its workers and what drives it."""
+        return {
+            "CPU": self.workers * self.cpus_per_worker + self.group_cpus,
+            "GPU": self.workers * self.gpus_per_worker,
+        }
+
     def describe(self) -> str:
         each = ", ".join(f"{v:g} {k}" for k, v in self.per_worker.items())
         driver = f" plus {self.group_cpus:g} CPU for the trial itself" if self.group_cpus else ""
@@ -53,8 +61,7 @@ def check_fits(request: Request, autoscaling: bool = False) -> None:
     if autoscaling or not request.per_worker:
         return
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    cpus = request.groups * (request.workers * request.cpus_per_worker + request.group_cpus)
-    fits_cpus = cpus <= sum(n.get("CPU", 0) for n in nodes) + 1e-9
+    fits_cpus = request.groups * request.per_group["CPU"] <= sum(n.get("CPU", 0) for n in nodes) + 1e-9
     if fits_cpus and worker_slots(request, nodes) >= request.workers * request.groups:
         return
     have = ", ".join(
@@ -73,10 +80,10 @@ def pending_groups() -> list[dict]:
 
 
 @contextmanager
-def reporting_waits(request: Request, every: float | None = None) -> Iterator[None]:
-    """While the body runs, say once a minute (``every`` seconds) what it waits for when worker groups
+def reporting_waits(request: Request) -> Iterator[None]:
+    """While the body runs, say once a minute (``WAIT_REPORT_S``) what it waits for when worker groups
     are pending for want of resources."""
-    every = every or WAIT_REPORT_S
+    every = WAIT_REPORT_S
     done = threading.Event()
 
     def watch() -> None:

@@ -322,11 +322,7 @@ def _collect(root: Storage, experiment: str, grid) -> dict[str, Any]:
 def _fitting_concurrency(options: TuneOptions) -> int:
     """As many trials at once as the cluster can hold whole, so no worker group waits on a timeout."""
     available = ray.cluster_resources()
-    request = trial_request(options)
-    per_trial = {
-        "CPU": request.cpus_per_worker * request.workers + request.group_cpus,
-        "GPU": request.gpus_per_worker * request.workers,
-    }
+    per_trial = trial_request(options).per_group
     fits = [int(available.get(k, 0) // v) for k, v in per_trial.items() if v > 0]
     return max(1, min(fits)) if fits else 1
 

@@ -139,7 +139,6 @@ def open_run(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, Storage, st
             raise ConfigError(f"--resume {resume}: no run of that name under {root.uri()} (no config.yaml there)")
         cfg = validate_tree(yaml.safe_load(outputs.read_text("config.yaml")), f"{outputs.uri('config.yaml')}")
         return cfg, outputs, resume
-    check_model_names(cfg)
     name = new_run_name(root, cfg.name)
     outputs = root.child(name)
     outputs.write_text("config.yaml", to_yaml(cfg))
