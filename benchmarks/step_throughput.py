@@ -11,6 +11,12 @@ generator output that student steps then detach, its BN-statistics hook (a permu
 BN input for the variance), NCHW tensors, and fp16 autocast with a GradScaler on CUDA (as its
 ``--use_amp`` runs). ``engine`` is cpsc-ray's DistillEngine, in NCHW and in channels_last.
 
+The reference emulation is frozen as of issue 13 (2026-11-27): every speed-up in BENCHMARKS.md is
+measured against this same code, so do not change it; fix only what stops it running.
+
+Each result also gives ``warmup_s``, the untimed first iteration: cuDNN autotuning, and for the
+``compile`` variant torch.compile's compilation, which is why it is kept apart from the rate.
+
     python benchmarks/step_throughput.py                       # CPU, 2 threads, both pairs
     python benchmarks/step_throughput.py --device cuda --iterations 20
 """
@@ -19,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,12 +67,17 @@ def run_config(teacher: str, student: str, args: argparse.Namespace, **train) ->
     )
 
 
-def engine_images_per_s(teacher: str, student: str, args: argparse.Namespace, **train) -> float:
+class Measurement(NamedTuple):
+    images_per_s: float
+    warmup_s: float
+
+
+def engine_images_per_s(teacher: str, student: str, args: argparse.Namespace, **train) -> Measurement:
     cfg = run_config(teacher, student, args, **train)
     engine = DistillEngine(cfg, build_model(teacher, CLASSES), SPEC, device=torch.device(args.device))
-    engine.train_epoch()  # warm-up: allocator, cudnn autotuning, compilation
+    warmup_s = engine.train_epoch()["epoch_s"]  # allocator, cudnn autotuning, compilation
     engine.apply_hyperparameters(with_values(cfg, {"train.iterations_per_epoch": args.iterations}))
-    return engine.train_epoch()["images_per_s"]
+    return Measurement(engine.train_epoch()["images_per_s"], warmup_s)
 
 
 class ReferenceBNPrior(BNStatisticsPrior):
@@ -79,7 +92,7 @@ class ReferenceBNPrior(BNStatisticsPrior):
             self._mean_squares.append(var + self._means[-1] ** 2)
 
 
-def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.Namespace) -> float:
+def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.Namespace) -> Measurement:
     device = torch.device(args.device)
     cfg = run_config(teacher_name, student_name, args)
     teacher = build_model(teacher_name, CLASSES).to(device).eval()  # parameters still require grad
@@ -137,15 +150,17 @@ def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.
                 total, _ = s_loss(SynthBatch(y, t_logits, student(images)))
             backward_step(total, student_opt)
 
-    iteration()
-    if on_cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(args.iterations):
-        iteration()
-    if on_cuda:
-        torch.cuda.synchronize()
-    return args.iterations * (args.g_steps + args.s_steps) * args.batch / (time.perf_counter() - started)
+    def timed(iterations: int) -> float:
+        started = time.perf_counter()
+        for _ in range(iterations):
+            iteration()
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    warmup_s = timed(1)
+    images = args.iterations * (args.g_steps + args.s_steps) * args.batch
+    return Measurement(images / timed(args.iterations), warmup_s)
 
 
 def main() -> None:
@@ -160,18 +175,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="repeat each measurement; the median is kept")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--variants", nargs="+", help="measure only these variants (default: all for the device)")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend for the compile variant (aot_eager: Dynamo and AOTAutograd trace as they "
+        "would, without Inductor's code generation, which takes a minute on a CPU)",
+    )
     args = parser.parse_args()
+    if args.compile_backend != "inductor":  # the engine calls torch.compile with the default backend
+        torch.compile = functools.partial(torch.compile, backend=args.compile_backend)
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
 
     variants = {
         "reference": lambda t, s: reference_images_per_s(t, s, args),
-        "engine fp32": lambda t, s: engine_images_per_s(t, s, args, channels_last=False),
-        "engine fp32 channels_last": lambda t, s: engine_images_per_s(t, s, args, channels_last=True),
+        "engine fp32": lambda t, s: engine_images_per_s(t, s, args, amp=False, channels_last=False),
+        "engine fp32 channels_last": lambda t, s: engine_images_per_s(t, s, args, amp=False, channels_last=True),
+        "engine fp32 channels_last compile": lambda t, s: engine_images_per_s(
+            t, s, args, amp=False, channels_last=True, compile=True
+        ),
     }
     if args.device == "cuda":
         variants |= {
-            "engine bf16": lambda t, s: engine_images_per_s(t, s, args, amp=True),
+            "engine bf16": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=False),
             "engine bf16 channels_last": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=True),
             "engine bf16 channels_last compile": lambda t, s: engine_images_per_s(
                 t, s, args, amp=True, channels_last=True, compile=True
@@ -182,6 +208,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variants {unknown}; on {args.device} they are {list(variants)}")
         variants = {name: measure for name, measure in variants.items() if name in args.variants}
+    elif args.device == "cpu":  # measured only when named: Inductor compiles for a minute on a CPU
+        variants.pop("engine fp32 channels_last compile")
     machine = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -201,7 +229,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                samples = sorted(measure(teacher, student) for _ in range(args.repeats))
+                samples = sorted(measure(teacher, student) for _ in range(args.repeats))  # by images/s
             except Exception as err:  # a variant the device refuses (compile, bf16) must not hide the others
                 results.append({"pair": pair, "variant": variant, "error": f"{type(err).__name__}: {err}"})
                 print(f"{pair:20s} {variant:36s} FAILED {results[-1]['error'][:300]}", flush=True)
@@ -211,15 +239,17 @@ def main() -> None:
                 {
                     "pair": pair,
                     "variant": variant,
-                    "images_per_s": samples[len(samples) // 2],
-                    "samples": samples,
+                    "images_per_s": samples[len(samples) // 2].images_per_s,
+                    "warmup_s": samples[len(samples) // 2].warmup_s,
+                    "samples": [m.images_per_s for m in samples],
                     "peak_gib": peak_gib,
                 }
             )
             save()
             memory = f"  peak {peak_gib:.2f} GiB" if peak_gib is not None else ""
             rate = results[-1]["images_per_s"]
-            print(f"{pair:20s} {variant:36s} {rate:10.1f} images/s{memory}  {samples}", flush=True)
+            warmup = results[-1]["warmup_s"]
+            print(f"{pair:20s} {variant:36s} {rate:10.1f} images/s{memory}  warm-up {warmup:.1f} s", flush=True)
         measured = [r for r in results if r["pair"] == pair and "images_per_s" in r]
         reference = next((r["images_per_s"] for r in measured if r["variant"] == "reference"), None)
         for r in measured:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from cpsc_ray.registry import Registry
 
@@ -27,6 +27,12 @@ def register_model(
         return builder
 
     return add
+
+
+def global_average(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C). A mean, not adaptive_avg_pool2d: that one's CUDA backward, which generator
+    steps run through the teacher, has no deterministic kernel (issue 13); the values are the same."""
+    return x.mean((2, 3))
 
 
 # Importing the modules registers their models.

@@ -6,10 +6,9 @@ projection head that the contrastive loss needs when widths differ."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.method.models import register_model
+from cpsc_ray.method.models import global_average, register_model
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -31,7 +30,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(w3, num_classes)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
-        features = torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+        features = global_average(self.features(x))
         logits = self.fc(features)
         return (logits, features) if return_features else logits
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.method.models import register_model
+from cpsc_ray.method.models import global_average, register_model
 
 
 class BasicBlock(nn.Module):
@@ -45,7 +45,7 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        features = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        features = global_average(out)
         logits = self.linear(features)
         return (logits, features) if return_features else logits
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.method.models import register_model
+from cpsc_ray.method.models import global_average, register_model
 
 # Convolution widths per stage (the zoo's configurations "S" and "A").
 STAGES = {
@@ -55,7 +55,7 @@ class VGG(nn.Module):
             if i > 0 and (i < last or pool_before_last):
                 x = F.max_pool2d(x, 2)
             x = stage(x)
-        features = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        features = global_average(x)
         logits = self.classifier(features)
         return (logits, features) if return_features else logits
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.method.models import register_model
+from cpsc_ray.method.models import global_average, register_model
 
 
 class PreActBlock(nn.Module):
@@ -57,7 +57,7 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = F.relu(self.bn(out))
-        features = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        features = global_average(out)
         logits = self.fc(features)
         return (logits, features) if return_features else logits
 
