@@ -16,19 +16,18 @@ import subprocess
 import sys
 import warnings
 
-# cuBLAS is deterministic only with this workspace setting, read when cuBLAS starts: before any test runs.
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cpsc_ray.config import RunConfig, load_config, with_values
+from cpsc_ray.method.engine import DistillEngine
+from cpsc_ray.method.models import build_model
+from cpsc_ray.method.spec import ImageSpec
+from cpsc_ray.method.terms import LOSS_METRICS
+
+# cuBLAS is deterministic only with this workspace setting, read at its first GPU matrix product: before any test.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from cpsc_ray.config import RunConfig, load_config, with_values  # noqa: E402
-from cpsc_ray.method.engine import DistillEngine  # noqa: E402
-from cpsc_ray.method.models import build_model  # noqa: E402
-from cpsc_ray.method.spec import ImageSpec  # noqa: E402
-from cpsc_ray.method.terms import LOSS_METRICS  # noqa: E402
-
 DEVICE = os.environ.get("CPSC_RAY_GPU_TESTS_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE == "cuda"
 pytestmark = [
