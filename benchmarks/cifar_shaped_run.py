@@ -126,9 +126,10 @@ def main() -> None:
         "training_s": float(rows["epoch_s"].sum()),
         "wall_s": wall_s,  # set-up, probe set, evaluations, checkpoints and the report included
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(text)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 def test_a_state_dict_continues_identically_in_deterministic_mode(record_property):
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark, cudnn_benchmark = False, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -160,7 +161,8 @@ def test_a_probe_set_made_on_the_gpu_loads_on_a_machine_without_one(tmp_path):
 
     weights = tmp_path / "teacher.safetensors"
     save_file(build_model("digits_teacher", 10, 1).state_dict(), str(weights))
-    cfg = load_config("digits", [f"teacher.weights={weights}", "eval.probe_per_class=2", "eval.probe_steps=3"])
+    overrides = [f"teacher.weights={weights}", "eval.probe_per_class=2", "eval.probe_steps=3"]
+    cfg = load_config("digits", overrides)
     images, labels = load_or_make_probe(load_teacher(cfg), cfg.eval, torch.device(DEVICE))
     assert images.device.type == "cpu" and labels.device.type == "cpu"
     torch.save({"images": images, "labels": labels}, tmp_path / "made.pt")
@@ -179,7 +181,6 @@ def test_a_probe_set_made_on_the_gpu_loads_on_a_machine_without_one(tmp_path):
         "assert not torch.cuda.is_available()\n"
         "assert torch.equal(images, made['images']) and torch.equal(labels, made['labels'])\n"
     )
-    overrides = [f"teacher.weights={weights}", "eval.probe_per_class=2", "eval.probe_steps=3"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", script, *overrides], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
