@@ -1,7 +1,8 @@
 """Where runs write: a local directory or any URI pyarrow.fs understands (s3://, gs://, hdfs://...).
 
 Every write is atomic for readers: local files go to a temporary name and are renamed into place;
-object stores publish an object only when its upload completes.
+object stores publish an object only when its upload completes. Every read of a table or a record gets
+one whole version of it, though a run may replace it meanwhile (see ``_parsed``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +22,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cpsc_ray.config import ConfigError
+
+OBJECT_READ_ATTEMPTS = 10  # a replaced object's prefix is read again; a file this often unparseable is broken
 
 
 def _around_path(uri: str, path: str) -> tuple[str, str]:
@@ -83,7 +87,8 @@ class Storage:
         target = self.path(relative)
         self.fs.create_dir(posixpath.dirname(target), recursive=True)
         if self.is_local:
-            staging = f"{target}.{uuid.uuid4().hex}.tmp"
+            # A leading dot: readers of a directory as a dataset (pyarrow's ignore_prefixes) skip the staging file.
+            staging = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
             with self.fs.open_output_stream(staging) as out:
                 out.write(data)
             os.replace(staging, target)
@@ -105,7 +110,7 @@ class Storage:
         self.write_text(relative, json.dumps(value, indent=2, default=str))
 
     def read_json(self, relative: str) -> Any:
-        return json.loads(self.read_text(relative))
+        return self._parsed(relative, json.loads)
 
     def write_parquet(self, relative: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
@@ -113,7 +118,21 @@ class Storage:
         self.write_bytes(relative, buffer.getvalue())
 
     def read_parquet(self, relative: str) -> pa.Table:
-        return pq.read_table(self.path(relative), filesystem=self.fs)
+        return self._parsed(relative, lambda data: pq.read_table(pa.BufferReader(data)))
+
+    def _parsed(self, relative: str, parse: Callable[[bytes], Any]) -> Any:
+        """A file read whole, then parsed. Not pq.read_table(path): it reads the footer through one open and
+        the pages through another, so a file replaced in between reads as "Page was smaller than expected".
+        An object store's read is a HEAD for the size, then a ranged GET: an object replaced in between reads
+        as a prefix of the new version, which does not parse (Parquet ends in its magic bytes, JSON in a
+        bracket), so it is read again; a file that never parses raises what its parser raised."""
+        for attempt in range(1, OBJECT_READ_ATTEMPTS + 1):
+            data = self.read_bytes(relative)
+            try:
+                return parse(data)
+            except (OSError, ValueError):  # pyarrow's and json's errors for bytes that are not a whole file
+                if self.is_local or attempt == OBJECT_READ_ATTEMPTS:
+                    raise
 
     def copy_in(self, source_uri: str, relative: str) -> None:
         """Copy a directory (any filesystem pyarrow reads) to ``relative`` under this root."""

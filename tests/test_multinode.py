@@ -11,7 +11,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import TINY
 from ray_nodes import RAY, ask, copy_of_the_code, kill_node, listed, running_head, start_worker_node, stop_node
@@ -31,8 +30,10 @@ def ray_head():
         yield head
 
 
-def rows_written(metrics: Path) -> list[dict]:
-    return pq.read_table(metrics).to_pylist() if metrics.exists() else []
+def rows_written(run: Path) -> list[dict]:
+    """The run's rows so far, read as reports read them: the run replaces the file every epoch."""
+    outputs = Storage(str(run))
+    return outputs.read_parquet("metrics.parquet").to_pylist() if outputs.exists("metrics.parquet") else []
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 120)
@@ -66,7 +67,7 @@ def test_a_run_over_two_nodes_survives_losing_one(ray_head, digits_cfg, session_
         assert submitted.returncode == 0, submitted.stderr
 
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while len(before_loss := rows_written(run / "metrics.parquet")) < LOST_AFTER_EPOCH:
+        while len(before_loss := rows_written(run)) < LOST_AFTER_EPOCH:
             assert not server.client.get_job_status(job_id).is_terminal(), server.logs(job_id)
             assert time.monotonic() < deadline, f"no epoch done in {JOB_TIMEOUT_S} s:\n{server.logs(job_id)}"
             time.sleep(0.2)
@@ -88,7 +89,7 @@ def test_a_run_over_two_nodes_survives_losing_one(ray_head, digits_cfg, session_
     attempts = [(a["status"], {w["node_id"] for w in a["workers"]}) for a in train_run["attempts"]]
     assert attempts == [("ERRORED", {head_id, first_id}), ("FINISHED", {head_id, second_id})], train_run
 
-    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    rows = rows_written(run)
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     assert all(r["workers"] == 2 for r in rows)
     assert rows[-1]["images"] == EPOCHS * 2 * (2 + 2) * 32

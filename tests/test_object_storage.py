@@ -3,7 +3,10 @@ against a real S3 API, moto's server on the loopback, and everything it wrote re
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
+import uuid
 
 import pyarrow.fs as pafs
 import pytest
@@ -15,6 +18,8 @@ from cpsc_ray.cli import main
 from cpsc_ray.cluster.trial import load_trial_checkpoint
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import with_values
+from cpsc_ray.results.schema import epoch_table
+from cpsc_ray.results.store import publish, read_results
 from cpsc_ray.runs.lineage import read_lineage
 from cpsc_ray.storage import Storage
 
@@ -48,6 +53,44 @@ def s3_root():
     ).create_dir(BUCKET)
     yield f"s3://testing:testing@{BUCKET}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
     server.stop()
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_readers_get_one_whole_version_of_a_file_a_run_keeps_replacing(store, s3_root, tmp_path):
+    """A run rewrites its metrics.parquet every epoch and its results tables when it publishes; a poller or a
+    report reading meanwhile gets one whole version: not a torn file, nor the writer's staging file."""
+    root = Storage(str(tmp_path)) if store == "local" else Storage(s3_root).child(f"replaced-{uuid.uuid4().hex}")
+    identity = {"experiment": "live", "dataset": "digits", "trial_id": "run", "selection": "val_acc"}
+    rows = [{**identity, "epoch": e, "val_acc": e / 40} for e in range(1, 41)]
+    written, stop, failures = [0], threading.Event(), []
+
+    def write(epochs: int) -> None:
+        root.write_parquet("metrics.parquet", epoch_table(rows[:epochs]))
+        publish(root, "live", rows[:epochs], [])
+        written[0] += 1
+
+    def run() -> None:
+        try:
+            for epochs in itertools.takewhile(lambda _: not stop.is_set(), itertools.cycle(range(1, len(rows) + 1))):
+                write(epochs)
+        except Exception as error:  # noqa: BLE001 -- the reader's loop ends on it and the test reports it
+            failures.append(error)
+
+    write(1)  # a whole version before the reader starts
+    writer = threading.Thread(target=run)
+    writer.start()
+    try:
+        reads = 0
+        while (reads < 100 or written[0] < 100) and not failures:
+            epochs = root.read_parquet("metrics.parquet")["epoch"].to_pylist()
+            assert epochs == list(range(1, len(epochs) + 1))
+            published = read_results([root.uri()]).epochs.epoch.tolist()
+            assert published == list(range(1, len(published) + 1))
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -4,6 +4,7 @@ with one row per trial summarised from its epochs when it is published."""
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -181,34 +182,37 @@ def samples_png(results: Results, trial: pd.Series) -> bytes | None:
 
 def _read_table(location: str, name: str, experiments: list[str] | None) -> pd.DataFrame:
     storage = Storage(location)
-    if not storage.exists(name):
-        return TABLES[name].empty_table().to_pandas()
     partitioning = ds.partitioning(pa.schema([(p, pa.string()) for p in PARTITIONS]), flavor="hive")
     expected = pa.schema([f for f in TABLES[name] if f.name not in PARTITIONS])
-    files = ds.dataset(storage.path(name), filesystem=storage.fs, format="parquet", partitioning=partitioning)
-    for fragment in files.get_fragments():
+    full = pa.unify_schemas([expected, partitioning.schema])
+    types = dict(zip(expected.names, expected.types))
+    if not storage.exists(name):
+        return full.empty_table().to_pandas()
+    parts = []
+    # Given the schema, the listing opens no file: each is read once, below.
+    listing = ds.dataset(
+        storage.path(name), filesystem=storage.fs, format="parquet", partitioning=partitioning, schema=full
+    )
+    for fragment in listing.get_fragments():
+        keys = ds.get_partition_keys(fragment.partition_expression)
+        if experiments and keys.get("experiment") not in experiments:
+            continue
+        # Each file read whole (Storage.read_parquet): a run publishing meanwhile replaces it.
+        table = storage.read_parquet(posixpath.relpath(fragment.path, storage.root))
         # Tables of earlier versions lack the columns added since: those read as nulls. Columns this
         # version does not know, or of another type, mean it is not a cpsc-ray table it can read.
-        schema = fragment.physical_schema
-        unknown = sorted(set(schema.names) - set(expected.names))
-        retyped = sorted(
-            n for n in schema.names if n in expected.names and schema.field(n).type != expected.field(n).type
-        )
+        unknown = sorted(set(table.column_names) - set(types))
+        retyped = sorted(n for n in table.column_names if n in types and table.schema.field(n).type != types[n])
         if unknown or retyped:
             raise ResultsError(
                 f"{fragment.path}: not a cpsc-ray {name} table of this version (unknown columns: {unknown[:5]}, "
                 f"other types: {retyped[:5]}); rewrite it with this cpsc-ray or point at another results directory"
             )
-    table = ds.dataset(
-        storage.path(name),
-        filesystem=storage.fs,
-        format="parquet",
-        partitioning=partitioning,
-        schema=pa.unify_schemas([expected, partitioning.schema]),
-    ).to_table()
-    if experiments:
-        table = table.filter(pc.is_in(table["experiment"], pa.array(experiments)))
-    return table.to_pandas()
+        rows = table.num_rows
+        columns = [table[f.name] if f.name in table.column_names else pa.nulls(rows, f.type) for f in expected]
+        columns += [pa.array([keys.get(p)] * rows, pa.string()) for p in PARTITIONS]
+        parts.append(pa.Table.from_arrays(columns, schema=full))
+    return (pa.concat_tables(parts) if parts else full.empty_table()).to_pandas()
 
 
 def read_results(locations: list[str], experiments: list[str] | None = None) -> Results:
