@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from cpsc_ray.results.schema import (
     epoch_table,
 )
 from cpsc_ray.storage import Storage
+
+READ_THREADS = 16  # results files read at once: an object store answers each after a round trip
 
 
 def latest(rows: Iterable[Mapping[str, Any]], metric: str) -> Any:
@@ -188,24 +191,25 @@ def _read_table(location: str, name: str, experiments: list[str] | None) -> pd.D
     types = dict(zip(expected.names, expected.types))
     if not storage.exists(name):
         return full.empty_table().to_pandas()
-    parts = []
-    # Given the schema, the listing opens no file: each is read once, below.
+    # Given the schema, the listing opens no file.
     listing = ds.dataset(
         storage.path(name), filesystem=storage.fs, format="parquet", partitioning=partitioning, schema=full
     )
-    for fragment in listing.get_fragments():
-        keys = ds.get_partition_keys(fragment.partition_expression)
-        if experiments and keys.get("experiment") not in experiments:
-            continue
-        # Each file read whole (Storage.read_parquet): a run publishing meanwhile replaces it.
-        table = storage.read_parquet(posixpath.relpath(fragment.path, storage.root))
+    fragments = [(f.path, ds.get_partition_keys(f.partition_expression)) for f in listing.get_fragments()]
+    wanted = [(path, keys) for path, keys in fragments if not experiments or keys.get("experiment") in experiments]
+    # Each file read whole (Storage.read_parquet), as a run publishing meanwhile replaces it; several at once,
+    # as an object store answers each read after a round trip.
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        tables = list(pool.map(lambda item: storage.read_parquet(posixpath.relpath(item[0], storage.root)), wanted))
+    parts = []
+    for (path, keys), table in zip(wanted, tables):
         # Tables of earlier versions lack the columns added since: those read as nulls. Columns this
         # version does not know, or of another type, mean it is not a cpsc-ray table it can read.
         unknown = sorted(set(table.column_names) - set(types))
         retyped = sorted(n for n in table.column_names if n in types and table.schema.field(n).type != types[n])
         if unknown or retyped:
             raise ResultsError(
-                f"{fragment.path}: not a cpsc-ray {name} table of this version (unknown columns: {unknown[:5]}, "
+                f"{path}: not a cpsc-ray {name} table of this version (unknown columns: {unknown[:5]}, "
                 f"other types: {retyped[:5]}); rewrite it with this cpsc-ray or point at another results directory"
             )
         rows = table.num_rows
