@@ -20,7 +20,8 @@ from cpsc_ray.config import ConfigError
 COMMAND_GROUPS = (show, distill, tune, report, submit)
 EXIT_CODES = """exit codes:
   0  done
-  1  the run failed: a distillation diverged, a distributed run ran out of restarts, a submitted job failed
+  1  the run failed: a distillation diverged, a distributed run ran out of restarts, no trial of a tuning
+     experiment finished an epoch, a submitted job failed
   2  usage or input error (options, config, search space, paths, results, model names); nothing was written
   3  submit --wait: the job was still running at --timeout
 """

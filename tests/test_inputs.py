@@ -116,6 +116,24 @@ def test_missing_teacher_file(digits_cfg, tmp_path):
     assert "does not exist" in message
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("damaged.safetensors", "header too large"),
+        ("damaged.pt", "Unsupported operand"),
+        ("pickled-model.pt", "Unsupported global: GLOBAL torch.nn.modules.linear.Linear"),
+    ],
+)
+def test_a_teacher_file_that_does_not_load_is_named_with_the_reason(digits_cfg, tmp_path, name, reason):
+    path = tmp_path / name
+    if name.startswith("pickled"):
+        torch.save(torch.nn.Linear(2, 2), path)
+    else:
+        path.write_bytes(b"not a teacher")
+    message = error_of(load_teacher, with_values(digits_cfg, {"teacher.weights": str(path)}))
+    assert message.startswith(f"teacher.weights: {path} is not a loadable weights file (") and reason in message
+
+
 def byo(digits_cfg, tmp_path, builder, **extra):
     model = getattr(__import__("byo_models"), builder)()
     path = _save(tmp_path, model)

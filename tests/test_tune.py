@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +20,7 @@ from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import with_values
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.schedules import multistep, warmup_cosine
-from cpsc_ray.results.store import read_results
+from cpsc_ray.results.store import NothingToCollect, read_results
 from cpsc_ray.runs.checkpoints import read_checkpoint
 from cpsc_ray.runs.lineage import state_digest
 from cpsc_ray.storage import Storage
@@ -117,6 +119,37 @@ def test_an_interrupted_experiment_resumes_without_repeating_finished_trials(
     assert len(summary["trials"]) == 4 and all(t["epochs"] == 2 for t in summary["trials"])
     for trial_id, mtime in finished.items():
         assert (trials_dir / trial_id / "metrics.parquet").stat().st_mtime_ns == mtime, trial_id
+
+
+class BreakOnce(Callback):
+    """Overwrites a file as the experiment starts (once: a restored experiment runs its callbacks again)."""
+
+    def __init__(self, target: Path, marker: Path):
+        self.target, self.marker = target, marker
+
+    def setup(self, **info):
+        if not self.marker.exists():
+            self.marker.write_text("broken")
+            self.target.write_bytes(b"not a teacher")
+
+
+def test_an_experiment_whose_trials_all_fail_says_which_and_resumes_once_fixed(ray_local, digits_cfg, tmp_path):
+    teacher = Path(digits_cfg.teacher.weights)
+    copy = tmp_path / "teacher" / teacher.name
+    copy.parent.mkdir()
+    shutil.copy(teacher, copy)  # without its card: read from the file alone
+    cfg = with_values(digits_cfg, {"train.epochs": 1, "teacher.weights": str(copy)})
+    opts = options(tmp_path, "broken", space=str(SPACES / "calm_pbt.yaml"), num_samples=2)
+    with pytest.raises(NothingToCollect, match="no trial finished an epoch; nothing to collect: 2 trial") as failed:
+        run_tune(cfg, opts, callbacks=[BreakOnce(copy, tmp_path / "broken-once")])
+    message = str(failed.value)
+    assert message.endswith(f"`cpsc-ray tune --resume broken --storage {tmp_path / 'runs'}` reruns them")
+    errors = [Path(path, "error.txt").read_text() for path in re.findall(r"(/\S+): \w+", message)]
+    assert len(errors) == 2 and all(str(copy) in error for error in errors), message
+
+    shutil.copy(teacher, copy)
+    summary = run_tune(cfg, opts, resume=True)
+    assert not summary["errored"] and [t["epochs"] for t in summary["trials"]] == [1, 1]
 
 
 def check_exploits(root: str, experiment: str, epochs: int, every_exploit_explores: bool = True) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.cluster.tune_state import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, flatten
 from cpsc_ray.results.schema import config_values
-from cpsc_ray.results.store import collect_experiment, read_results
+from cpsc_ray.results.store import NothingToCollect, collect_experiment, read_results
 from cpsc_ray.runs.setup import check_model_names, ensure_teacher, new_run_name, with_absolute_paths
 from cpsc_ray.storage import Storage
 
@@ -312,10 +312,20 @@ def _new_setup(
 
 
 def _collect(root: Storage, experiment: str, grid) -> dict[str, Any]:
-    summary = collect_experiment(root, experiment)
-    summary["errored"] = [f"{r.path}: {type(r.error).__name__}" for r in grid if r.error is not None]
-    for line in summary["errored"]:
+    errored = [f"{r.path}: {type(r.error).__name__}" for r in grid if r.error is not None]
+    for line in errored:
         logger.warning("trial failed: %s (see error.txt there)", line)
+    try:
+        summary = collect_experiment(root, experiment)
+    except NothingToCollect as err:
+        if not errored:
+            raise
+        failed = "; ".join(errored[:3]) + ("; ..." if len(errored) > 3 else "")
+        raise NothingToCollect(
+            f"{err}: {len(errored)} trial(s) failed ({failed}), and error.txt in each says why; once that is "
+            f"fixed, `cpsc-ray tune --resume {experiment} --storage {root.uri()}` reruns them"
+        ) from None
+    summary["errored"] = errored
     return summary
 
 

@@ -122,6 +122,10 @@ def publish(root: Storage, experiment: str, epochs: list[dict[str, Any]], lineag
             root.write_parquet(f"results/{name}/dataset={dataset}/experiment={experiment}/part-0.parquet", part)
 
 
+class NothingToCollect(RuntimeError):
+    """A tuning experiment none of whose trials finished an epoch (a failed run, not an input error)."""
+
+
 def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
     """Gather every trial's rows and lineage of a tuning experiment into the results tables."""
     trials = root.child(experiment, "cpsc", "trials")
@@ -136,7 +140,7 @@ def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
                 lineage_rows(experiment, rows[0]["dataset"], trial_id, trials.read_json(f"{trial_id}/lineage.json"))
             )
     if not epochs:
-        raise ValueError(f"experiment {experiment}: no trial finished an epoch; nothing to collect")
+        raise NothingToCollect(f"experiment {experiment}: no trial finished an epoch; nothing to collect")
     publish(root, experiment, epochs, lineage)
     summaries = sorted(
         (summarize_trial([r for r in epochs if r["trial_id"] == t]) for t in {r["trial_id"] for r in epochs}),

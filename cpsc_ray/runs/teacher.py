@@ -134,17 +134,27 @@ def with_features(model: nn.Module, cfg: TeacherConfig) -> nn.Module:
     return model
 
 
+def _gist(error: Exception) -> str:
+    """A load error's reason in one line: torch's weights-only refusal, pages long, states it after
+    "WeightsUnpickler error:" in its first sentence."""
+    reason = str(error).rpartition("WeightsUnpickler error:")[2].strip()
+    return " ".join(reason.split("\n\n")[0].split(". ")[0].split())
+
+
 def read_weights(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        try:
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-            raise ConfigError(f"teacher.weights: {path} is not a loadable weights file ({err})") from None
-        for key in ("state_dict", "model", "net"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise many types for a bad file
+        raise ConfigError(
+            f"teacher.weights: {path} is not a loadable weights file ({_gist(err)}); give a safetensors file or a "
+            "state dict saved with torch.save (a whole pickled model is refused: loading it runs code from the file)"
+        ) from None
+    for key in ("state_dict", "model", "net"):  # a training checkpoint that holds the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"teacher.weights: {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
