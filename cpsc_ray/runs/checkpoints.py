@@ -51,7 +51,7 @@ def read_checkpoint(storage: Storage, relative: str = "") -> tuple[dict, dict]:
         if not storage.exists(f"{relative}/{name}" if relative else name):
             raise CheckpointError(f"checkpoint {where}: {name} is missing; is this a cpsc-ray checkpoint directory?")
     try:
-        meta = json.loads(storage.read_text(f"{relative}/{META_FILE}" if relative else META_FILE))
+        meta = storage.read_json(f"{relative}/{META_FILE}" if relative else META_FILE)
         state = torch.load(
             io.BytesIO(storage.read_bytes(f"{relative}/{STATE_FILE}" if relative else STATE_FILE)),
             map_location="cpu",
@@ -76,9 +76,7 @@ def newest_checkpoint(run: Storage) -> str | None:
     """The newest checkpoint directory of a run (relative to it), whichever mode wrote it: an in-process
     run's ``checkpoints/last`` or Ray Train's ``checkpoint_*``; None when there is none."""
     candidates = [d for d in run.list_dirs() if d.startswith("checkpoint_")] + [LAST]
-    epochs = {
-        d: json.loads(run.read_text(f"{d}/{META_FILE}"))["epoch"] for d in candidates if run.exists(f"{d}/{META_FILE}")
-    }
+    epochs = {d: run.read_json(f"{d}/{META_FILE}")["epoch"] for d in candidates if run.exists(f"{d}/{META_FILE}")}
     return max(epochs, key=epochs.get) if epochs else None
 
 
