@@ -189,7 +189,7 @@ def test_config_show_describes_every_field_with_its_default(capsys):
     for key in flatten(RunConfig()):
         assert re.search(rf"^{re.escape(key)}: .*\n    \S", out, re.M), f"{key}: no line with a description"
     assert "loss.alpha: 5.0  (float, >= 0)\n    IKD (L2 logit) weight\n" in out
-    assert "loss.bn_form: raw  (raw | standardized)\n" in out
+    assert "loss.bn_form: standardized  (raw | standardized)\n" in out
     assert main(["config", "--show", "teacher.arch"]) == 0
     assert (
         capsys.readouterr().out == "teacher.arch: resnet34  (str | None)\n    registry model name (cpsc-ray models)\n"
