@@ -52,8 +52,8 @@ def test_pbt_explores_inside_the_search_space(digits_cfg):
 
     from ray.tune.schedulers import pbt
 
-    from cpsc_ray.cluster.search_space import load_search_space
-    from cpsc_ray.cluster.tune import build_scheduler
+    from cpsc_ray.cluster.tune.driver import build_scheduler
+    from cpsc_ray.cluster.tune.search_space import load_search_space
 
     space = load_search_space("digits_pbt", digits_cfg)
     scheduler = build_scheduler(TuneOptions(space="digits_pbt", scheduler="pbt"), space, epochs=8)
@@ -130,8 +130,8 @@ def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_pat
 
 def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, nothing_starts):
     from cpsc_ray.cluster.reports import tune_metrics
-    from cpsc_ray.cluster.search_space import load_search_space
-    from cpsc_ray.cluster.tune import build_search
+    from cpsc_ray.cluster.tune.driver import build_search
+    from cpsc_ray.cluster.tune.search_space import load_search_space
 
     history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.9}, {"epoch": 3, "val_acc": 0.6}]
     metrics = tune_metrics(history[-1], history, "val_acc", images_spent=10)

@@ -204,7 +204,7 @@ def _tuned_experiment(root, base: dict) -> None:
     """An experiment as tune leaves it before any trial reported: its setup, no results yet."""
     from dataclasses import asdict
 
-    from cpsc_ray.cluster.tune_setup import TuneSetup
+    from cpsc_ray.cluster.tune.record import TuneSetup
 
     setup = TuneSetup(base, "exp", "random+fifo", "val_acc", "", "", 1, 0.0, 1.0, 0, 1, 3, False, [], {})
     Storage(str(root)).write_json(TuneSetup.path("exp"), asdict(setup))

@@ -15,8 +15,8 @@ from ray.tune import ExperimentAnalysis
 from test_tune import SPACES, assert_one_row_per_trained_epoch, check_exploits
 
 from cpsc_ray.cli import main
-from cpsc_ray.cluster.trial import load_trial_checkpoint
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
+from cpsc_ray.cluster.tune.trial import load_trial_checkpoint
 from cpsc_ray.config import with_values
 from cpsc_ray.results.schema import epoch_table
 from cpsc_ray.results.store import publish, read_results

@@ -47,7 +47,7 @@ from cpsc_ray.data import dataset_info
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.results.report import build_report
-from cpsc_ray.cluster.search_space import available_spaces, search_space_dirs
+from cpsc_ray.cluster.tune.search_space import available_spaces, search_space_dirs
 print(json.dumps({
     "package": cpsc_ray.__file__,
     "spaces": available_spaces(),

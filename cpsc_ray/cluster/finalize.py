@@ -18,7 +18,7 @@ import ray
 import torch
 from safetensors.torch import load
 
-from cpsc_ray.cluster.tune_setup import TuneSetup
+from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.config import ConfigError, RunConfig, validate_tree, with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.models import build_model

@@ -25,7 +25,7 @@ from ray.tune import Checkpoint
 
 from cpsc_ray.cluster.reports import tune_metrics
 from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
-from cpsc_ray.cluster.tune_setup import TuneSetup
+from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.config import RunConfig, flatten, with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.store import charged_images

@@ -1,7 +1,7 @@
 """Ray Tune over the engine, the driver's side: random or Optuna search with FIFO or ASHA, and PBT or
 PB2 that really exploit (continue from a copy of a better trial's full engine state) and explore
 (then run with perturbed hyperparameters that are in effect after the restore). What a trial does is
-in ``cluster.trial``.
+in ``cluster.tune.trial``.
 
 Layout under the storage root::
 
@@ -23,10 +23,10 @@ import ray
 from ray import tune
 
 from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
-from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.train import check_gpus_per_worker
-from cpsc_ray.cluster.trial import TRAINABLE_CPUS, trainable
-from cpsc_ray.cluster.tune_setup import TuneSetup
+from cpsc_ray.cluster.tune.record import TuneSetup
+from cpsc_ray.cluster.tune.search_space import SearchSpace, load_search_space
+from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
 from cpsc_ray.cluster.tune_state import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, flatten
 from cpsc_ray.results.schema import config_values
@@ -164,10 +164,10 @@ def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
         time_attr="epoch", metric="score", mode="max", perturbation_interval=options.perturbation_interval, synch=True
     )
     if options.scheduler == "pbt":
-        from cpsc_ray.cluster.schedulers import AlignedPBT
+        from cpsc_ray.cluster.tune.schedulers import AlignedPBT
 
         return AlignedPBT(hyperparam_mutations=space.pbt_mutations(), custom_explore_fn=space.clamp, **common)
-    from cpsc_ray.cluster.schedulers import AlignedPB2
+    from cpsc_ray.cluster.tune.schedulers import AlignedPB2
 
     return AlignedPB2(hyperparam_bounds=space.pb2_bounds(), **common)
 
