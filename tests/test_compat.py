@@ -16,7 +16,7 @@ import yaml
 
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.tune.record import TuneSetup
-from cpsc_ray.cluster.tune_state import check_restorable
+from cpsc_ray.compat import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig, load_config, validate_tree
 from cpsc_ray.runs.teacher import build_teacher_model
 from cpsc_ray.storage import Storage

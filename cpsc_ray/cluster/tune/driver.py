@@ -27,7 +27,7 @@ from cpsc_ray.cluster.train import check_gpus_per_worker
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.cluster.tune.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
-from cpsc_ray.cluster.tune_state import check_restorable
+from cpsc_ray.compat import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, flatten
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.store import NothingToCollect, collect_experiment, read_results
