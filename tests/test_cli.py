@@ -79,7 +79,7 @@ def test_a_second_run_of_the_same_name_gets_a_new_directory(digits_cfg, tmp_path
     assert distill(tmp_path, "train.epochs=1") == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "results")
     assert len(runs) == 2 and runs[0] == "e2e" and runs[1].startswith("e2e-")
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     trials = read_results([str(tmp_path / "runs")]).trials
     assert sorted(trials["experiment"]) == runs and set(trials["kind"]) == {"distill"}

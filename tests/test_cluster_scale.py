@@ -202,7 +202,7 @@ def test_a_resume_with_nothing_to_continue_from_is_refused(digits_cfg, tmp_path,
 
 
 def test_an_exploit_is_recorded_once(tiny_cfg, tmp_path):
-    from cpsc_ray.runs.lineage import Exploit, record_exploit
+    from cpsc_ray.runs.exploit import Exploit, record_exploit
     from cpsc_ray.runs.setup import prepare_engine
     from cpsc_ray.storage import Storage
 
@@ -223,7 +223,7 @@ def test_lost_epochs_are_charged_and_never_give_the_best_student(digits_cfg, tmp
     from safetensors.torch import load_file
 
     from cpsc_ray.method.engine import DistillEngine
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     real_evaluate = DistillEngine.evaluate
     monkeypatch.setattr(DistillEngine, "evaluate", lambda self: {**real_evaluate(self), "val": self.epoch / 10})
@@ -379,7 +379,7 @@ def test_a_resumed_pbt_experiment_perturbs_where_trials_checkpoint(ray_local, di
     """Interrupted after the perturbation at epoch 2 and resumed: a scheduler that forgot its state would
     perturb at epoch 3, between checkpoints, and the clone would report epoch 3 twice."""
     from cpsc_ray.config import with_values
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
     cfg = with_values(digits_cfg, {"train.epochs": 6})

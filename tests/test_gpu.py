@@ -192,7 +192,7 @@ def test_a_ray_train_run_on_a_gpu_worker_records_the_gpu(tmp_path):
     from conftest import TINY
 
     from cpsc_ray.cli import main
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     argv = ["distill", "--name", "gpu", "--workers", "1", "--gpus-per-worker", "1", "--storage", str(tmp_path)]
     try:

@@ -19,8 +19,8 @@ from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.cluster.tune.trial import load_trial_checkpoint
 from cpsc_ray.config import with_values
 from cpsc_ray.results.schema import epoch_table
-from cpsc_ray.results.store import publish, read_results
-from cpsc_ray.runs.lineage import read_lineage
+from cpsc_ray.results.tables import publish, read_results
+from cpsc_ray.runs.exploit import read_lineage
 from cpsc_ray.storage import Storage
 
 BUCKET = "runs"

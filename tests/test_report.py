@@ -29,10 +29,10 @@ from cpsc_ray.cluster.finalize import finalize
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import load_config, with_values
 from cpsc_ray.results import plots
-from cpsc_ray.results.lineage import clones
+from cpsc_ray.results.replay import clones
 from cpsc_ray.results.report import build_report
 from cpsc_ray.results.schema import LOSS_METRICS, epoch_table
-from cpsc_ray.results.store import ResultsError, read_results, run_directory, run_name
+from cpsc_ray.results.tables import ResultsError, read_results, run_directory, run_name
 from cpsc_ray.runs.in_process import run_in_process
 from cpsc_ray.runs.setup import ensure_teacher
 from cpsc_ray.storage import Storage

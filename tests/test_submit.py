@@ -22,7 +22,7 @@ from ray_nodes import REPO, Head, copy_of_the_code, free_ports, running_head
 
 from cpsc_ray.cluster.submit import JobServer
 from cpsc_ray.results.report import build_report
-from cpsc_ray.results.store import read_results
+from cpsc_ray.results.tables import read_results
 
 JOB_TIMEOUT_S = 480
 SPACE = """params:

@@ -20,9 +20,9 @@ from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import with_values
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.schedules import multistep, warmup_cosine
-from cpsc_ray.results.store import NothingToCollect, read_results
+from cpsc_ray.results.tables import NothingToCollect, read_results
 from cpsc_ray.runs.checkpoints import read_checkpoint
-from cpsc_ray.runs.lineage import state_digest
+from cpsc_ray.runs.exploit import state_digest
 from cpsc_ray.storage import Storage
 
 SPACES = Path(__file__).parent / "spaces"

@@ -115,7 +115,7 @@ def print_summary(summary: dict) -> None:
 def report_run(summary: dict) -> None:
     """The report of the run just finished, in its run directory when that is local."""
     from cpsc_ray.results.report import build_report
-    from cpsc_ray.results.store import ResultsError
+    from cpsc_ray.results.tables import ResultsError
 
     run_dir = summary["run_dir"]
     parent, _ = Storage.of_file(run_dir)

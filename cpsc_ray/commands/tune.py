@@ -94,7 +94,7 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from cpsc_ray.cluster.tune import TuneOptions, run_tune
-    from cpsc_ray.results.store import NothingToCollect
+    from cpsc_ray.results.tables import NothingToCollect
 
     if not (args.space or args.resume):
         raise ConfigError("tune: --space is required for a new experiment (a YAML path or a name in search_spaces/)")

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from cpsc_ray.results.schema import RUN_KEYS, config_values
-from cpsc_ray.results.store import Results, best_trial
+from cpsc_ray.results.tables import Results, best_trial
 
 PAIR = ["dataset", "teacher", "student"]
 TRIAL = ["experiment", "trial_id"]

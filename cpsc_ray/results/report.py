@@ -33,10 +33,10 @@ from cpsc_ray.results.analysis import (
     of_pair,
     summarize,
 )
-from cpsc_ray.results.lineage import clones, mutated_keys, replay_schedule
 from cpsc_ray.results.render import Block, Heading, Link, Plot, Table, Text, to_html, to_markdown
+from cpsc_ray.results.replay import clones, mutated_keys, replay_schedule
 from cpsc_ray.results.schema import LOSS_METRICS, MIN_COVERAGE
-from cpsc_ray.results.store import Results, read_for_report, run_name, samples_png
+from cpsc_ray.results.tables import Results, read_for_report, run_name, samples_png
 
 
 def build_report(locations: Sequence[str] | str, out_dir: str | Path, experiments: list[str] | None = None) -> Path:

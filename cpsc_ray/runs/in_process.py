@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from cpsc_ray.config import RunConfig
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.results.store import publish
+from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun, RunSummary

@@ -11,7 +11,7 @@ from typing import Any
 from cpsc_ray.config import RunConfig
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.runs.checkpoints import BEST_STUDENT, restore_engine
-from cpsc_ray.runs.lineage import Exploit, record_exploit
+from cpsc_ray.runs.exploit import Exploit, record_exploit
 from cpsc_ray.runs.run import DistillRun, RunSummary
 
 

@@ -29,7 +29,7 @@ from cpsc_ray.config import RunConfig, to_yaml
 from cpsc_ray.method.engine import DistillEngine, DivergenceError
 from cpsc_ray.results.plots import sample_grid
 from cpsc_ray.results.schema import EVAL_METRICS, config_row, epoch_table, versions
-from cpsc_ray.results.store import charged_device_s, charged_images, latest, run_name
+from cpsc_ray.results.tables import charged_device_s, charged_images, latest, run_name
 from cpsc_ray.runs.checkpoints import LAST, checkpoint_files
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor

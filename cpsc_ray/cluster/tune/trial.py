@@ -28,9 +28,9 @@ from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.config import RunConfig, flatten, with_values
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.results.store import charged_images
+from cpsc_ray.results.tables import charged_images
 from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
-from cpsc_ray.runs.lineage import Exploit, last_clone_is, read_lineage
+from cpsc_ray.runs.exploit import Exploit, last_clone_is, read_lineage
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.runs.setup import RunRole, prepare_engine
