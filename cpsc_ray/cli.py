@@ -14,10 +14,10 @@ import logging
 import sys
 
 from cpsc_ray import __version__
-from cpsc_ray.commands import HelpFormatter, distill, report, show, submit, tune
+from cpsc_ray.commands import HelpFormatter, config, distill, report, submit, tune
 from cpsc_ray.config import ConfigError
 
-COMMAND_GROUPS = (show, distill, tune, report, submit)
+COMMAND_GROUPS = (config, distill, tune, report, submit)
 EXIT_CODES = """exit codes:
   0  done
   1  the run failed: a distillation diverged, a distributed run ran out of restarts, no trial of a tuning

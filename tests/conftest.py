@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cpsc_ray.method.terms import LOSS_METRICS
+from cpsc_ray.method.metric_names import LOSS_METRICS
 
 torch.set_num_threads(2)
 
@@ -41,7 +41,7 @@ def session_cache(tmp_path_factory) -> Path:
 def digits_cfg(session_cache):
     """The digits default with tiny budgets and its teacher trained (once per session) and resolved."""
     from cpsc_ray.config import load_config
-    from cpsc_ray.runs.setup import ensure_teacher
+    from cpsc_ray.runs.assembly import ensure_teacher
 
     return ensure_teacher(load_config("digits", TINY), progress=False)
 

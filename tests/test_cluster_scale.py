@@ -80,7 +80,7 @@ def test_pbt_explores_inside_the_search_space(digits_cfg):
 
 def test_relative_paths_are_made_absolute_in_the_driver(digits_cfg, tmp_path, monkeypatch):
     from cpsc_ray.config import with_values
-    from cpsc_ray.runs.setup import with_absolute_paths
+    from cpsc_ray.runs.assembly import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CPSC_RAY_CACHE", "cache")
@@ -129,7 +129,7 @@ def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_pat
 
 
 def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, nothing_starts):
-    from cpsc_ray.cluster.reports import tune_metrics
+    from cpsc_ray.cluster.metrics import tune_metrics
     from cpsc_ray.cluster.tune.driver import build_search
     from cpsc_ray.cluster.tune.search_space import load_search_space
 
@@ -202,8 +202,8 @@ def test_a_resume_with_nothing_to_continue_from_is_refused(digits_cfg, tmp_path,
 
 
 def test_an_exploit_is_recorded_once(tiny_cfg, tmp_path):
+    from cpsc_ray.runs.assembly import prepare_engine
     from cpsc_ray.runs.exploit import Exploit, record_exploit
-    from cpsc_ray.runs.setup import prepare_engine
     from cpsc_ray.storage import Storage
 
     engine = prepare_engine(tiny_cfg).engine

@@ -25,7 +25,7 @@ def ddp_probe_loop(config: dict) -> None:
 
     from cpsc_ray.method.engine import noise_seed
     from cpsc_ray.method.losses import BNStatisticsPrior, supervised_contrastive
-    from cpsc_ray.runs.setup import prepare_engine
+    from cpsc_ray.runs.assembly import prepare_engine
 
     cfg = RunConfig.model_validate(config["cfg"])
     engine = prepare_engine(cfg, torch.device("cpu")).engine

@@ -12,7 +12,7 @@ import torch
 from cpsc_ray.config import with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.schedules import multistep, warmup_cosine
-from cpsc_ray.runs.setup import prepare_engine
+from cpsc_ray.runs.assembly import prepare_engine
 
 
 def roundtrip(state: dict) -> dict:

@@ -16,7 +16,7 @@ from torch import nn
 from cpsc_ray.config import ConfigError, RunConfig, load_config, with_values
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.method.models import ARCH_VERSIONS, build_model
-from cpsc_ray.runs import setup as run_setup
+from cpsc_ray.runs import assembly as run_setup
 from cpsc_ray.runs.teacher import (
     TeacherCard,
     card_path,

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from cpsc_ray.config import RunConfig, load_config, with_values
 from cpsc_ray.method.engine import DistillEngine
+from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.spec import ImageSpec
-from cpsc_ray.method.terms import LOSS_METRICS
 
 # cuBLAS is deterministic only with this workspace setting, read at its first GPU matrix product: before any test.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

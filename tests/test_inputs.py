@@ -10,8 +10,8 @@ import torch
 from cpsc_ray.cli import main
 from cpsc_ray.config import ConfigError, load_config, with_values
 from cpsc_ray.method.models import build_model
+from cpsc_ray.runs.assembly import prepare_engine
 from cpsc_ray.runs.checkpoints import CheckpointError, read_checkpoint
-from cpsc_ray.runs.setup import prepare_engine
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 

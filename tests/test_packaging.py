@@ -42,7 +42,7 @@ IN_THE_VENV = """
 import json, sys
 import cpsc_ray
 from cpsc_ray import cli, config, registry, storage
-from cpsc_ray.commands import show
+import cpsc_ray.commands.config
 from cpsc_ray.data import dataset_info
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.runs.teacher import load_teacher

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tensorboard_scalars
 
-from cpsc_ray.method.terms import LOSS_METRICS
+from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.results.schema import EVAL_METRICS
 from cpsc_ray.runs.in_process import run_in_process
 from cpsc_ray.runs.tensorboard import TENSORBOARD_DIR, EpochScalars, scalars_of

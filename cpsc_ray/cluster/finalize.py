@@ -24,8 +24,8 @@ from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.models import build_model
 from cpsc_ray.results.replay import Schedule, replay_schedule
 from cpsc_ray.results.tables import best_trial, publish, read_results
+from cpsc_ray.runs.assembly import RunRole, new_run_name
 from cpsc_ray.runs.in_process import execute
-from cpsc_ray.runs.setup import RunRole, new_run_name
 from cpsc_ray.storage import Storage
 
 

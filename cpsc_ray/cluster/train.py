@@ -22,17 +22,17 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cpsc_ray.cluster.reports import reported_metrics, tune_metrics
+from cpsc_ray.cluster.metrics import reported_metrics, tune_metrics
 from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
+from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine, with_absolute_paths
 from cpsc_ray.runs.checkpoints import newest_checkpoint, read_checkpoint, resume_point, write_checkpoint_dir
 from cpsc_ray.runs.exploit import Exploit
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import DistillRun
-from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine, with_absolute_paths
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 

@@ -27,11 +27,11 @@ from cpsc_ray.method.losses import (
     generator_objective,
     student_objective,
 )
+from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.parallel import average_with_grad, gather_with_grad, noise_seed, world
 from cpsc_ray.method.schedules import multistep, warmup_cosine
 from cpsc_ray.method.spec import DivergenceError, EvalSet, ImageSpec, device_rng_state, pick_device
-from cpsc_ray.method.terms import LOSS_METRICS
 
 # Config keys that shape the models or decide the optimizers: an engine cannot take a new value mid-run.
 MODEL_SHAPING_KEYS = (

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 import cpsc_ray
 from cpsc_ray.config import LossConfig, RunConfig, flatten
-from cpsc_ray.method.terms import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
+from cpsc_ray.method.metric_names import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 
 IDENTITY = {
     "experiment": pa.string(),

@@ -170,7 +170,7 @@ def run_name(kind: str, experiment: str, trial_id: str) -> str:
 
 def run_directory(root: Storage, kind: str, experiment: str, trial_id: str) -> Storage:
     """A run's own directory (samples.png, summary.json) under its storage root, as the entry points lay
-    it out: a distill run ``<experiment>/`` (runs.setup.open_run), a finalize seed ``<experiment>/<seed>/``
+    it out: a distill run ``<experiment>/`` (runs.assembly.open_run), a finalize seed ``<experiment>/<seed>/``
     (cluster.finalize), a tuning trial ``<experiment>/cpsc/trials/<trial>/`` (cluster.tune)."""
     if kind == "tune":
         return root.child(experiment, "cpsc", "trials", trial_id)

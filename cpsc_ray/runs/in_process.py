@@ -12,10 +12,10 @@ from tqdm import tqdm
 from cpsc_ray.config import RunConfig
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
+from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine
 from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun, RunSummary
-from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 

@@ -31,7 +31,7 @@ from cpsc_ray.compat import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, flatten
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.tables import NothingToCollect, collect_experiment, read_results
-from cpsc_ray.runs.setup import check_model_names, ensure_teacher, new_run_name, with_absolute_paths
+from cpsc_ray.runs.assembly import check_model_names, ensure_teacher, new_run_name, with_absolute_paths
 from cpsc_ray.storage import Storage
 
 logger = logging.getLogger(__name__)

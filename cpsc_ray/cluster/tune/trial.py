@@ -23,17 +23,17 @@ import torch
 from ray import tune
 from ray.tune import Checkpoint
 
-from cpsc_ray.cluster.reports import tune_metrics
+from cpsc_ray.cluster.metrics import tune_metrics
 from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.config import RunConfig, flatten, with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import charged_images
+from cpsc_ray.runs.assembly import RunRole, prepare_engine
 from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
 from cpsc_ray.runs.exploit import Exploit, last_clone_is, read_lineage
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun
-from cpsc_ray.runs.setup import RunRole, prepare_engine
 from cpsc_ray.storage import Storage
 
 POINTER = "pointer.json"
