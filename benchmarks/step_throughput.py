@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from cpsc_ray.config import RunConfig, with_values
+from cpsc_ray.config import Config, with_values
 from cpsc_ray.method.engine import DistillEngine, ImageSpec
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
@@ -50,9 +50,9 @@ CLASSES, SIZE = 100, 32
 SPEC = ImageSpec(CLASSES, 3, SIZE, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 
-def run_config(teacher: str, student: str, args: argparse.Namespace, **train) -> RunConfig:
+def run_config(teacher: str, student: str, args: argparse.Namespace, **train) -> Config:
     return with_values(
-        RunConfig(),
+        Config(),
         {
             "teacher.arch": teacher,
             "student.arch": student,

@@ -9,7 +9,7 @@ import pickletools
 
 import pyarrow.fs as pafs
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 from cpsc_ray.storage import Storage
 
 PICKLE_PROTOCOL_2_OR_LATER = b"\x80"  # the PROTO opcode: how Ray's tuner.pkl and *-state-* files begin
@@ -18,12 +18,12 @@ MEMO_GET_OPCODES = {"BINGET", "LONG_BINGET", "GET"}
 
 
 def check_restorable(root: Storage, experiment: str) -> None:
-    """Raises a one-line ConfigError when the experiment's pickled Tune state refers to a cpsc_ray module or
+    """Raises a one-line InputError when the experiment's pickled Tune state refers to a cpsc_ray module or
     class that this version lacks."""
     for data in _pickled_state(root, experiment):
         for module, qualname in pickled_globals(data):
             if module.partition(".")[0] == "cpsc_ray" and not _resolves(module, qualname):
-                raise ConfigError(
+                raise InputError(
                     f"--resume: {root.uri(experiment)} was written by an earlier cpsc-ray: its Tune state refers to "
                     f"{module}.{qualname}, which this version lacks (its modules moved), so Ray Tune cannot continue "
                     f"it; run the search afresh under a new --name, or resume it with the cpsc-ray that wrote it"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
 T = TypeVar("T", bound=Callable)
 
@@ -32,7 +32,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             where = f"{key}: " if key else ""
-            raise ConfigError(
+            raise InputError(
                 f"{where}unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())} (cpsc-ray models)"
             ) from None
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
 OBJECT_READ_ATTEMPTS = 10  # a replaced object's prefix is read again; a file this often unparseable is broken
 
@@ -43,7 +43,7 @@ class Storage:
             try:
                 self.fs, path = pafs.FileSystem.from_uri(root)
             except pa.ArrowInvalid as err:
-                raise ConfigError(
+                raise InputError(
                     f"{root}: not a location pyarrow can open ({err}); give a local path or a URI such as "
                     "s3://bucket/prefix"
                 ) from None

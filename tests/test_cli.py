@@ -144,9 +144,9 @@ def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
     """The GPU check runs where Ray is not installed: an in-process run must never import it."""
     code = (
         "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
-        "from cpsc_ray.config import RunConfig\n"
+        "from cpsc_ray.config import Config\n"
         "from cpsc_ray.runs.in_process import run_in_process\n"
-        "summary = run_in_process(RunConfig.model_validate_json(sys.argv[1]), progress=False)\n"
+        "summary = run_in_process(Config.model_validate_json(sys.argv[1]), progress=False)\n"
         "print(summary['selected_by']['epoch'] is not None)\n"
     )
     done = subprocess.run(
@@ -161,8 +161,9 @@ def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
 
 
 def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, capsys):
-    from cpsc_ray.config import ConfigError, DataConfig
+    from cpsc_ray.config import DataConfig
     from cpsc_ray.data import dataset_info
+    from cpsc_ray.errors import InputError
     from cpsc_ray.method.generators import build_generator
     from cpsc_ray.method.models import MODELS
 
@@ -177,16 +178,16 @@ def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, caps
         for kind in listed["generator kinds"]:
             assert build_generator(arch, kind, nz=8, ngf=4, channels=1, image_size=16, num_classes=10) is not None
     for dataset in listed["datasets"]:  # each name reaches its loader: an error names the data, not the key
-        with contextlib.suppress(ConfigError):
+        with contextlib.suppress(InputError):
             dataset_info(DataConfig(dataset=dataset, root=str(tmp_path)))
 
 
 def test_config_show_describes_every_field_with_its_default(capsys):
-    from cpsc_ray.config import RunConfig, flatten
+    from cpsc_ray.config import Config, flatten
 
     assert main(["config", "--show"]) == 0
     out = capsys.readouterr().out
-    for key in flatten(RunConfig()):
+    for key in flatten(Config()):
         assert re.search(rf"^{re.escape(key)}: .*\n    \S", out, re.M), f"{key}: no line with a description"
     assert "loss.alpha: 5.0  (float, >= 0)\n    IKD (L2 logit) weight\n" in out
     assert "loss.bn_form: raw  (raw | standardized)\n" in out

@@ -16,7 +16,7 @@ from ray.tune import Callback
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.train import check_gpus_per_worker, run_distributed
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
 
 @pytest.fixture
@@ -31,11 +31,11 @@ def nothing_starts(monkeypatch):
 
 
 def test_two_ddp_workers_never_share_a_gpu(tiny_cfg, nothing_starts):
-    with pytest.raises(ConfigError, match="--workers 2 --gpus-per-worker 0.5 .* NCCL refuses two ranks"):
+    with pytest.raises(InputError, match="--workers 2 --gpus-per-worker 0.5 .* NCCL refuses two ranks"):
         run_distributed(tiny_cfg, workers=2, gpus_per_worker=0.5)
     assert not Path(tiny_cfg.output_dir).exists(), "nothing is written for a refused request"
     options = TuneOptions(space="digits_pbt", scheduler="pbt", workers_per_trial=2, gpus_per_worker=0.5)
-    with pytest.raises(ConfigError, match="--gpus-per-trial 1 --workers-per-trial 2 .* whole number of GPUs"):
+    with pytest.raises(InputError, match="--gpus-per-trial 1 --workers-per-trial 2 .* whole number of GPUs"):
         run_tune(tiny_cfg, options)
 
 
@@ -43,7 +43,7 @@ def test_fractional_gpus_stay_allowed_for_one_worker():
     check_gpus_per_worker(1, 0.25, "--gpus-per-trial 0.25")
     check_gpus_per_worker(2, 1.0, "--workers 2 --gpus-per-worker 1")
     check_gpus_per_worker(4, 0.0, "--workers 4")  # CPU workers
-    with pytest.raises(ConfigError, match=r"whole number of GPUs \(2\)"):
+    with pytest.raises(InputError, match=r"whole number of GPUs \(2\)"):
         check_gpus_per_worker(2, 1.5, "--workers 2 --gpus-per-worker 1.5")
 
 
@@ -140,7 +140,7 @@ def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, n
     search = build_search(TuneOptions(space="digits_optuna", search="optuna"), space, ("best_score", "max"), None)
     assert search.metric == "best_score"
     options = TuneOptions(space="digits_optuna", search="optuna", scheduler="asha", minimize_device_seconds=True)
-    with pytest.raises(ConfigError, match="Pareto front"):
+    with pytest.raises(InputError, match="Pareto front"):
         run_tune(digits_cfg, options)
 
 
@@ -316,19 +316,19 @@ def test_a_multi_worker_trial_without_pbt_is_one_train_run_that_resumes(ray_loca
 
 def test_a_request_the_cluster_can_never_hold_is_refused_naming_both(ray_local, tiny_cfg):
     runs = Path(tiny_cfg.output_dir)
-    with pytest.raises(ConfigError, match=r"--workers 4 .* asks for 4 worker\(s\) of 1 CPU, .* it has 2 CPU"):
+    with pytest.raises(InputError, match=r"--workers 4 .* asks for 4 worker\(s\) of 1 CPU, .* it has 2 CPU"):
         run_distributed(tiny_cfg, workers=4, cpus_per_worker=1)
-    with pytest.raises(ConfigError, match=r"of 1 CPU, 1 GPU, .* 0 GPU \(largest node 0\)"):
+    with pytest.raises(InputError, match=r"of 1 CPU, 1 GPU, .* 0 GPU \(largest node 0\)"):
         run_distributed(tiny_cfg, workers=1, gpus_per_worker=1)
     assert not runs.exists(), "a refused request writes nothing"
     options = TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1, max_concurrent=2)
     at_once = r"--max-concurrent 2 asks for 2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself x 2 trials"
-    with pytest.raises(ConfigError, match=at_once):
+    with pytest.raises(InputError, match=at_once):
         run_tune(tiny_cfg, options)
-    with pytest.raises(ConfigError, match=r"2 worker\(s\) of 1.5 CPU.*\(largest node 2\)"):
+    with pytest.raises(InputError, match=r"2 worker\(s\) of 1.5 CPU.*\(largest node 2\)"):
         run_tune(tiny_cfg, TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1.5))
     # Two 1-CPU workers fill the 2 CPUs, and the trial itself holds a sliver more: it would wait forever.
-    with pytest.raises(ConfigError, match=r"2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself"):
+    with pytest.raises(InputError, match=r"2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself"):
         run_tune(tiny_cfg, TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1))
 
 

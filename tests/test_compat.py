@@ -17,7 +17,8 @@ import yaml
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.compat import check_restorable
-from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig, load_config, validate_tree
+from cpsc_ray.config import Config, TeacherConfig, load_config, validate_tree
+from cpsc_ray.errors import InputError
 from cpsc_ray.runs.teacher import build_teacher_model
 from cpsc_ray.storage import Storage
 
@@ -79,8 +80,8 @@ def test_saved_configs_of_old_runs_and_experiments_still_build_their_teacher(tmp
     )
     saved = [
         validate_tree(yaml.safe_load(root.read_text("old-run/config.yaml")), "config.yaml"),
-        RunConfig.model_validate(root.read_json("old-run/checkpoints/last/meta.json")["config"]),
-        RunConfig.model_validate(TuneSetup.read(root, "old-exp").base),
+        Config.model_validate(root.read_json("old-run/checkpoints/last/meta.json")["config"]),
+        Config.model_validate(TuneSetup.read(root, "old-exp").base),
     ]
     for cfg in saved:
         assert cfg.teacher.builder == OLD_BUILDER
@@ -90,7 +91,7 @@ def test_saved_configs_of_old_runs_and_experiments_still_build_their_teacher(tmp
 def _state(protocol: int, old: bool, monkeypatch) -> bytes:
     """Tune state as Ray pickles it, holding our compute-budget stopper, from the old module or the current one."""
     if not old:
-        from cpsc_ray.config import RunConfig as current_class
+        from cpsc_ray.config import Config as current_class
 
         return pickle.dumps({"_run_config": {"stop": current_class}, "verbose": 1}, protocol=protocol)
     module = types.ModuleType("cpsc_ray.tune")
@@ -119,7 +120,7 @@ def _write_experiment(root: Path, state: bytes) -> None:
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_tune_state_of_an_old_experiment_is_refused_in_one_line(tmp_path, monkeypatch, protocol):
     _write_experiment(tmp_path, _state(protocol, old=True, monkeypatch=monkeypatch))
-    with pytest.raises(ConfigError, match=r"cpsc_ray\.tune\.ComputeBudget.*new --name") as refused:
+    with pytest.raises(InputError, match=r"cpsc_ray\.tune\.ComputeBudget.*new --name") as refused:
         check_restorable(Storage(str(tmp_path)), "old-exp")
     assert "\n" not in str(refused.value)
 

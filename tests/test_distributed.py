@@ -13,7 +13,7 @@ import torch.distributed as dist
 from conftest import TINY, tensorboard_scalars
 
 from cpsc_ray.cli import main
-from cpsc_ray.config import RunConfig, with_values
+from cpsc_ray.config import Config, with_values
 from cpsc_ray.runs.checkpoints import read_checkpoint
 from cpsc_ray.runs.tensorboard import TENSORBOARD_DIR, scalars_of
 from cpsc_ray.storage import Storage
@@ -27,7 +27,7 @@ def ddp_probe_loop(config: dict) -> None:
     from cpsc_ray.method.losses import BNStatisticsPrior, supervised_contrastive
     from cpsc_ray.runs.assembly import prepare_engine
 
-    cfg = RunConfig.model_validate(config["cfg"])
+    cfg = Config.model_validate(config["cfg"])
     engine = prepare_engine(cfg, torch.device("cpu")).engine
     engine.train_epoch()
     rank = dist.get_rank()

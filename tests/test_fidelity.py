@@ -13,7 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cpsc_ray.config import ConfigError, RunConfig, load_config, with_values
+from cpsc_ray.config import Config, load_config, with_values
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.method.models import ARCH_VERSIONS, build_model
 from cpsc_ray.runs import assembly as run_setup
@@ -48,7 +49,7 @@ def test_builder_teacher_trains_and_loads(tmp_path):
     assert teacher.card.arch == card["arch"] and teacher.model.model.fc.out_features == 10
 
 
-def digits_with(values: dict) -> RunConfig:
+def digits_with(values: dict) -> Config:
     return with_values(load_config("digits"), values)
 
 
@@ -69,7 +70,7 @@ def test_teacher_cached_under_an_older_arch_version_is_not_reused(tmp_path, monk
     run_setup.ensure_teacher(cfg, progress=False)
     assert trained, "teacher.weights=auto must train the current version, not reuse the stale one"
 
-    with pytest.raises(ConfigError, match="vgg11_bn version 1, but vgg11_bn is now version 2") as info:
+    with pytest.raises(InputError, match="vgg11_bn version 1, but vgg11_bn is now version 2") as info:
         load_teacher(with_values(cfg, {"teacher.weights": str(stale)}))
     assert "\n" not in str(info.value) and "retrain" in str(info.value)
 
@@ -114,7 +115,7 @@ def test_zoo_named_checkpoint_with_a_wrong_key_names_it(tmp_path):
     state["block1.layer.0.bn3.weight"] = state.pop("block1.layer.0.bn2.weight")
     del state["fc.bias"]
     torch.save(saved, tmp_path / "teacher.pt")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InputError) as info:
         load_teacher(digits_with({"teacher.arch": "wrn_16_2", "teacher.weights": str(tmp_path / "teacher.pt")}))
     message = str(info.value)
     assert "\n" not in message

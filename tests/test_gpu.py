@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cpsc_ray.config import RunConfig, load_config, with_values
+from cpsc_ray.config import Config, load_config, with_values
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
@@ -43,7 +43,7 @@ NOT_DETERMINISTIC = "does not have a deterministic implementation"
 
 def engine_for(amp: bool = False, channels_last: bool = True, **values) -> DistillEngine:
     cfg = with_values(
-        RunConfig(),
+        Config(),
         {
             "teacher.arch": TEACHER,
             "student.arch": STUDENT,

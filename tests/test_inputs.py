@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cpsc_ray.cli import main
-from cpsc_ray.config import ConfigError, load_config, with_values
+from cpsc_ray.config import load_config, with_values
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.models import build_model
 from cpsc_ray.runs.assembly import prepare_engine
 from cpsc_ray.runs.checkpoints import CheckpointError, read_checkpoint
@@ -17,7 +18,7 @@ from cpsc_ray.storage import Storage
 
 
 def error_of(fn, *args) -> str:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InputError) as info:
         fn(*args)
     message = str(info.value)
     assert "\n" not in message

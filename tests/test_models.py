@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, build_generator
 from cpsc_ray.method.models import MODELS, build_model
 
@@ -29,7 +29,7 @@ def test_registry_holds_every_model_of_the_issue():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ConfigError, match="resnet18"):
+    with pytest.raises(InputError, match="resnet18"):
         build_model("resnet19", 10)
 
 

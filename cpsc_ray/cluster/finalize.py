@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load
 
 from cpsc_ray.cluster.tune.record import TuneSetup
-from cpsc_ray.config import ConfigError, RunConfig, validate_tree, with_values
+from cpsc_ray.config import Config, validate_tree, with_values
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.models import build_model
 from cpsc_ray.results.replay import Schedule, replay_schedule
@@ -33,18 +34,18 @@ def select(root: Storage, experiment: str) -> tuple[pd.Series, Schedule]:
     results = read_results([root.uri("results")], experiments=[experiment])
     winner = best_trial(results.trials[results.trials.kind == "tune"])
     if winner is None:
-        raise ConfigError(
+        raise InputError(
             f"finalize {experiment}: no finished, non-diverged trial with a score under {root.uri('results')}"
         )
     return winner, replay_schedule(results.epochs, results.lineage, winner.trial_id, int(winner.epochs))
 
 
-def _configs(base: RunConfig, schedule: Schedule, seed: int, name: str, output_dir: str) -> list[tuple[int, RunConfig]]:
+def _configs(base: Config, schedule: Schedule, seed: int, name: str, output_dir: str) -> list[tuple[int, Config]]:
     fixed = {"seed": seed, "name": name, "output_dir": output_dir}
     return [(epoch, with_values(base, {**values, **fixed})) for epoch, values in schedule]
 
 
-def _finalize_seed(configs: list[tuple[int, RunConfig]], outputs: str, final: str, trial_id: str, method: str):
+def _finalize_seed(configs: list[tuple[int, Config]], outputs: str, final: str, trial_id: str, method: str):
     """One seed's rerun; a diverged seed returns no summary but keeps its rows (compute was spent)."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     storage = Storage(outputs)

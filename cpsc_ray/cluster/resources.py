@@ -13,7 +13,7 @@ from typing import Iterator
 
 import ray
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
 WAIT_REPORT_S = float(os.environ.get("CPSC_RAY_WAIT_REPORT_S", 60))  # tests shorten it
 
@@ -68,7 +68,7 @@ def check_fits(request: Request, autoscaling: bool = False) -> None:
         f"{sum(n.get(k, 0) for n in nodes):g} {k} (largest node {max((n.get(k, 0) for n in nodes), default=0):g})"
         for k in request.per_worker
     )
-    raise ConfigError(
+    raise InputError(
         f"{request.how} asks for {request.describe()}, and this cluster of {len(nodes)} node(s) can never hold "
         f"that whole: it has {have}; ask for fewer or smaller workers (or trials at once), or pass --autoscaling "
         f"if the cluster adds nodes on demand"

@@ -24,7 +24,8 @@ from ray.train.torch import TorchTrainer
 
 from cpsc_ray.cluster.metrics import reported_metrics, tune_metrics
 from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
-from cpsc_ray.config import ConfigError, RunConfig
+from cpsc_ray.config import Config
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine, with_absolute_paths
@@ -105,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Every worker runs this; ``config["loop"]`` is the run's WorkerLoop."""
     loop: WorkerLoop = config["loop"]
     started_at = loop.launched_at or time.time()
-    cfg = RunConfig.model_validate(loop.config)
+    cfg = Config.model_validate(loop.config)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
@@ -134,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
 
-def prepare_probe(cfg: RunConfig) -> None:
+def prepare_probe(cfg: Config) -> None:
     """Make the teacher's probe set once, before any worker needs it (workers then only read it)."""
     if cfg.eval.probe_per_class:
         load_or_make_probe(load_teacher(cfg), cfg.eval, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,7 +148,7 @@ def on_worker_resources(gpus: float, task, *args) -> Any:
     try:
         return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(task).remote(*args))
     except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, ConfigError):
+        if isinstance(err.cause, InputError):
             raise err.cause from None
         raise
 
@@ -164,14 +165,14 @@ def check_gpus_per_worker(workers: int, gpus_per_worker: float, how: str) -> Non
     options that set the share, for the message. Fractional GPUs stay allowed for a single worker."""
     if workers > 1 and gpus_per_worker % 1:
         whole = max(1, round(gpus_per_worker))
-        raise ConfigError(
+        raise InputError(
             f"{how} gives each of the {workers} DDP workers {gpus_per_worker:g} GPU, and NCCL refuses two ranks "
             f"on one GPU: give each worker a whole number of GPUs ({whole}), or run a single worker"
         )
 
 
 def run_distributed(
-    cfg: RunConfig,
+    cfg: Config,
     workers: int,
     gpus_per_worker: float = 0.0,
     cpus_per_worker: float = 1.0,
@@ -182,7 +183,7 @@ def run_distributed(
     autoscaling: bool = False,
 ) -> dict[str, Any]:
     if cfg.train.batch_size % workers:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
+        raise InputError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
     how = f"--workers {workers} --gpus-per-worker {gpus_per_worker:g} --cpus-per-worker {cpus_per_worker:g}"
     check_gpus_per_worker(workers, gpus_per_worker, how)
     if storage:

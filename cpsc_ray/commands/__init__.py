@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 
-from cpsc_ray.config import RunConfig, shipped_config_names
+from cpsc_ray.config import Config, shipped_config_names
 
 DEFAULT_CONFIG = "digits"
 # Where runs go when neither --storage nor the config says otherwise; no shipped config sets output_dir.
-DEFAULT_STORAGE = RunConfig.model_fields["output_dir"].default
+DEFAULT_STORAGE = Config.model_fields["output_dir"].default
 STORAGE_HELP = "where runs go: a local path, a shared filesystem path or a URI (s3://, gs://)"
 
 

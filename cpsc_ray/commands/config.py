@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from cpsc_ray.commands import add_config_args
-from cpsc_ray.config import ConfigError, DataConfig, GeneratorConfig, RunConfig, flatten, load_config, to_yaml
+from cpsc_ray.config import Config, DataConfig, GeneratorConfig, flatten, load_config, to_yaml
+from cpsc_ray.errors import InputError
 
 BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
@@ -64,11 +65,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def describe_fields(key: str = "") -> str:
     """Each field under ``key`` (a section or a field; empty: all) as ``key: default  (type, bounds)`` over
     its description."""
-    defaults = flatten(RunConfig())
-    shown = [(name, field) for name, field in config_fields(RunConfig) if not key or f"{name}.".startswith(f"{key}.")]
+    defaults = flatten(Config())
+    shown = [(name, field) for name, field in config_fields(Config) if not key or f"{name}.".startswith(f"{key}.")]
     if not shown:
-        sections = [name for name, field in RunConfig.model_fields.items() if _is_section(field)]
-        raise ConfigError(f"config --show {key}: no such field or section; sections: {', '.join(sections)}")
+        sections = [name for name, field in Config.model_fields.items() if _is_section(field)]
+        raise InputError(f"config --show {key}: no such field or section; sections: {', '.join(sections)}")
     lines = []
     for name, field in shown:
         lines.append(f"{name}: {_as_yaml(defaults[name])}  ({', '.join([_type_text(field), *_bounds(field)])})")

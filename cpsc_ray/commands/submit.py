@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus
@@ -144,5 +144,5 @@ def _pairs(items: list[str]) -> list[tuple[str, str]]:
     pairs = [item.partition("=") for item in items]
     bad = [key for key, sep, _ in pairs if not sep or not key]
     if bad:
-        raise ConfigError(f"--env {bad[0]}: expected NAME=VALUE, e.g. CPSC_RAY_CACHE=/shared/cache")
+        raise InputError(f"--env {bad[0]}: expected NAME=VALUE, e.g. CPSC_RAY_CACHE=/shared/cache")
     return [(key, value) for key, _, value in pairs]

@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from cpsc_ray.commands import DEFAULT_STORAGE, add_config_args, add_run_args, percent
-from cpsc_ray.config import ConfigError, load_config
+from cpsc_ray.config import load_config
+from cpsc_ray.errors import InputError
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -97,7 +98,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cpsc_ray.results.tables import NothingToCollect
 
     if not (args.space or args.resume):
-        raise ConfigError("tune: --space is required for a new experiment (a YAML path or a name in search_spaces/)")
+        raise InputError("tune: --space is required for a new experiment (a YAML path or a name in search_spaces/)")
     cfg = load_config(args.config, args.overrides)
     options = TuneOptions(
         space=args.space,

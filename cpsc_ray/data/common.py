@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class DatasetInfo:
     std: tuple[float, ...]
 
 
-class DataError(ConfigError):
+class DataError(InputError):
     """Dataset files or settings that cannot be used; the message names the config field and the fix."""
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cpsc_ray.config import RunConfig, flatten
+from cpsc_ray.config import Config, flatten
 from cpsc_ray.method.diagnostics import term_gradients
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
@@ -59,7 +59,7 @@ class ProjectionHead(nn.Module):
 class DistillEngine:
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: Config,
         teacher: nn.Module,
         spec: ImageSpec,
         eval_sets: dict[str, EvalSet] | None = None,
@@ -159,7 +159,7 @@ class DistillEngine:
             self.teacher_fwd, self.student_fwd = self.teacher, self.student
 
     # ----- hyperparameters -------------------------------------------------------------------
-    def apply_hyperparameters(self, cfg: RunConfig) -> None:
+    def apply_hyperparameters(self, cfg: Config) -> None:
         """Put a (possibly perturbed) config in effect: loss weights and temperatures, base learning
         rates, step counts. Called after ``load_state_dict`` so restored optimizer state cannot win."""
         before, after = flatten(self.cfg), flatten(cfg)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 import cpsc_ray
-from cpsc_ray.config import LossConfig, RunConfig, flatten
+from cpsc_ray.config import Config, LossConfig, flatten
 from cpsc_ray.method.metric_names import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 
 IDENTITY = {
@@ -96,14 +96,14 @@ def config_columns() -> dict[str, pa.DataType]:
             else:
                 columns[f"config/{key}"] = _arrow_type(field.annotation)
 
-    walk("", RunConfig)
+    walk("", Config)
     return columns
 
 
 SCHEMA = pa.schema([pa.field(n, t) for n, t in {**IDENTITY, **PROGRESS, **config_columns(), **VERSIONS}.items()])
 
 
-def method_label(cfg: RunConfig) -> str:
+def method_label(cfg: Config) -> str:
     weights = cfg.loss.model_dump(include=set(DEFAULT_WEIGHTS))
     return "defaults" if weights == DEFAULT_WEIGHTS else "manual"
 
@@ -123,7 +123,7 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def config_row(cfg: RunConfig) -> dict[str, Any]:
+def config_row(cfg: Config) -> dict[str, Any]:
     """A config as ``config/<dotted key>`` columns; lists and dicts as JSON text (``config_values`` reverses it)."""
     row = {}
     for key, value in flatten(cfg).items():

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 from cpsc_ray.results.schema import (
     IDENTITY,
     LINEAGE_SCHEMA,
@@ -150,7 +150,7 @@ def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
     return {"experiment": experiment, "results": root.uri("results"), "trials": summaries}
 
 
-class ResultsError(ConfigError):
+class ResultsError(InputError):
     """Results that cannot be read; the message names the path and what was expected (an input error, as a bad
     config is)."""
 

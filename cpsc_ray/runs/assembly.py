@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from cpsc_ray.config import ConfigError, RunConfig, to_yaml, validate_tree, with_values
+from cpsc_ray.config import Config, to_yaml, validate_tree, with_values
 from cpsc_ray.data import dataset_info
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.engine import DistillEngine, ImageSpec, pick_device
 from cpsc_ray.method.models import MODELS
 from cpsc_ray.results.schema import method_label
@@ -23,7 +24,7 @@ from cpsc_ray.runs.teacher import load_teacher, resolve_weights, train_teacher, 
 from cpsc_ray.storage import Storage
 
 
-def check_model_names(cfg: RunConfig) -> None:
+def check_model_names(cfg: Config) -> None:
     """Registry names the config cannot validate itself (models register on import, with torch): an unknown one
     fails before a teacher is trained or a run directory made."""
     for key, name in (("teacher.arch", cfg.teacher.arch), ("student.arch", cfg.student.arch)):
@@ -31,7 +32,7 @@ def check_model_names(cfg: RunConfig) -> None:
             MODELS.get(name, key)
 
 
-def ensure_teacher(cfg: RunConfig, progress: bool = True) -> RunConfig:
+def ensure_teacher(cfg: Config, progress: bool = True) -> Config:
     """A config whose teacher.weights is a concrete file: ``auto`` trains and caches it when missing."""
     check_model_names(cfg)
     path = resolve_weights(cfg)
@@ -52,7 +53,7 @@ def local_path(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
-def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+def with_absolute_paths(cfg: Config) -> Config:
     """The config with its local paths absolute, and the teacher cache too (``CPSC_RAY_CACHE``, which
     processes started after this one inherit): Ray workers and Tune trials run in other working
     directories, where a relative path would name another place."""
@@ -68,7 +69,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
-def dataset_label(cfg: RunConfig) -> str:
+def dataset_label(cfg: Config) -> str:
     info = dataset_info(cfg.data)
     return info.name if cfg.data.image_size is None else f"{info.name}-{info.image_size}px"
 
@@ -90,7 +91,7 @@ class Prepared:
     identity: RunIdentity
 
 
-def prepare_engine(cfg: RunConfig, device: torch.device | None = None, role: RunRole = RunRole()) -> Prepared:
+def prepare_engine(cfg: Config, device: torch.device | None = None, role: RunRole = RunRole()) -> Prepared:
     device = device or pick_device(cfg.train.device)
     teacher = load_teacher(cfg)
     eval_sets = build_eval_sets(cfg, teacher, device)
@@ -105,7 +106,7 @@ def prepare_engine(cfg: RunConfig, device: torch.device | None = None, role: Run
     try:
         engine = DistillEngine(cfg, teacher.model, spec, eval_sets, device)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise InputError(str(err)) from None
     identity = RunIdentity(
         experiment=role.experiment,
         kind=role.kind,
@@ -130,13 +131,13 @@ def new_run_name(root: Storage, name: str) -> str:
     return f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
 
 
-def open_run(cfg: RunConfig, resume: str | None) -> tuple[RunConfig, Storage, str]:
+def open_run(cfg: Config, resume: str | None) -> tuple[Config, Storage, str]:
     """(config, run directory, name): a new directory, or with ``resume`` the named run's own config."""
     root = Storage(cfg.output_dir)
     if resume:
         outputs = root.child(resume)
         if not outputs.exists("config.yaml"):
-            raise ConfigError(f"--resume {resume}: no run of that name under {root.uri()} (no config.yaml there)")
+            raise InputError(f"--resume {resume}: no run of that name under {root.uri()} (no config.yaml there)")
         cfg = validate_tree(yaml.safe_load(outputs.read_text("config.yaml")), f"{outputs.uri('config.yaml')}")
         return cfg, outputs, resume
     name = new_run_name(root, cfg.name)

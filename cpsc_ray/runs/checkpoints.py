@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.storage import Storage
 
@@ -40,7 +40,7 @@ def write_checkpoint_dir(directory: Path, files: dict[str, bytes]) -> None:
         (directory / name).write_bytes(data)
 
 
-class CheckpointError(ConfigError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be restored; the message names the file and what is wrong."""
 
 

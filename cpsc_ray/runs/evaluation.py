@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cpsc_ray.config import RunConfig
+from cpsc_ray.config import Config
 from cpsc_ray.data import load_splits
 from cpsc_ray.method.engine import EvalSet
 from cpsc_ray.runs.probe import load_or_make_probe
@@ -31,7 +31,7 @@ def materialize(dataset: Dataset, batch_size: int = 1024, num_workers: int = 0) 
     return EvalSet(torch.cat(images), torch.cat(labels))
 
 
-def build_eval_sets(cfg: RunConfig, teacher: Teacher, device: torch.device) -> dict[str, EvalSet]:
+def build_eval_sets(cfg: Config, teacher: Teacher, device: torch.device) -> dict[str, EvalSet]:
     splits = load_splits(cfg.data, augment=False, mean=teacher.mean, std=teacher.std)
     sets = {"test": materialize(splits.test, num_workers=cfg.data.num_workers)}
     if splits.val is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cpsc_ray.config import RunConfig
+from cpsc_ray.config import Config
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine
@@ -37,13 +37,13 @@ class ProgressReporter(Reporter):
 
 
 def execute(
-    cfg: RunConfig,
+    cfg: Config,
     outputs: Storage,
     name: str,
     *,
     resume: bool = False,
     progress: bool = True,
-    schedule: dict[int, RunConfig] | None = None,
+    schedule: dict[int, Config] | None = None,
     role: RunRole | None = None,
 ) -> tuple[RunSummary, list[dict[str, Any]]]:
     """Run a distillation in this process into ``outputs``; returns the summary and the metric rows.
@@ -62,7 +62,7 @@ def execute(
     return RunSummary(**end.summary, run_dir=outputs.uri()), run.history
 
 
-def run_in_process(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> RunSummary:
+def run_in_process(cfg: Config, resume: str | None = None, progress: bool = True) -> RunSummary:
     if not resume:
         load_teacher(ensure_teacher(cfg, progress))  # a teacher that does not fit fails before a run dir exists
     cfg, outputs, name = open_run(cfg, resume)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cpsc_ray.config import RunConfig
+from cpsc_ray.config import Config
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.runs.checkpoints import BEST_STUDENT, restore_engine
 from cpsc_ray.runs.exploit import Exploit, record_exploit
@@ -67,7 +67,7 @@ def run_epochs(
     start: StartState | None = None,
     stop_epoch: int | None = None,
     checkpoint_every: int | None = None,
-    schedule: dict[int, RunConfig] | None = None,
+    schedule: dict[int, Config] | None = None,
     finish: bool = True,
 ) -> LoopEnd:
     """Restore from ``start``, then train epochs until ``stop_epoch`` (default: the run's last).

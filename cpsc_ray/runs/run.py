@@ -25,7 +25,7 @@ from typing import Any, NotRequired, TypedDict
 
 from safetensors.torch import save
 
-from cpsc_ray.config import RunConfig, to_yaml
+from cpsc_ray.config import Config, to_yaml
 from cpsc_ray.method.engine import DistillEngine, DivergenceError
 from cpsc_ray.results.plots import sample_grid
 from cpsc_ray.results.schema import EVAL_METRICS, config_row, epoch_table, versions
@@ -157,7 +157,7 @@ class DistillRun:
         return latest(self.history, self.selection)
 
     @property
-    def cfg(self) -> RunConfig:
+    def cfg(self) -> Config:
         return self.engine.cfg
 
     @property

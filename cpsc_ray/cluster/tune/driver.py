@@ -28,7 +28,8 @@ from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.cluster.tune.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
 from cpsc_ray.compat import check_restorable
-from cpsc_ray.config import ConfigError, RunConfig, flatten
+from cpsc_ray.config import Config, flatten
+from cpsc_ray.errors import InputError
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.tables import NothingToCollect, collect_experiment, read_results
 from cpsc_ray.runs.assembly import check_model_names, ensure_teacher, new_run_name, with_absolute_paths
@@ -70,14 +71,14 @@ class TuneOptions:
         return self.scheduler in ("pbt", "pb2")
 
 
-def objective_metric(cfg: RunConfig, requested: str | None) -> str:
+def objective_metric(cfg: Config, requested: str | None) -> str:
     metric = requested or ("val_acc" if cfg.data.val_size > 0 else "proxy")
     if metric == "val_acc" and cfg.data.val_size == 0:
-        raise ConfigError("--metric val_acc needs a validation split: set data.val_size > 0, or use --metric proxy")
+        raise InputError("--metric val_acc needs a validation split: set data.val_size > 0, or use --metric proxy")
     if metric == "proxy" and cfg.eval.probe_per_class == 0:
-        raise ConfigError("--metric proxy needs a probe set: set eval.probe_per_class > 0, or use --metric val_acc")
+        raise InputError("--metric proxy needs a probe set: set eval.probe_per_class > 0, or use --metric val_acc")
     if metric not in ("val_acc", "proxy"):
-        raise ConfigError(f"--metric {metric}: choose val_acc or proxy (test accuracy is never an objective)")
+        raise InputError(f"--metric {metric}: choose val_acc or proxy (test accuracy is never an objective)")
     return metric
 
 
@@ -125,7 +126,7 @@ def build_search(options: TuneOptions, space: SearchSpace, metric_mode: tuple, s
 
     if options.search == "optuna":
         if options.population_based:
-            raise ConfigError(
+            raise InputError(
                 "--search optuna with --scheduler pbt/pb2: Ray refuses a search algorithm with population-based "
                 "training; run the Optuna search first, then --scheduler pbt --seed-from THAT_EXPERIMENT"
             )
@@ -176,7 +177,7 @@ def seed_configs(storage: Storage, experiment: str, space: SearchSpace, populati
     """The best configurations of an earlier experiment, cycled to fill a population of this size."""
     trials = read_results([storage.uri("results")], experiments=[experiment]).trials
     if trials.empty:
-        raise ConfigError(f"--seed-from {experiment}: no trials of that experiment under {storage.uri('results')}")
+        raise InputError(f"--seed-from {experiment}: no trials of that experiment under {storage.uri('results')}")
     ranked = trials.sort_values("score", ascending=False).head(population)
     searched = TuneSetup.read(storage, experiment).searched_keys
     keys = sorted(set(searched) | set(space.params))
@@ -184,15 +185,13 @@ def seed_configs(storage: Storage, experiment: str, space: SearchSpace, populati
     return [configs[i % len(configs)] for i in range(population)]
 
 
-def defaults_point(cfg: RunConfig, space: SearchSpace) -> dict[str, Any]:
+def defaults_point(cfg: Config, space: SearchSpace) -> dict[str, Any]:
     """The base config's values of the searched keys: a starting point at the defaults."""
     values = flatten(cfg)
     return {key: values[key] for key in space.params}
 
 
-def run_tune(
-    cfg: RunConfig, options: TuneOptions, resume: bool = False, callbacks: list | None = None
-) -> dict[str, Any]:
+def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary.
     ``callbacks`` are Ray Tune callbacks, for programmatic use."""
     request = trial_request(options)
@@ -205,9 +204,9 @@ def run_tune(
     if options.population_based:
         space.check_perturbable()
     if options.minimize_device_seconds and options.search != "optuna":
-        raise ConfigError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
+        raise InputError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
     if options.minimize_device_seconds and options.scheduler == "asha":
-        raise ConfigError(
+        raise InputError(
             "--minimize-device-seconds with --scheduler asha: trials ASHA stops would enter the Pareto front at "
             "their early, cheap values; use --scheduler fifo"
         )
@@ -275,10 +274,10 @@ def trial_request(options: TuneOptions) -> Request:
 
 def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
     if not options.name:
-        raise ConfigError("--resume NAME: the name of the experiment to continue")
+        raise InputError("--resume NAME: the name of the experiment to continue")
     path = root.uri(options.name)
     if not tune.Tuner.can_restore(path):
-        raise ConfigError(f"--resume: no Tune experiment at {path}")
+        raise InputError(f"--resume: no Tune experiment at {path}")
     check_restorable(root, options.name)
     if not ray.is_initialized():  # only once there is an experiment to continue
         ray.init()
@@ -289,7 +288,7 @@ def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
 
 
 def _new_setup(
-    root: Storage, cfg: RunConfig, options: TuneOptions, space: SearchSpace, experiment: str, metric: str
+    root: Storage, cfg: Config, options: TuneOptions, space: SearchSpace, experiment: str, metric: str
 ) -> TuneSetup:
     return TuneSetup(
         base=cfg.model_dump(),
@@ -337,7 +336,7 @@ def _fitting_concurrency(options: TuneOptions) -> int:
     return max(1, min(fits)) if fits else 1
 
 
-def _resolve_teacher(cfg: RunConfig, options: TuneOptions) -> RunConfig:
+def _resolve_teacher(cfg: Config, options: TuneOptions) -> Config:
     """Resolve (train if needed) the teacher and make its probe set once, before trials start."""
     from cpsc_ray.cluster.train import on_worker_resources, prepare_probe
 

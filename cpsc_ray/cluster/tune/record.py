@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 from cpsc_ray.storage import Storage
 
 
 @dataclass(frozen=True)
 class TuneSetup:
-    base: dict[str, Any]  # the base RunConfig, dumped: every trial starts from it
+    base: dict[str, Any]  # the base Config, dumped: every trial starts from it
     experiment: str
     method: str  # pbt | pb2 | <search>+<scheduler>
     metric: str  # val_acc | proxy: what trials maximise
@@ -38,7 +38,7 @@ class TuneSetup:
     @classmethod
     def read(cls, root: Storage, experiment: str) -> TuneSetup:
         if not root.exists(cls.path(experiment)):
-            raise ConfigError(f"{experiment}: no tuning experiment of that name under {root.uri()} (give --storage)")
+            raise InputError(f"{experiment}: no tuning experiment of that name under {root.uri()} (give --storage)")
         stored = root.read_json(cls.path(experiment))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in stored.items() if k in known})

@@ -26,7 +26,7 @@ from ray.tune import Checkpoint
 from cpsc_ray.cluster.metrics import tune_metrics
 from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
 from cpsc_ray.cluster.tune.record import TuneSetup
-from cpsc_ray.config import RunConfig, flatten, with_values
+from cpsc_ray.config import Config, flatten, with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import charged_images
 from cpsc_ray.runs.assembly import RunRole, prepare_engine
@@ -47,7 +47,7 @@ def trial_seed_offset(trial_id: str) -> int:
     return int(tail) if head and tail.isdigit() else int(hashlib.sha256(trial_id.encode()).hexdigest()[:6], 16)
 
 
-def trial_config(base: RunConfig, values: dict[str, Any], trial_id: str) -> RunConfig:
+def trial_config(base: Config, values: dict[str, Any], trial_id: str) -> Config:
     """The base config with the trial's sampled values (ints rounded: PBT perturbs by factors) and its own seed."""
     kinds = {k: type(v) for k, v in flatten(base).items()}
     coerced = {k: int(round(v)) if kinds.get(k) is int and isinstance(v, float) else v for k, v in values.items()}
@@ -64,7 +64,7 @@ def load_trial_checkpoint(directory: str, where: str) -> StartState:
     return StartState(*read_checkpoint(local), where=where)
 
 
-def trial_start(trial_id: str, cfg: RunConfig, outputs: Storage) -> StartState | None:
+def trial_start(trial_id: str, cfg: Config, outputs: Storage) -> StartState | None:
     """Where this trial continues from: nothing, its own checkpoint (a paused or retried trial), or
     another trial's (a PBT exploit, recorded once)."""
     checkpoint = tune.get_checkpoint()
@@ -84,7 +84,7 @@ def trial_start(trial_id: str, cfg: RunConfig, outputs: Storage) -> StartState |
 def tune_trial(config: dict[str, Any], setup: TuneSetup) -> None:
     """The Tune trainable: one trial of the experiment."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(RunConfig.model_validate(setup.base), config, trial_id)
+    cfg = trial_config(Config.model_validate(setup.base), config, trial_id)
     outputs = Storage(setup.trials).child(trial_id)
     start = trial_start(trial_id, cfg, outputs)
     outputs.write_json("config.json", flatten(cfg))
@@ -99,7 +99,7 @@ def tune_trial(config: dict[str, Any], setup: TuneSetup) -> None:
 class TuneReporter(Reporter):
     """One Tune report per epoch; the state goes with it at every PBT boundary."""
 
-    def __init__(self, setup: TuneSetup, cfg: RunConfig):
+    def __init__(self, setup: TuneSetup, cfg: Config):
         self.setup, self.cfg = setup, cfg
 
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
@@ -115,7 +115,7 @@ class TuneReporter(Reporter):
         report_diverged(row, run.history, self.setup, self.cfg)
 
 
-def _trial_in_process(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
+def _trial_in_process(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
     started_at = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     role = RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric)
@@ -124,7 +124,7 @@ def _trial_in_process(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: 
     run_epochs(run, TuneReporter(setup, cfg), start=start, checkpoint_every=setup.checkpoint_every, finish=False)
 
 
-def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: TuneSetup, cfg: RunConfig) -> None:
+def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: TuneSetup, cfg: Config) -> None:
     """Report the worst score; under PBT keep the population's pace until a better trial is cloned in."""
     metrics = tune_metrics(row, history, setup.metric, row.get("epoch_images") or 0)
     if not setup.population_based:
@@ -156,7 +156,7 @@ def _trainer(setup: TuneSetup, loop: WorkerLoop, storage: Storage, name: str, ke
     )
 
 
-def _trial_as_one_train_run(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage) -> None:
+def _trial_as_one_train_run(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Storage) -> None:
     """The whole trial as one Train run named after the trial: a retried trial or ``tune --resume``
     starts the same run again, and Train continues it from its newest checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -176,7 +176,7 @@ def _trial_as_one_train_run(cfg: RunConfig, setup: TuneSetup, trial_id: str, out
         report_diverged(history[-1], history, setup, cfg)
 
 
-def _trial_in_rounds(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
+def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
     rounds = Storage(setup.rounds).child(trial_id)
     state_uri = start.where if start else None
     epoch = start.epoch if start else 0

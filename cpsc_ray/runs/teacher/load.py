@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cpsc_ray.config import ConfigError, RunConfig, TeacherConfig
+from cpsc_ray.config import Config, TeacherConfig
 from cpsc_ray.data import DatasetInfo, dataset_info, load_splits
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.models import ARCH_VERSIONS, MODELS, ZOO_KEYS, build_model
 from cpsc_ray.runs.evaluation import materialize, top1
 from cpsc_ray.storage import Storage
@@ -66,7 +67,7 @@ class FeatureTap(nn.Module):
         modules = dict(model.named_modules())
         if layer not in modules:
             names = ", ".join(n for n in modules if n) or "(none)"
-            raise ConfigError(f"teacher.feature_layer: the model has no layer {layer!r}; its layers are: {names}")
+            raise InputError(f"teacher.feature_layer: the model has no layer {layer!r}; its layers are: {names}")
         self._features: Tensor | None = None
         modules[layer].register_forward_hook(self._keep)
 
@@ -99,12 +100,12 @@ def current_module(name: str) -> str:
 def _import_builder(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"teacher.builder: expected 'package.module:function', got {spec!r}")
+        raise InputError(f"teacher.builder: expected 'package.module:function', got {spec!r}")
     module_name = current_module(module_name)
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(
+        raise InputError(
             f"teacher.builder: cannot import {spec!r} ({err}); is its package installed on this node?"
         ) from None
 
@@ -127,7 +128,7 @@ def with_features(model: nn.Module, cfg: TeacherConfig) -> nn.Module:
     if cfg.feature_layer is not None:
         return FeatureTap(model, cfg.feature_layer)
     if not _supports_features(model):
-        raise ConfigError(
+        raise InputError(
             "teacher.feature_layer: this model has no return_features argument; name the layer whose output is "
             "its penultimate feature (e.g. teacher.feature_layer=avgpool)"
         )
@@ -148,7 +149,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - safetensors and torch raise many types for a bad file
-        raise ConfigError(
+        raise InputError(
             f"teacher.weights: {path} is not a loadable weights file ({_gist(err)}); give a safetensors file or a "
             "state dict saved with torch.save (a whole pickled model is refused: loading it runs code from the file)"
         ) from None
@@ -156,7 +157,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(f"teacher.weights: {path} does not hold a state dict of tensors")
+        raise InputError(f"teacher.weights: {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -172,7 +173,7 @@ def _stated(cfg: TeacherConfig, card: TeacherCard | None, info: DatasetInfo) -> 
             ("teacher.weights sidecar", getattr(card, field, None)),
         ):
             if value is not None and value != expected:
-                raise ConfigError(
+                raise InputError(
                     f"{source}: the teacher has {field}={value} but data.dataset={info.name} gives {expected}; "
                     f"use a teacher trained for this data, or fix data.dataset / data.image_size"
                 )
@@ -185,7 +186,7 @@ def _check_version(cfg: TeacherConfig, card: TeacherCard | None, path: Path) -> 
         return
     trained, current = card.arch_version or 1, ARCH_VERSIONS[cfg.arch]
     if trained != current:
-        raise ConfigError(
+        raise InputError(
             f"teacher.weights: {path} was trained on {cfg.arch} version {trained}, but {cfg.arch} is now version "
             f"{current} (its network changed); retrain it with `cpsc-ray teacher`, or use teacher.weights=auto"
         )
@@ -205,17 +206,17 @@ def _check_classes(model: nn.Module, info: DatasetInfo) -> None:
     with torch.no_grad():
         logits = model.eval()(torch.zeros(2, info.channels, info.image_size, info.image_size))
     if logits.shape[1] != info.num_classes:
-        raise ConfigError(
+        raise InputError(
             f"teacher.num_classes: the teacher outputs {logits.shape[1]} classes but data.dataset={info.name} "
             f"has {info.num_classes}"
         )
 
 
-def resolve_weights(cfg: RunConfig) -> str:
+def resolve_weights(cfg: Config) -> str:
     """The teacher's weights file (a path or a URI); ``auto`` names the cache slot ``train_teacher`` fills."""
     weights = cfg.teacher.weights
     if weights is None:
-        raise ConfigError(
+        raise InputError(
             "teacher.weights: required; give the trained teacher's weights file, or 'auto' to train one "
             "(`cpsc-ray teacher --config ...`) and cache it"
         )
@@ -271,12 +272,12 @@ class Teacher:
     info: DatasetInfo
 
 
-def load_teacher(cfg: RunConfig) -> Teacher:
+def load_teacher(cfg: Config) -> Teacher:
     info = dataset_info(cfg.data)
     location = resolve_weights(cfg)
     if not weights_exist(location):
         hint = "train it with `cpsc-ray teacher`" if cfg.teacher.weights == "auto" else "check the path"
-        raise ConfigError(f"teacher.weights: {location} does not exist; {hint}")
+        raise InputError(f"teacher.weights: {location} does not exist; {hint}")
     path = fetch_weights(location)
     card = TeacherCard(**json.loads(card_path(path).read_text())) if card_path(path).is_file() else None
     _stated(cfg.teacher, card, info)
@@ -290,9 +291,9 @@ def load_teacher(cfg: RunConfig) -> Teacher:
         missing, unexpected = result.missing_keys, [names[k] for k in result.unexpected_keys]
     except RuntimeError as err:
         first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
-        raise ConfigError(f"teacher.weights: {path} does not fit the configured teacher: {first.strip()}") from None
+        raise InputError(f"teacher.weights: {path} does not fit the configured teacher: {first.strip()}") from None
     if missing or unexpected:
-        raise ConfigError(
+        raise InputError(
             f"teacher.weights: {path} does not fit the configured teacher (key names as in cpsc-ray or the CRD/CMI "
             f"zoo); the model's keys missing from the file: {_listed(missing) or 'none'}; the file's keys the "
             f"model lacks: {_listed(unexpected) or 'none'}; check teacher.arch/builder"
@@ -302,12 +303,12 @@ def load_teacher(cfg: RunConfig) -> Teacher:
     mean = tuple(cfg.teacher.mean or (card.mean if card else info.mean))
     std = tuple(cfg.teacher.std or (card.std if card else info.std))
     if len(mean) != info.channels or len(std) != info.channels:
-        raise ConfigError(f"teacher.mean/std: one value per channel expected ({info.channels}), got {mean} / {std}")
+        raise InputError(f"teacher.mean/std: one value per channel expected ({info.channels}), got {mean} / {std}")
     return Teacher(model, location, path, card, mean, std, info)
 
 
 def train_teacher(
-    cfg: RunConfig, out: Path | None = None, device: torch.device | None = None, progress: bool = True
+    cfg: Config, out: Path | None = None, device: torch.device | None = None, progress: bool = True
 ) -> Path:
     """Train the configured teacher (registry arch or builder) on real data (SGD, cosine, standard augmentation)
     and write ``teacher.safetensors`` plus its JSON card; the val hold-out is excluded from training."""
