@@ -14,7 +14,7 @@ PACKAGE = Path(cpsc_ray.__file__).parent
 ENTRY_POINTS = {  # module -> the functions that run a distillation there
     "runs/in_process.py": {"execute"},
     "cluster/train.py": {"train_loop_per_worker"},
-    "cluster/trial.py": {"_trial_in_process"},
+    "cluster/tune/trial.py": {"_trial_in_process"},
 }
 
 
