@@ -1,6 +1,9 @@
-"""Whether this version can restore a Tune experiment's saved state. Ray pickles objects of ours into it (the
-compute-budget stopper, for one) by module path; an experiment written before the package was layered names
-``cpsc_ray.tune``, which no longer exists, and Ray would fail deep inside unpickling it."""
+"""What keeps the files earlier versions wrote working, in one place:
+
+- the results of a finalize rerun published before runs recorded their ``source_experiment``;
+- a Tune experiment's saved state, which names our classes by module path: Ray would fail deep inside
+  unpickling one whose module this version lacks (``cpsc_ray.tune`` before the package was layered).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,14 @@ import pickletools
 import pyarrow.fs as pafs
 
 from cpsc_ray.errors import InputError
-from cpsc_ray.storage import Storage
+from cpsc_ray.layout import RootDir
 
 PICKLE_PROTOCOL_2_OR_LATER = b"\x80"  # the PROTO opcode: how Ray's tuner.pkl and *-state-* files begin
 STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
 MEMO_GET_OPCODES = {"BINGET", "LONG_BINGET", "GET"}
 
 
-def check_restorable(root: Storage, experiment: str) -> None:
+def check_restorable(root: RootDir, experiment: str) -> None:
     """Raises a one-line InputError when the experiment's pickled Tune state refers to a cpsc_ray module or
     class that this version lacks."""
     for data in _pickled_state(root, experiment):
@@ -51,12 +54,13 @@ def pickled_globals(data: bytes) -> set[tuple[str, str]]:
     return found
 
 
-def _pickled_state(root: Storage, experiment: str) -> list[bytes]:
+def _pickled_state(root: RootDir, experiment: str) -> list[bytes]:
     """The experiment directory's top-level pickles (tuner.pkl, searcher and search-generator state)."""
-    if not root.exists(experiment):
+    directory = root.experiment(experiment)
+    if not directory.exists():
         return []
-    infos = root.fs.get_file_info(pafs.FileSelector(root.path(experiment)))
-    files = [root.read_bytes(f"{experiment}/{info.base_name}") for info in infos if info.type == pafs.FileType.File]
+    infos = directory.fs.get_file_info(pafs.FileSelector(directory.path()))
+    files = [directory.read_bytes(info.base_name) for info in infos if info.type == pafs.FileType.File]
     return [data for data in files if data.startswith(PICKLE_PROTOCOL_2_OR_LATER)]
 
 
@@ -70,3 +74,11 @@ def _resolves(module: str, qualname: str) -> bool:
             return False
         target = getattr(target, part)
     return True
+
+
+def finalize_source_by_name(final: str, tuned: list[str]) -> str | None:
+    """The tuning experiment (among ``tuned``) that a finalize rerun published before runs recorded their
+    ``source_experiment`` reran: finalize named its rerun ``<EXP>-final``, or ``<EXP>-final-<timestamp>`` when
+    that name was taken; the longest such ``<EXP>``."""
+    candidates = [e for e in tuned if final == f"{e}-final" or final.startswith(f"{e}-final-")]
+    return max(candidates, key=len, default=None)

@@ -10,15 +10,21 @@ import sys
 import types
 from pathlib import Path
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from results_rows import epoch_row
 
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.compat import check_restorable
 from cpsc_ray.config import Config, TeacherConfig, load_config, validate_tree
 from cpsc_ray.errors import InputError
+from cpsc_ray.layout import RootDir
+from cpsc_ray.results.analysis import summarize
+from cpsc_ray.results.tables import publish, read_results
 from cpsc_ray.runs.teacher import build_teacher_model
 from cpsc_ray.storage import Storage
 
@@ -59,7 +65,7 @@ def test_saved_configs_of_old_runs_and_experiments_still_build_their_teacher(tmp
     root.write_text("old-run/config.yaml", yaml.safe_dump(_old_config()))
     root.write_json("old-run/checkpoints/last/meta.json", {"epoch": 3, "config": _old_config(), "wall_s": 1.0})
     root.write_json(
-        TuneSetup.path("old-exp"),
+        "old-exp/cpsc/setup.json",
         {
             "base": _old_config(),
             "experiment": "old-exp",
@@ -81,7 +87,7 @@ def test_saved_configs_of_old_runs_and_experiments_still_build_their_teacher(tmp
     saved = [
         validate_tree(yaml.safe_load(root.read_text("old-run/config.yaml")), "config.yaml"),
         Config.model_validate(root.read_json("old-run/checkpoints/last/meta.json")["config"]),
-        Config.model_validate(TuneSetup.read(root, "old-exp").base),
+        Config.model_validate(TuneSetup.read(RootDir(root.uri()), "old-exp").base),
     ]
     for cfg in saved:
         assert cfg.teacher.builder == OLD_BUILDER
@@ -121,14 +127,14 @@ def _write_experiment(root: Path, state: bytes) -> None:
 def test_tune_state_of_an_old_experiment_is_refused_in_one_line(tmp_path, monkeypatch, protocol):
     _write_experiment(tmp_path, _state(protocol, old=True, monkeypatch=monkeypatch))
     with pytest.raises(InputError, match=r"cpsc_ray\.tune\.ComputeBudget.*new --name") as refused:
-        check_restorable(Storage(str(tmp_path)), "old-exp")
+        check_restorable(RootDir(str(tmp_path)), "old-exp")
     assert "\n" not in str(refused.value)
 
 
 def test_tune_state_naming_current_modules_is_restorable(tmp_path, monkeypatch):
     _write_experiment(tmp_path, _state(5, old=False, monkeypatch=monkeypatch))
-    check_restorable(Storage(str(tmp_path)), "old-exp")
-    check_restorable(Storage(str(tmp_path)), "no-such-experiment")
+    check_restorable(RootDir(str(tmp_path)), "old-exp")
+    check_restorable(RootDir(str(tmp_path)), "no-such-experiment")
 
 
 def test_tune_resume_of_an_old_experiment_says_what_to_do(tmp_path, monkeypatch, capsys):
@@ -136,3 +142,29 @@ def test_tune_resume_of_an_old_experiment_says_what_to_do(tmp_path, monkeypatch,
     code = main(["tune", "--resume", "old-exp", "--storage", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith("error: --resume:") and "cpsc_ray.tune" in err
+
+
+def test_finalize_reruns_published_before_runs_recorded_their_source_are_matched_by_their_name(tmp_path):
+    """Results of an earlier version have no source_experiment column: a rerun belongs to the experiment whose
+    name its own extends (``<EXP>-final``, or ``<EXP>-final-<timestamp>`` when that was taken), if the method is
+    the same; the latest rerun gives the accuracy."""
+    root = RootDir(str(tmp_path))
+    experiments = [
+        ("search", "tune", "pbt", 0.5),
+        ("search-final", "finalize", "pbt", 0.6),
+        ("search-final-20260101-000000-000000", "finalize", "pbt", 0.7),
+        ("search-final-x", "finalize", "random+fifo", 0.8),  # another method's: not this experiment's rerun
+    ]
+    for name, kind, method, accuracy in experiments:
+        publish(root, name, [epoch_row(name, kind, method, accuracy)], [])
+    for part in (tmp_path / "results").rglob("*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns([c for c in table.column_names if c == "source_experiment"]), part)
+    results = read_results([str(tmp_path)])
+    sources = results.trials.set_index("experiment").source_experiment
+    assert sources["search-final"] == sources["search-final-20260101-000000-000000"] == "search"
+    assert pd.isna(sources["search-final-x"]) and pd.isna(sources["search"])
+    rows = {entry.row["experiment"]: entry.row for entry in summarize(results)}
+    assert rows["search"]["final_experiment"] == "search-final-20260101-000000-000000"
+    assert rows["search"]["test_mean"] == 0.7 and rows["search"]["runs"] == 3
+    assert rows["search-final-x"]["kind"] == "finalize"  # shown on its own

@@ -14,8 +14,9 @@ from conftest import TINY, tensorboard_scalars
 
 from cpsc_ray.cli import main
 from cpsc_ray.config import Config, with_values
+from cpsc_ray.layout import RunDir
 from cpsc_ray.runs.checkpoints import read_checkpoint
-from cpsc_ray.runs.tensorboard import TENSORBOARD_DIR, scalars_of
+from cpsc_ray.runs.tensorboard import scalars_of
 from cpsc_ray.storage import Storage
 
 
@@ -117,8 +118,8 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes(ray_local, digits_cfg, 
 
     # Rank 0 alone wrote TensorBoard files, one per start of the run; epoch 3, lost with the killed
     # worker and trained again, shows once: the rerun's value.
-    assert len(list((run / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
-    scalars = tensorboard_scalars(run / TENSORBOARD_DIR)
+    assert len(list((run / RunDir.TENSORBOARD).glob("events.out.tfevents.*"))) == 2
+    scalars = tensorboard_scalars(run / RunDir.TENSORBOARD)
     for row in rows:
         for name, value in scalars_of(row).items():
             assert scalars[name][row["epoch"]] == pytest.approx(value, rel=1e-6), (name, row["epoch"])

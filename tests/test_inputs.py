@@ -203,12 +203,11 @@ def test_a_location_pyarrow_cannot_open(capsys):
 
 def _tuned_experiment(root, base: dict) -> None:
     """An experiment as tune leaves it before any trial reported: its setup, no results yet."""
-    from dataclasses import asdict
-
     from cpsc_ray.cluster.tune.record import TuneSetup
+    from cpsc_ray.layout import RootDir
 
     setup = TuneSetup(base, "exp", "random+fifo", "val_acc", "", "", 1, 0.0, 1.0, 0, 1, 3, False, [], {})
-    Storage(str(root)).write_json(TuneSetup.path("exp"), asdict(setup))
+    setup.write(RootDir(str(root)))
 
 
 def test_finalize_of_unusable_experiments(tmp_path, capsys):

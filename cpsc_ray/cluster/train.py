@@ -26,6 +26,7 @@ from cpsc_ray.cluster.metrics import reported_metrics, tune_metrics
 from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
 from cpsc_ray.config import Config
 from cpsc_ray.errors import InputError
+from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine, with_absolute_paths
@@ -37,21 +38,19 @@ from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 
-FAULT_MARKER = ".fault-injected"
-
 
 class DistributedRunError(RuntimeError):
     """A distributed run that failed for good; the message says what is kept and how to resume."""
 
 
-def inject_fault_once(outputs: Storage, epoch: int, fault_epoch: int | None, rank: int) -> None:
+def inject_fault_once(outputs: RunDir, epoch: int, fault_epoch: int | None, rank: int) -> None:
     """Kill this worker process the first time any run reaches ``fault_epoch`` on rank 1 (rank 0 when
     alone), to rehearse recovery. The marker in the run's storage makes it fire once across restarts."""
     if fault_epoch is None or epoch != fault_epoch or rank != min(1, ray.train.get_context().get_world_size() - 1):
         return
-    if outputs.exists(FAULT_MARKER):
+    if outputs.exists(RunDir.FAULT_MARKER):
         return
-    outputs.write_text(FAULT_MARKER, f"worker {rank} killed at the start of epoch {epoch}\n")
+    outputs.write_text(RunDir.FAULT_MARKER, f"worker {rank} killed at the start of epoch {epoch}\n")
     os._exit(1)
 
 
@@ -77,7 +76,7 @@ class TrainReporter(Reporter):
     """Reports every epoch to Ray Train; rank 0 attaches the checkpoint when one is due. A tuning trial's
     run reports what Tune needs: ``TuneReportCallback`` forwards rank 0's metrics to the trial."""
 
-    def __init__(self, loop: WorkerLoop, outputs: Storage, rank: int):
+    def __init__(self, loop: WorkerLoop, outputs: RunDir, rank: int):
         self.loop, self.outputs, self.rank = loop, outputs, rank
 
     def before_epoch(self, run: DistillRun, epoch: int) -> None:
@@ -112,7 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     prepared = prepare_engine(cfg, device, loop.role)
-    outputs = Storage(loop.outputs)
+    outputs = RunDir(loop.outputs)
     run = DistillRun(
         prepared.engine, prepared.identity, outputs if rank == 0 else None, loop.keep_best, started_at=started_at
     )
@@ -215,7 +214,7 @@ def run_distributed(
         scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=Storage(cfg.output_dir).uri(),
+            storage_path=RootDir(cfg.output_dir).uri(),  # Ray Train's run directory is the run's: <root>/<name>
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -229,13 +228,14 @@ def run_distributed(
             f"run {name} failed after {max_failures} allowed worker failure(s): {str(err).splitlines()[0]}; "
             f"{kept} ({outputs.uri()}): continue it with --resume {name}, or allow restarts with --max-failures"
         ) from None
-    if not outputs.exists("summary.json"):
-        last = outputs.read_parquet("metrics.parquet").to_pylist()[-1]
+    history = outputs.metric_rows()
+    if not outputs.exists(RunDir.SUMMARY):
+        last = history[-1]
         raise DistributedRunError(
             f"run {name} diverged in epoch {last['epoch']} (a loss became NaN or infinite); its metrics are in "
-            f"{outputs.uri('metrics.parquet')}: lower student.lr, generator.lr or the loss weights"
+            f"{outputs.uri(RunDir.METRICS)}: lower student.lr, generator.lr or the loss weights"
         )
-    publish(Storage(cfg.output_dir), name, outputs.read_parquet("metrics.parquet").to_pylist(), [])
-    summary = outputs.read_json("summary.json")
+    publish(RootDir(cfg.output_dir), name, history, [])
+    summary = outputs.read_json(RunDir.SUMMARY)
     summary["run_dir"] = outputs.uri()
     return summary

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cpsc_ray.commands import add_config_args, add_run_args, percent
 from cpsc_ray.config import load_config
+from cpsc_ray.layout import RunDir
 from cpsc_ray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def report_run(summary: dict) -> None:
         print(f"  report: cpsc-ray report {shlex.quote(storage)} --experiments {summary['run']} -o REPORT_DIR")
         return
     try:
-        page = build_report([storage], Path(run_dir) / "report", [summary["run"]])
+        page = build_report([storage], Path(run_dir) / RunDir.REPORT, [summary["run"]])
     except ResultsError as err:
         logger.warning("no report for this run: %s", err)
         return

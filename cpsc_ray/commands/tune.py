@@ -9,6 +9,7 @@ import sys
 from cpsc_ray.commands import DEFAULT_STORAGE, add_config_args, add_run_args, percent
 from cpsc_ray.config import load_config
 from cpsc_ray.errors import InputError
+from cpsc_ray.layout import RunDir
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -153,6 +154,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
         f"{100 * result['test_std']:.2f} over {len(result['test_at_best'])} seeds"
         + (f" ({result['diverged']} seed(s) diverged)" if result["diverged"] else "")
     )
+    weights, card, program = RunDir.BEST_FILES
     for path in result["students"]:
-        print(f"  student: {path}/student.safetensors (+ student.json, student.pt2)")
+        print(f"  student: {path}/{weights} (+ {card}, {program})")
     return 0

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 import cpsc_ray
 from cpsc_ray.config import Config, LossConfig, flatten
+from cpsc_ray.layout import ResultsDir
 from cpsc_ray.method.metric_names import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 
 IDENTITY = {
@@ -36,6 +37,7 @@ IDENTITY = {
     "teacher_test_acc": pa.float64(),
     "workers": pa.int64(),
     "device": pa.string(),
+    "source_experiment": pa.string(),  # finalize: the tuning experiment it reran; null for other kinds
 }
 PROGRESS = {
     "epoch": pa.int64(),
@@ -58,6 +60,7 @@ PROGRESS = {
     "test_acc": pa.float64(),
     "diverged": pa.bool_(),
 }
+PAIR = ["dataset", "teacher", "student"]  # the identity columns a comparison is made within
 VERSIONS = {"cpsc_ray_version": pa.string(), "torch_version": pa.string(), "ray_version": pa.string()}
 EVAL_METRICS = ("val_acc", "proxy", "test_acc")
 # A student that predicts fewer than this fraction of the classes on a class-balanced set has collapsed:
@@ -187,5 +190,4 @@ LINEAGE_SCHEMA = pa.schema(
         ("config_after", pa.string()),
     ]
 )
-TABLES = {"epochs": SCHEMA, "trials": TRIALS_SCHEMA, "lineage": LINEAGE_SCHEMA}
-PARTITIONS = ("dataset", "experiment")
+TABLES = {ResultsDir.EPOCHS: SCHEMA, ResultsDir.TRIALS: TRIALS_SCHEMA, ResultsDir.LINEAGE: LINEAGE_SCHEMA}

@@ -4,7 +4,6 @@ one). Every entry point, in process or on a Ray worker, prepares its run here.""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,13 @@ import yaml
 from cpsc_ray.config import Config, to_yaml, validate_tree, with_values
 from cpsc_ray.data import dataset_info
 from cpsc_ray.errors import InputError
+from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DistillEngine, ImageSpec, pick_device
 from cpsc_ray.method.models import MODELS
 from cpsc_ray.results.schema import method_label
 from cpsc_ray.runs.evaluation import build_eval_sets, selection_metric, top1
 from cpsc_ray.runs.run import RunIdentity
 from cpsc_ray.runs.teacher import load_teacher, resolve_weights, train_teacher, weights_exist
-from cpsc_ray.storage import Storage
 
 
 def check_model_names(cfg: Config) -> None:
@@ -83,6 +82,7 @@ class RunRole:
     trial_id: str = "run"
     method: str | None = None  # default: "defaults" at the paper's weights, else "manual"
     selection: str | None = None  # default: val_acc with a validation split, else proxy
+    source_experiment: str | None = None  # finalize: the tuning experiment it reruns
 
 
 @dataclass
@@ -120,27 +120,21 @@ def prepare_engine(cfg: Config, device: torch.device | None = None, role: RunRol
         workers=engine.world_size,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         selection=role.selection or selection_metric(eval_sets),
+        source_experiment=role.source_experiment,
     )
     return Prepared(engine, identity)
 
 
-def new_run_name(root: Storage, name: str) -> str:
-    """``name`` when free, else ``name-<timestamp>``: a new run never writes into an old one."""
-    if not root.exists(name):
-        return name
-    return f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
-
-
-def open_run(cfg: Config, resume: str | None) -> tuple[Config, Storage, str]:
+def open_run(cfg: Config, resume: str | None) -> tuple[Config, RunDir, str]:
     """(config, run directory, name): a new directory, or with ``resume`` the named run's own config."""
-    root = Storage(cfg.output_dir)
+    root = RootDir(cfg.output_dir)
     if resume:
-        outputs = root.child(resume)
-        if not outputs.exists("config.yaml"):
-            raise InputError(f"--resume {resume}: no run of that name under {root.uri()} (no config.yaml there)")
-        cfg = validate_tree(yaml.safe_load(outputs.read_text("config.yaml")), f"{outputs.uri('config.yaml')}")
+        outputs = root.run(resume)
+        if not outputs.exists(RunDir.CONFIG):
+            raise InputError(f"--resume {resume}: no run of that name under {root.uri()} (no {RunDir.CONFIG} there)")
+        cfg = validate_tree(yaml.safe_load(outputs.read_text(RunDir.CONFIG)), outputs.uri(RunDir.CONFIG))
         return cfg, outputs, resume
-    name = new_run_name(root, cfg.name)
-    outputs = root.child(name)
-    outputs.write_text("config.yaml", to_yaml(cfg))
+    name = root.free_name(cfg.name)
+    outputs = root.run(name)
+    outputs.write_text(RunDir.CONFIG, to_yaml(cfg))
     return cfg, outputs, name

@@ -12,12 +12,10 @@ from typing import Any
 import torch
 
 from cpsc_ray.errors import InputError
+from cpsc_ray.layout import CheckpointDir, RunDir
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.storage import Storage
 
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-LAST = "checkpoints/last"
 BEST_STUDENT = "best_student"  # the state entry that holds the run's best student weights
 
 
@@ -31,7 +29,10 @@ def checkpoint_files(
     if best_student is not None:
         state[BEST_STUDENT] = best_student
     torch.save(state, buffer)
-    return {STATE_FILE: buffer.getvalue(), META_FILE: json.dumps(meta, indent=2, default=str).encode()}
+    return {
+        CheckpointDir.STATE: buffer.getvalue(),
+        CheckpointDir.META: json.dumps(meta, indent=2, default=str).encode(),
+    }
 
 
 def write_checkpoint_dir(directory: Path, files: dict[str, bytes]) -> None:
@@ -46,17 +47,14 @@ class CheckpointError(InputError):
 
 def read_checkpoint(storage: Storage, relative: str = "") -> tuple[dict, dict]:
     """(engine state, meta) of a checkpoint directory, loaded with ``weights_only=True``."""
-    where = storage.uri(relative) if relative else storage.uri()
-    for name in (STATE_FILE, META_FILE):
-        if not storage.exists(f"{relative}/{name}" if relative else name):
+    directory = storage.child(relative) if relative else storage
+    where = directory.uri()
+    for name in (CheckpointDir.STATE, CheckpointDir.META):
+        if not directory.exists(name):
             raise CheckpointError(f"checkpoint {where}: {name} is missing; is this a cpsc-ray checkpoint directory?")
     try:
-        meta = storage.read_json(f"{relative}/{META_FILE}" if relative else META_FILE)
-        state = torch.load(
-            io.BytesIO(storage.read_bytes(f"{relative}/{STATE_FILE}" if relative else STATE_FILE)),
-            map_location="cpu",
-            weights_only=True,
-        )
+        meta = directory.read_json(CheckpointDir.META)
+        state = torch.load(io.BytesIO(directory.read_bytes(CheckpointDir.STATE)), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch and json raise many types for a damaged file
         raise CheckpointError(f"checkpoint {where}: cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "student" not in state or "epoch" not in meta:
@@ -72,19 +70,19 @@ def restore_engine(engine: DistillEngine, state: dict, where: str) -> None:
         raise CheckpointError(f"checkpoint {where}: does not fit this run's models ({first})") from None
 
 
-def newest_checkpoint(run: Storage) -> str | None:
+def newest_checkpoint(run: RunDir) -> str | None:
     """The newest checkpoint directory of a run (relative to it), whichever mode wrote it: an in-process
     run's ``checkpoints/last`` or Ray Train's ``checkpoint_*``; None when there is none."""
-    candidates = [d for d in run.list_dirs() if d.startswith("checkpoint_")] + [LAST]
-    epochs = {d: run.read_json(f"{d}/{META_FILE}")["epoch"] for d in candidates if run.exists(f"{d}/{META_FILE}")}
+    metas = {d: f"{d}/{CheckpointDir.META}" for d in run.checkpoints()}
+    epochs = {d: run.read_json(meta)["epoch"] for d, meta in metas.items() if run.exists(meta)}
     return max(epochs, key=epochs.get) if epochs else None
 
 
-def resume_point(run: Storage, name: str) -> str | None:
+def resume_point(run: RunDir, name: str) -> str | None:
     """What ``--resume`` continues from: the newest checkpoint. A run that has epochs but no checkpoint
     is refused rather than started over, which would overwrite its metrics."""
     newest = newest_checkpoint(run)
-    if newest is None and run.exists("metrics.parquet") and run.read_parquet("metrics.parquet").num_rows:
+    if newest is None and run.metric_rows():
         raise CheckpointError(
             f"--resume {name}: the run has metrics but no checkpoint to continue from ({run.uri()}); "
             f"start a new run instead (without --resume)"

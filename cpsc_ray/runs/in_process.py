@@ -4,12 +4,14 @@ into the run directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from tqdm import tqdm
 
 from cpsc_ray.config import Config
+from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine
@@ -17,7 +19,6 @@ from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun, RunSummary
 from cpsc_ray.runs.teacher import load_teacher
-from cpsc_ray.storage import Storage
 
 PROGRESS_METRICS = ("s_total", "teacher_pseudo_acc", "class_coverage", "val_acc", "proxy", "test_acc")
 
@@ -38,7 +39,7 @@ class ProgressReporter(Reporter):
 
 def execute(
     cfg: Config,
-    outputs: Storage,
+    outputs: RunDir,
     name: str,
     *,
     resume: bool = False,
@@ -51,7 +52,7 @@ def execute(
     cfg = ensure_teacher(cfg, progress)
     started_at = time.time()
     role = role or RunRole()
-    prepared = prepare_engine(cfg, role=RunRole(role.kind, name, role.trial_id, role.method, role.selection))
+    prepared = prepare_engine(cfg, role=dataclasses.replace(role, experiment=name))
     run = DistillRun(prepared.engine, prepared.identity, outputs, started_at=started_at)
     start = None
     newest = resume_point(outputs, name) if resume else None
@@ -67,5 +68,5 @@ def run_in_process(cfg: Config, resume: str | None = None, progress: bool = True
         load_teacher(ensure_teacher(cfg, progress))  # a teacher that does not fit fails before a run dir exists
     cfg, outputs, name = open_run(cfg, resume)
     summary, history = execute(cfg, outputs, name, resume=bool(resume), progress=progress)
-    publish(Storage(cfg.output_dir), name, history, [])
+    publish(RootDir(cfg.output_dir), name, history, [])
     return summary

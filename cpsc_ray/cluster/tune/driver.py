@@ -1,16 +1,8 @@
 """Ray Tune over the engine, the driver's side: random or Optuna search with FIFO or ASHA, and PBT or
 PB2 that really exploit (continue from a copy of a better trial's full engine state) and explore
 (then run with perturbed hyperparameters that are in effect after the restore). What a trial does is
-in ``cluster.tune.trial``.
-
-Layout under the storage root::
-
-    <experiment>/                   Tune's experiment directory (trial dirs, checkpoints, state)
-    <experiment>/cpsc/setup.json    what `finalize` and `--resume` need (``TuneSetup``)
-    <experiment>/cpsc/trials/<id>/  per-trial metrics.parquet, lineage.json, config.json
-    <experiment>/cpsc/rounds/<id>/  Ray Train runs of multi-worker trials
-    results/                        Parquet of every experiment and run (see cpsc_ray.results)
-"""
+in ``cluster.tune.trial``. An experiment's files are laid out as
+``layout.ExperimentDir`` says."""
 
 from __future__ import annotations
 
@@ -30,10 +22,10 @@ from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
 from cpsc_ray.compat import check_restorable
 from cpsc_ray.config import Config, flatten
 from cpsc_ray.errors import InputError
+from cpsc_ray.layout import ExperimentDir, RootDir
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.tables import NothingToCollect, collect_experiment, read_results
-from cpsc_ray.runs.assembly import check_model_names, ensure_teacher, new_run_name, with_absolute_paths
-from cpsc_ray.storage import Storage
+from cpsc_ray.runs.assembly import check_model_names, ensure_teacher, with_absolute_paths
 
 logger = logging.getLogger(__name__)
 
@@ -173,13 +165,13 @@ def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
     return AlignedPB2(hyperparam_bounds=space.pb2_bounds(), **common)
 
 
-def seed_configs(storage: Storage, experiment: str, space: SearchSpace, population: int) -> list[dict[str, Any]]:
+def seed_configs(root: RootDir, experiment: str, space: SearchSpace, population: int) -> list[dict[str, Any]]:
     """The best configurations of an earlier experiment, cycled to fill a population of this size."""
-    trials = read_results([storage.uri("results")], experiments=[experiment]).trials
+    trials = read_results([root.results().uri()], experiments=[experiment]).trials
     if trials.empty:
-        raise InputError(f"--seed-from {experiment}: no trials of that experiment under {storage.uri('results')}")
+        raise InputError(f"--seed-from {experiment}: no trials of that experiment under {root.results().uri()}")
     ranked = trials.sort_values("score", ascending=False).head(population)
-    searched = TuneSetup.read(storage, experiment).searched_keys
+    searched = TuneSetup.read(root, experiment).searched_keys
     keys = sorted(set(searched) | set(space.params))
     configs = [{k: v for k, v in config_values(row).items() if k in keys} for _, row in ranked.iterrows()]
     return [configs[i % len(configs)] for i in range(population)]
@@ -197,7 +189,7 @@ def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks:
     request = trial_request(options)
     check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, request.how)
     cfg = with_absolute_paths(cfg)
-    root = Storage(options.storage or cfg.output_dir)
+    root = RootDir(options.storage or cfg.output_dir)
     if resume:
         return _resume(root, options)
     space = load_search_space(options.space, cfg)
@@ -213,7 +205,7 @@ def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks:
     metric = objective_metric(cfg, options.metric)
     check_model_names(cfg)
     seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
-    experiment = new_run_name(root, options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
+    experiment = root.free_name(options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
     if not ray.is_initialized():  # only once the request is known to be valid
         ray.init()
     check_fits(request, options.autoscaling)
@@ -272,7 +264,7 @@ def trial_request(options: TuneOptions) -> Request:
     )
 
 
-def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
+def _resume(root: RootDir, options: TuneOptions) -> dict[str, Any]:
     if not options.name:
         raise InputError("--resume NAME: the name of the experiment to continue")
     path = root.uri(options.name)
@@ -288,15 +280,16 @@ def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
 
 
 def _new_setup(
-    root: Storage, cfg: Config, options: TuneOptions, space: SearchSpace, experiment: str, metric: str
+    root: RootDir, cfg: Config, options: TuneOptions, space: SearchSpace, experiment: str, metric: str
 ) -> TuneSetup:
+    directory = root.experiment(experiment)
     return TuneSetup(
         base=cfg.model_dump(),
         experiment=experiment,
         method=options.method,
         metric=metric,
-        trials=root.uri(experiment, "cpsc", "trials"),
-        rounds=root.uri(experiment, "cpsc", "rounds"),
+        trials=directory.uri(ExperimentDir.TRIALS),
+        rounds=directory.uri(ExperimentDir.ROUNDS),
         workers=options.workers_per_trial,
         gpus_per_worker=options.gpus_per_worker,
         cpus_per_worker=options.cpus_per_worker,
@@ -310,7 +303,7 @@ def _new_setup(
     )
 
 
-def _collect(root: Storage, experiment: str, grid) -> dict[str, Any]:
+def _collect(root: RootDir, experiment: str, grid) -> dict[str, Any]:
     errored = [f"{r.path}: {type(r.error).__name__}" for r in grid if r.error is not None]
     for line in errored:
         logger.warning("trial failed: %s (see error.txt there)", line)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from cpsc_ray.errors import InputError
-from cpsc_ray.storage import Storage
+from cpsc_ray.layout import ExperimentDir, RootDir
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,14 @@ class TuneSetup:
     searched_keys: list[str]
     options: dict[str, Any]  # the TuneOptions, as given
 
-    @staticmethod
-    def path(experiment: str) -> str:
-        return f"{experiment}/cpsc/setup.json"
-
-    def write(self, root: Storage) -> None:
-        root.write_json(self.path(self.experiment), asdict(self))
+    def write(self, root: RootDir) -> None:
+        root.experiment(self.experiment).write_json(ExperimentDir.RECORD, asdict(self))
 
     @classmethod
-    def read(cls, root: Storage, experiment: str) -> TuneSetup:
-        if not root.exists(cls.path(experiment)):
+    def read(cls, root: RootDir, experiment: str) -> TuneSetup:
+        directory = root.experiment(experiment)
+        if not directory.exists(ExperimentDir.RECORD):
             raise InputError(f"{experiment}: no tuning experiment of that name under {root.uri()} (give --storage)")
-        stored = root.read_json(cls.path(experiment))
+        stored = directory.read_json(ExperimentDir.RECORD)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in stored.items() if k in known})

@@ -27,6 +27,7 @@ from cpsc_ray.cluster.metrics import tune_metrics
 from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.config import Config, flatten, with_values
+from cpsc_ray.layout import CheckpointDir, RunDir, trial_dir, trial_rounds
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import charged_images
 from cpsc_ray.runs.assembly import RunRole, prepare_engine
@@ -36,7 +37,6 @@ from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.storage import Storage
 
-POINTER = "pointer.json"
 TRAINABLE_CPUS = 0.01  # what a multi-worker trial's trainable holds besides its workers
 
 
@@ -58,13 +58,13 @@ def load_trial_checkpoint(directory: str, where: str) -> StartState:
     """The state a trial checkpoint holds: the state itself, or (multi-worker rounds) a pointer to it.
     ``directory`` is where it is read, ``where`` its address (a remote checkpoint's differ)."""
     local = Storage(directory)
-    if local.exists(POINTER):
-        target = local.read_json(POINTER)["state"]
+    if local.exists(CheckpointDir.POINTER):
+        target = local.read_json(CheckpointDir.POINTER)["state"]
         return StartState(*read_checkpoint(Storage(target)), where=target)
     return StartState(*read_checkpoint(local), where=where)
 
 
-def trial_start(trial_id: str, cfg: Config, outputs: Storage) -> StartState | None:
+def trial_start(trial_id: str, cfg: Config, outputs: RunDir) -> StartState | None:
     """Where this trial continues from: nothing, its own checkpoint (a paused or retried trial), or
     another trial's (a PBT exploit, recorded once)."""
     checkpoint = tune.get_checkpoint()
@@ -76,7 +76,7 @@ def trial_start(trial_id: str, cfg: Config, outputs: Storage) -> StartState | No
         start = load_trial_checkpoint(directory, outputs.uri_of(checkpoint.path))
     if start.trial_id == trial_id or last_clone_is(read_lineage(outputs), start.where):
         return start
-    before = outputs.read_json("config.json") if outputs.exists("config.json") else None
+    before = outputs.read_json(RunDir.TRIAL_CONFIG) if outputs.exists(RunDir.TRIAL_CONFIG) else None
     exploit = Exploit(start.trial_id, start.epoch, start.where, before, flatten(cfg))
     return StartState(start.state, start.meta, start.where, exploit)
 
@@ -85,9 +85,9 @@ def tune_trial(config: dict[str, Any], setup: TuneSetup) -> None:
     """The Tune trainable: one trial of the experiment."""
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.model_validate(setup.base), config, trial_id)
-    outputs = Storage(setup.trials).child(trial_id)
+    outputs = trial_dir(setup.trials, trial_id)
     start = trial_start(trial_id, cfg, outputs)
-    outputs.write_json("config.json", flatten(cfg))
+    outputs.write_json(RunDir.TRIAL_CONFIG, flatten(cfg))
     if setup.workers == 1:
         _trial_in_process(cfg, setup, trial_id, outputs, start)
     elif setup.population_based:
@@ -115,7 +115,7 @@ class TuneReporter(Reporter):
         report_diverged(row, run.history, self.setup, self.cfg)
 
 
-def _trial_in_process(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
+def _trial_in_process(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunDir, start) -> None:
     started_at = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     role = RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric)
@@ -156,7 +156,7 @@ def _trainer(setup: TuneSetup, loop: WorkerLoop, storage: Storage, name: str, ke
     )
 
 
-def _trial_as_one_train_run(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Storage) -> None:
+def _trial_as_one_train_run(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunDir) -> None:
     """The whole trial as one Train run named after the trial: a retried trial or ``tune --resume``
     starts the same run again, and Train continues it from its newest checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -171,13 +171,13 @@ def _trial_as_one_train_run(cfg: Config, setup: TuneSetup, trial_id: str, output
     )
     keep = setup.keep_checkpoints or 2
     _trainer(setup, loop, Storage(setup.rounds), trial_id, keep, callbacks=[TuneReportCallback()]).fit()
-    history = outputs.read_parquet("metrics.parquet").to_pylist()
+    history = outputs.metric_rows()
     if history[-1]["diverged"]:  # rank 0 reports no diverged epoch: the trial's last word is the worst score
         report_diverged(history[-1], history, setup, cfg)
 
 
-def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Storage, start) -> None:
-    rounds = Storage(setup.rounds).child(trial_id)
+def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunDir, start) -> None:
+    rounds = trial_rounds(setup.rounds, trial_id)
     state_uri = start.where if start else None
     epoch = start.epoch if start else 0
     exploit = start.exploit if start else None
@@ -204,7 +204,7 @@ def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Stor
         launched = time.perf_counter()
         result = _trainer(setup, loop, rounds, name, keep=1).fit()
         exploit = None
-        history = outputs.read_parquet("metrics.parquet").to_pylist()
+        history = outputs.metric_rows()
         this_round = [r for r in history if r["epoch"] > epoch]
         spent = charged_images(this_round)  # with epochs a restart inside the round lost
         if history[-1]["diverged"]:
@@ -212,7 +212,7 @@ def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: Stor
             return
         state_uri = rounds.uri(name, Path(result.checkpoint.path).name)
         with tempfile.TemporaryDirectory() as directory:
-            Path(directory, POINTER).write_text(json.dumps({"state": state_uri}))
+            Path(directory, CheckpointDir.POINTER).write_text(json.dumps({"state": state_uri}))
             metrics = tune_metrics(history[-1], history, setup.metric, spent)
             # What the round cost beyond its epochs: the driver warns when that dominates.
             metrics["round_overhead_s"] = time.perf_counter() - launched - sum(r["epoch_s"] for r in this_round)
