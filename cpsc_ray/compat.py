@@ -1,23 +1,51 @@
 """What keeps the files earlier versions wrote working, in one place:
 
-- the results of a finalize rerun published before runs recorded their ``source_experiment``;
-- a Tune experiment's saved state, which names our classes by module path: Ray would fail deep inside
-  unpickling one whose module this version lacks (``cpsc_ray.tune`` before the package was layered).
+- module paths that moved: a teacher builder a config, a run's config.yaml or an experiment's setup.json names
+  (``cpsc_ray.models:build_model``, from before the package was layered), and the classes Ray Tune pickled into
+  an experiment's saved state (the search space and schedulers, before the cluster/tune/ package);
+- a Tune experiment's saved state that names a module this version lacks (``cpsc_ray.tune``, from before the
+  package was layered): Ray would fail deep inside unpickling it, so it is refused in one line;
+- the results of a finalize rerun published before runs recorded their ``source_experiment``.
+
+One piece lives with the engine instead, since the method touches no files and imports nothing that does:
+``method.device.device_rng_state`` reads the CUDA RNG state of checkpoints from before issue 11.
 """
 
 from __future__ import annotations
 
 import importlib
 import pickletools
+import sys
 
 import pyarrow.fs as pafs
 
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir
 
+# Old module path -> the module that replaced it. A prefix covers the modules under it.
+MOVED_MODULES = {
+    "cpsc_ray.models": "cpsc_ray.method.models",
+    "cpsc_ray.cluster.schedulers": "cpsc_ray.cluster.tune.schedulers",
+    "cpsc_ray.cluster.search_space": "cpsc_ray.cluster.tune.search_space",
+}
 PICKLE_PROTOCOL_2_OR_LATER = b"\x80"  # the PROTO opcode: how Ray's tuner.pkl and *-state-* files begin
 STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
 MEMO_GET_OPCODES = {"BINGET", "LONG_BINGET", "GET"}
+
+
+def current_module(name: str) -> str:
+    """``name`` with a moved prefix replaced, e.g. ``cpsc_ray.models.resnet`` -> ``cpsc_ray.method.models.resnet``."""
+    for old, new in MOVED_MODULES.items():
+        if name == old or name.startswith(f"{old}."):
+            return new + name.removeprefix(old)
+    return name
+
+
+def alias_moved_modules() -> None:
+    """Make each moved module importable by its old path too, for the unpickling Ray Tune does when it restores an
+    experiment an earlier version saved (it offers no hook for mapping names, as pickle's Unpickler does)."""
+    for old, new in MOVED_MODULES.items():
+        sys.modules.setdefault(old, importlib.import_module(new))
 
 
 def check_restorable(root: RootDir, experiment: str) -> None:
@@ -25,7 +53,7 @@ def check_restorable(root: RootDir, experiment: str) -> None:
     class that this version lacks."""
     for data in _pickled_state(root, experiment):
         for module, qualname in pickled_globals(data):
-            if module.partition(".")[0] == "cpsc_ray" and not _resolves(module, qualname):
+            if module.partition(".")[0] == "cpsc_ray" and not _resolves(current_module(module), qualname):
                 raise InputError(
                     f"--resume: {root.uri(experiment)} was written by an earlier cpsc-ray: its Tune state refers to "
                     f"{module}.{qualname}, which this version lacks (its modules moved), so Ray Tune cannot continue "

@@ -41,7 +41,7 @@ def session_cache(tmp_path_factory) -> Path:
 def digits_cfg(session_cache):
     """The digits default with tiny budgets and its teacher trained (once per session) and resolved."""
     from cpsc_ray.config import load_config
-    from cpsc_ray.runs.assembly import ensure_teacher
+    from cpsc_ray.runs.teacher import ensure_teacher
 
     return ensure_teacher(load_config("digits", TINY), progress=False)
 

@@ -19,7 +19,7 @@ from results_rows import epoch_row
 
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.tune.record import TuneSetup
-from cpsc_ray.compat import check_restorable
+from cpsc_ray.compat import alias_moved_modules, check_restorable
 from cpsc_ray.config import Config, TeacherConfig, load_config, validate_tree
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir
@@ -135,6 +135,32 @@ def test_tune_state_naming_current_modules_is_restorable(tmp_path, monkeypatch):
     _write_experiment(tmp_path, _state(5, old=False, monkeypatch=monkeypatch))
     check_restorable(RootDir(str(tmp_path)), "old-exp")
     check_restorable(RootDir(str(tmp_path)), "no-such-experiment")
+
+
+def _state_before_the_tune_package(monkeypatch) -> bytes:
+    """Tune state as a version before cluster/tune/ pickled a PBT experiment's: the scheduler's class and its explore
+    function, a bound method of the search space, under cpsc_ray.cluster.schedulers and .search_space."""
+    from cpsc_ray.cluster.tune import schedulers, search_space
+
+    space = search_space.load_search_space("digits_pbt")
+    with monkeypatch.context() as patch:
+        for module, classes in ((search_space, ("SearchSpace", "Param")), (schedulers, ("AlignedPBT",))):
+            old = module.__name__.replace("cluster.tune.", "cluster.")
+            patch.setitem(sys.modules, old, module)
+            for name in classes:
+                patch.setattr(getattr(module, name), "__module__", old)
+        return pickle.dumps({"scheduler": schedulers.AlignedPBT, "custom_explore_fn": space.clamp}, protocol=5)
+
+
+def test_tune_state_from_before_the_tune_package_resumes(tmp_path, monkeypatch):
+    state = _state_before_the_tune_package(monkeypatch)
+    assert b"cpsc_ray.cluster.search_space" in state and b"cpsc_ray.cluster.tune.search_space" not in state
+    _write_experiment(tmp_path, state)
+    check_restorable(RootDir(str(tmp_path)), "old-exp")
+    alias_moved_modules()
+    restored = pickle.loads(state)
+    assert restored["scheduler"].__name__ == "AlignedPBT"
+    assert restored["custom_explore_fn"]({"loss.alpha": 1e9})["loss.alpha"] == 20.0  # the space's high bound
 
 
 def test_tune_resume_of_an_old_experiment_says_what_to_do(tmp_path, monkeypatch, capsys):

@@ -17,7 +17,6 @@ from cpsc_ray.config import Config, load_config, with_values
 from cpsc_ray.errors import InputError
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.method.models import ARCH_VERSIONS, build_model
-from cpsc_ray.runs import assembly as run_setup
 from cpsc_ray.runs.teacher import (
     TeacherCard,
     card_path,
@@ -27,6 +26,7 @@ from cpsc_ray.runs.teacher import (
     weights_exist,
     write_teacher,
 )
+from cpsc_ray.runs.teacher import train as teacher_training
 
 
 def digits_resnet18(num_classes: int = 10) -> nn.Module:
@@ -66,8 +66,8 @@ def test_teacher_cached_under_an_older_arch_version_is_not_reused(tmp_path, monk
 
     assert resolve_weights(cfg) != str(stale) and not weights_exist(resolve_weights(cfg))
     trained = []
-    monkeypatch.setattr(run_setup, "train_teacher", lambda cfg, progress: trained.append(cfg))
-    run_setup.ensure_teacher(cfg, progress=False)
+    monkeypatch.setattr(teacher_training, "train_teacher", lambda cfg, progress: trained.append(cfg))
+    teacher_training.ensure_teacher(cfg, progress=False)
     assert trained, "teacher.weights=auto must train the current version, not reuse the stale one"
 
     with pytest.raises(InputError, match="vgg11_bn version 1, but vgg11_bn is now version 2") as info:

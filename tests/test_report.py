@@ -34,8 +34,8 @@ from cpsc_ray.results.replay import clones
 from cpsc_ray.results.report import build_report
 from cpsc_ray.results.schema import LOSS_METRICS, epoch_table
 from cpsc_ray.results.tables import ResultsError, read_results, run_name
-from cpsc_ray.runs.assembly import ensure_teacher
 from cpsc_ray.runs.in_process import run_in_process
+from cpsc_ray.runs.teacher import ensure_teacher
 
 CALM = str(Path(__file__).parent / "spaces" / "calm_pbt.yaml")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -29,13 +29,13 @@ from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
-from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine, with_absolute_paths
+from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, prepare_engine, with_absolute_paths
 from cpsc_ray.runs.checkpoints import newest_checkpoint, read_checkpoint, resume_point, write_checkpoint_dir
 from cpsc_ray.runs.exploit import Exploit
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import DistillRun
-from cpsc_ray.runs.teacher import load_teacher
+from cpsc_ray.runs.teacher import ensure_teacher, load_teacher
 from cpsc_ray.storage import Storage
 
 
@@ -185,6 +185,7 @@ def run_distributed(
         raise InputError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
     how = f"--workers {workers} --gpus-per-worker {gpus_per_worker:g} --cpus-per-worker {cpus_per_worker:g}"
     check_gpus_per_worker(workers, gpus_per_worker, how)
+    check_model_names(cfg)
     if storage:
         cfg = cfg.model_copy(update={"output_dir": storage})
     cfg = with_absolute_paths(cfg)  # before Ray starts: its workers inherit the absolute CPSC_RAY_CACHE

@@ -3,18 +3,41 @@ generator, measured without changing what training draws or learns."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
+from cpsc_ray.config import Config
+from cpsc_ray.method.losses import SynthBatch, WeightedSum
 from cpsc_ray.method.parallel import noise_seed
-
-if TYPE_CHECKING:
-    from cpsc_ray.method.engine import DistillEngine
+from cpsc_ray.method.spec import ImageSpec
 
 
-def term_gradients(engine: DistillEngine) -> dict[str, float]:
+class Measured(Protocol):
+    """What the measurement reads of an engine: its generator objective, how it builds a synthetic batch for it,
+    and where it runs. ``DistillEngine`` is one; the engine's module is not imported, which imports this one."""
+
+    cfg: Config
+    spec: ImageSpec
+    device: torch.device
+    rank: int
+    world_size: int
+    epoch: int
+    local_batch: int
+    student: nn.Module
+    generator: nn.Module
+    head: nn.Module | None
+    generator_loss: WeightedSum
+
+    def autocast(self) -> AbstractContextManager: ...
+
+    def generator_batch(self, z: Tensor, y: Tensor, generator: nn.Module, head: nn.Module | None) -> SynthBatch: ...
+
+
+def term_gradients(engine: Measured) -> dict[str, float]:
     """Each generator term's weighted gradient norm at the generator's weights, on one extra batch:
     which term drives the generator. The batch comes from its own stream, so training draws the same."""
     objective = engine.generator_loss

@@ -12,15 +12,16 @@ import torch
 import yaml
 
 from cpsc_ray.config import Config, to_yaml, validate_tree, with_values
-from cpsc_ray.data import dataset_info
+from cpsc_ray.data import dataset_info, load_splits
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir, RunDir
-from cpsc_ray.method.engine import DistillEngine, ImageSpec, pick_device
+from cpsc_ray.method.engine import DistillEngine, EvalSet, ImageSpec, pick_device
 from cpsc_ray.method.models import MODELS
 from cpsc_ray.results.schema import method_label
-from cpsc_ray.runs.evaluation import build_eval_sets, selection_metric, top1
+from cpsc_ray.runs.evaluation import materialize, selection_metric, top1
+from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import RunIdentity
-from cpsc_ray.runs.teacher import load_teacher, resolve_weights, train_teacher, weights_exist
+from cpsc_ray.runs.teacher import Teacher, load_teacher
 
 
 def check_model_names(cfg: Config) -> None:
@@ -29,19 +30,6 @@ def check_model_names(cfg: Config) -> None:
     for key, name in (("teacher.arch", cfg.teacher.arch), ("student.arch", cfg.student.arch)):
         if name is not None:
             MODELS.get(name, key)
-
-
-def ensure_teacher(cfg: Config, progress: bool = True) -> Config:
-    """A config whose teacher.weights is a concrete file: ``auto`` trains and caches it when missing."""
-    check_model_names(cfg)
-    path = resolve_weights(cfg)
-    if cfg.teacher.weights == "auto" and not weights_exist(path):
-        print(
-            f"no cached teacher for this config: training {cfg.teacher.arch or cfg.teacher.builder} "
-            f"on {cfg.data.dataset} -> {path}"
-        )
-        train_teacher(cfg, progress=progress)
-    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": path})})
 
 
 def local_path(path: str | None) -> str | None:
@@ -66,6 +54,16 @@ def with_absolute_paths(cfg: Config) -> Config:
             "output_dir": local_path(cfg.output_dir),
         },
     )
+
+
+def build_eval_sets(cfg: Config, teacher: Teacher, device: torch.device) -> dict[str, EvalSet]:
+    splits = load_splits(cfg.data, augment=False, mean=teacher.mean, std=teacher.std)
+    sets = {"test": materialize(splits.test, num_workers=cfg.data.num_workers)}
+    if splits.val is not None:
+        sets["val"] = materialize(splits.val, num_workers=cfg.data.num_workers)
+    if cfg.eval.probe_per_class:
+        sets["proxy"] = EvalSet(*load_or_make_probe(teacher, cfg.eval, device))
+    return sets
 
 
 def dataset_label(cfg: Config) -> str:

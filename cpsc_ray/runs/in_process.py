@@ -14,11 +14,11 @@ from cpsc_ray.config import Config
 from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
-from cpsc_ray.runs.assembly import RunRole, ensure_teacher, open_run, prepare_engine
+from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, prepare_engine
 from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
 from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
 from cpsc_ray.runs.run import DistillRun, RunSummary
-from cpsc_ray.runs.teacher import load_teacher
+from cpsc_ray.runs.teacher import ensure_teacher, load_teacher
 
 PROGRESS_METRICS = ("s_total", "teacher_pseudo_acc", "class_coverage", "val_acc", "proxy", "test_acc")
 
@@ -64,6 +64,7 @@ def execute(
 
 
 def run_in_process(cfg: Config, resume: str | None = None, progress: bool = True) -> RunSummary:
+    check_model_names(cfg)
     if not resume:
         load_teacher(ensure_teacher(cfg, progress))  # a teacher that does not fit fails before a run dir exists
     cfg, outputs, name = open_run(cfg, resume)

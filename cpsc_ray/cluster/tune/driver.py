@@ -19,13 +19,14 @@ from cpsc_ray.cluster.train import check_gpus_per_worker
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.cluster.tune.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
-from cpsc_ray.compat import check_restorable
+from cpsc_ray.compat import alias_moved_modules, check_restorable
 from cpsc_ray.config import Config, flatten
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import ExperimentDir, RootDir
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.tables import NothingToCollect, collect_experiment, read_results
-from cpsc_ray.runs.assembly import check_model_names, ensure_teacher, with_absolute_paths
+from cpsc_ray.runs.assembly import check_model_names, with_absolute_paths
+from cpsc_ray.runs.teacher import ensure_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ def _resume(root: RootDir, options: TuneOptions) -> dict[str, Any]:
     if not tune.Tuner.can_restore(path):
         raise InputError(f"--resume: no Tune experiment at {path}")
     check_restorable(root, options.name)
+    alias_moved_modules()
     if not ray.is_initialized():  # only once there is an experiment to continue
         ray.init()
     setup = TuneSetup.read(root, options.name)
