@@ -27,7 +27,7 @@ from cpsc_ray.method.models import build_model
 from cpsc_ray.results.replay import Schedule, replay_schedule
 from cpsc_ray.results.tables import best_trial, publish, read_results
 from cpsc_ray.runs.assembly import RunRole
-from cpsc_ray.runs.in_process import execute
+from cpsc_ray.runs.in_process import train_into
 
 
 def select(root: RootDir, experiment: str) -> tuple[pd.Series, Schedule]:
@@ -50,7 +50,7 @@ def _finalize_seed(configs: list[tuple[int, Config]], outputs: str, role: RunRol
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     run = RunDir(outputs)
     try:
-        summary, history = execute(
+        summary, history = train_into(
             configs[0][1], run, role.experiment, progress=False, schedule=dict(configs[1:]), role=role
         )
     except DivergenceError:

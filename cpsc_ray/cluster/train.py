@@ -27,12 +27,12 @@ from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
 from cpsc_ray.config import Config
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir, RunDir
-from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.method.engine import DivergenceError, pick_device
 from cpsc_ray.results.tables import publish
-from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, prepare_engine, with_absolute_paths
+from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation, with_absolute_paths
 from cpsc_ray.runs.checkpoints import newest_checkpoint, read_checkpoint, resume_point, write_checkpoint_dir
 from cpsc_ray.runs.exploit import Exploit
-from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
+from cpsc_ray.runs.loop import Reporter, StartState
 from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.runs.teacher import ensure_teacher, load_teacher
@@ -104,40 +104,50 @@ class TrainReporter(Reporter):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Every worker runs this; ``config["loop"]`` is the run's WorkerLoop."""
     loop: WorkerLoop = config["loop"]
-    started_at = loop.launched_at or time.time()
     cfg = Config.model_validate(loop.config)
     rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
+    device = pick_device(cfg.train.device, ray.train.torch.get_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    prepared = prepare_engine(cfg, device, loop.role)
     outputs = RunDir(loop.outputs)
-    run = DistillRun(
-        prepared.engine, prepared.identity, outputs if rank == 0 else None, loop.keep_best, started_at=started_at
-    )
-    starts = []  # Train's own checkpoint first: it wins a tie
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restart after a worker failure, or a resumed Train run
-        with checkpoint.as_directory() as directory:
-            starts.append(StartState(*read_checkpoint(Storage(directory)), where=outputs.uri_of(checkpoint.path)))
-    if loop.start_state:  # a round's state, or a resumed run's newest checkpoint from either mode
-        state, meta = read_checkpoint(Storage(loop.start_state))
-        starts.append(StartState(state, meta, where=loop.start_state, exploit=loop.exploit))
-    start = max(starts, key=lambda s: s.epoch) if starts else None
-    run_epochs(
-        run,
+    run_distillation(
+        cfg,
+        loop.role,
+        outputs if rank == 0 else None,
         TrainReporter(loop, outputs, rank),
-        start=start,
+        device=device,
+        keep_best=loop.keep_best,
+        started_at=loop.launched_at or time.time(),
+        start=_worker_start(loop, outputs),
         stop_epoch=loop.stop_epoch,
         checkpoint_every=loop.checkpoint_every,
         finish=rank == 0 and loop.role.kind == "distill",
     )
 
 
-def prepare_probe(cfg: Config) -> None:
-    """Make the teacher's probe set once, before any worker needs it (workers then only read it)."""
+def _worker_start(loop: WorkerLoop, outputs: RunDir) -> StartState | None:
+    """The newest of Train's own checkpoint (a restart after a worker failure, or a resumed Train run; it wins a
+    tie) and the state the loop names (a round's, or a resumed run's newest checkpoint from either mode)."""
+    starts = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            starts.append(StartState(*read_checkpoint(Storage(directory)), where=outputs.uri_of(checkpoint.path)))
+    if loop.start_state:
+        state, meta = read_checkpoint(Storage(loop.start_state))
+        starts.append(StartState(state, meta, where=loop.start_state, exploit=loop.exploit))
+    return max(starts, key=lambda s: s.epoch) if starts else None
+
+
+def prepare_teacher(cfg: Config) -> Config:
+    """The teacher made ready before any worker needs it, where the workers run (``on_worker_resources``): resolved
+    (trained when ``teacher.weights=auto`` finds none), loaded once, so a teacher that does not fit fails here,
+    and its probe set made; workers then only read them. Returns the config naming the teacher's file."""
+    cfg = ensure_teacher(cfg, False)
+    teacher = load_teacher(cfg)
     if cfg.eval.probe_per_class:
-        load_or_make_probe(load_teacher(cfg), cfg.eval, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        load_or_make_probe(teacher, cfg.eval, pick_device(cfg.train.device))
+    return cfg
 
 
 def on_worker_resources(gpus: float, task, *args) -> Any:
@@ -181,37 +191,32 @@ def run_distributed(
     fault_epoch: int | None = None,
     autoscaling: bool = False,
 ) -> dict[str, Any]:
-    if cfg.train.batch_size % workers:
-        raise InputError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
-    how = f"--workers {workers} --gpus-per-worker {gpus_per_worker:g} --cpus-per-worker {cpus_per_worker:g}"
-    check_gpus_per_worker(workers, gpus_per_worker, how)
-    check_model_names(cfg)
+    """One distillation over ``workers`` Ray Train workers (or with ``resume`` the named run, continued from its
+    newest checkpoint); returns its summary."""
+    request = _worker_request(cfg, workers, gpus_per_worker, cpus_per_worker)
     if storage:
         cfg = cfg.model_copy(update={"output_dir": storage})
     cfg = with_absolute_paths(cfg)  # before Ray starts: its workers inherit the absolute CPSC_RAY_CACHE
     if not ray.is_initialized():
         ray.init()
-    request = Request(workers, cpus_per_worker, gpus_per_worker, how)
     check_fits(request, autoscaling)  # before the run directory exists: a refused request writes nothing
     if resume:  # the resumed run's own config
         cfg, outputs, name = open_run(cfg, resume)
-    cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)
-    on_worker_resources(gpus_per_worker, prepare_probe, cfg)
+    cfg = on_worker_resources(gpus_per_worker, prepare_teacher, cfg)
     if not resume:  # a new run directory only once its teacher is known to load
         cfg, outputs, name = open_run(cfg, None)
     newest = resume_point(outputs, name) if resume else None
+    loop = WorkerLoop(
+        config=cfg.model_dump(),
+        outputs=outputs.uri(),
+        role=RunRole(kind="distill", experiment=name),
+        fault_epoch=fault_epoch,
+        start_state=outputs.uri(newest) if newest else None,
+        launched_at=time.time(),
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "loop": WorkerLoop(
-                config=cfg.model_dump(),
-                outputs=outputs.uri(),
-                role=RunRole(kind="distill", experiment=name),
-                fault_epoch=fault_epoch,
-                start_state=outputs.uri(newest) if newest else None,
-                launched_at=time.time(),
-            )
-        },
+        train_loop_config={"loop": loop},
         scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
         run_config=ray.train.RunConfig(
             name=name,
@@ -220,6 +225,21 @@ def run_distributed(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    _fit(trainer, request, outputs, name, max_failures)
+    return _finished(RootDir(cfg.output_dir), outputs, name)
+
+
+def _worker_request(cfg: Config, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Request:
+    """What the run asks of the cluster, once the config and the options agree (before Ray starts)."""
+    if cfg.train.batch_size % workers:
+        raise InputError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
+    how = f"--workers {workers} --gpus-per-worker {gpus_per_worker:g} --cpus-per-worker {cpus_per_worker:g}"
+    check_gpus_per_worker(workers, gpus_per_worker, how)
+    check_model_names(cfg)
+    return Request(workers, cpus_per_worker, gpus_per_worker, how)
+
+
+def _fit(trainer: TorchTrainer, request: Request, outputs: RunDir, name: str, max_failures: int) -> None:
     try:
         with reporting_waits(request):
             trainer.fit()
@@ -229,14 +249,17 @@ def run_distributed(
             f"run {name} failed after {max_failures} allowed worker failure(s): {str(err).splitlines()[0]}; "
             f"{kept} ({outputs.uri()}): continue it with --resume {name}, or allow restarts with --max-failures"
         ) from None
+
+
+def _finished(root: RootDir, outputs: RunDir, name: str) -> dict[str, Any]:
+    """The summary of a run that ran to its end, its rows published; a diverged run's error."""
     history = outputs.metric_rows()
     if not outputs.exists(RunDir.SUMMARY):
-        last = history[-1]
         raise DistributedRunError(
-            f"run {name} diverged in epoch {last['epoch']} (a loss became NaN or infinite); its metrics are in "
-            f"{outputs.uri(RunDir.METRICS)}: lower student.lr, generator.lr or the loss weights"
+            f"run {name} diverged in epoch {history[-1]['epoch']} (a loss became NaN or infinite); its metrics are "
+            f"in {outputs.uri(RunDir.METRICS)}: lower student.lr, generator.lr or the loss weights"
         )
-    publish(RootDir(cfg.output_dir), name, history, [])
+    publish(root, name, history, [])
     summary = outputs.read_json(RunDir.SUMMARY)
     summary["run_dir"] = outputs.uri()
     return summary

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cpsc_ray.errors import InputError
+
 
 class DivergenceError(RuntimeError):
     """A loss became NaN or infinite; the run cannot usefully continue."""
@@ -30,11 +32,23 @@ class EvalSet:
     labels: Tensor
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+def pick_device(requested: str, assigned: torch.device | None = None) -> torch.device:
+    """The device a run uses, chosen here only: ``train.device`` (auto, cpu or cuda), and under Ray the device Ray
+    ``assigned`` the process. Ray hides no GPU from a process that asked for none, so there ``auto`` means the
+    assigned device, not any GPU in sight."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if assigned is not None:
+        if requested == "cuda" and assigned.type != "cuda":
+            raise InputError(
+                "train.device=cuda but Ray gave this process no GPU: ask for GPUs (--gpus-per-worker, "
+                "--gpus-per-trial) or use train.device=auto"
+            )
+        return assigned
+    if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
+    if requested == "cuda":
+        raise InputError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     return torch.device("cpu")
 
 

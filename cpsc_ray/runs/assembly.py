@@ -1,6 +1,7 @@
-"""Setting a run up: the teacher (trained and cached when ``teacher.weights=auto``), its evaluation
-sets, the engine and the run's identity, and the run directory (a new one never overwrites an old
-one). Every entry point, in process or on a Ray worker, prepares its run here."""
+"""Assembling a run from its config: the engine, with the teacher and its evaluation sets, the run's identity,
+the run directory (a new one never overwrites an old one), and the run itself trained through the one loop.
+Every entry point (in process, each Ray Train worker, a Tune trial) runs its distillation with
+``run_distillation``."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import torch
 import yaml
 
 from cpsc_ray.config import Config, to_yaml, validate_tree, with_values
-from cpsc_ray.data import dataset_info, load_splits
+from cpsc_ray.data import load_splits
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DistillEngine, EvalSet, ImageSpec, pick_device
 from cpsc_ray.method.models import MODELS
 from cpsc_ray.results.schema import method_label
 from cpsc_ray.runs.evaluation import materialize, selection_metric, top1
+from cpsc_ray.runs.loop import LoopEnd, Reporter, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
-from cpsc_ray.runs.run import RunIdentity
+from cpsc_ray.runs.run import DistillRun, RunIdentity
 from cpsc_ray.runs.teacher import Teacher, load_teacher
 
 
@@ -66,11 +68,6 @@ def build_eval_sets(cfg: Config, teacher: Teacher, device: torch.device) -> dict
     return sets
 
 
-def dataset_label(cfg: Config) -> str:
-    info = dataset_info(cfg.data)
-    return info.name if cfg.data.image_size is None else f"{info.name}-{info.image_size}px"
-
-
 @dataclass(frozen=True)
 class RunRole:
     """What a run is part of; with the config it makes the run's identity."""
@@ -89,13 +86,15 @@ class Prepared:
     identity: RunIdentity
 
 
-def prepare_engine(cfg: Config, device: torch.device | None = None, role: RunRole = RunRole()) -> Prepared:
+def prepare_engine(
+    cfg: Config, device: torch.device | None = None, role: RunRole = RunRole(), teacher: Teacher | None = None
+) -> Prepared:
+    """The engine and the run's identity; the teacher is loaded unless given."""
     device = device or pick_device(cfg.train.device)
-    teacher = load_teacher(cfg)
+    teacher = teacher or load_teacher(cfg)
     eval_sets = build_eval_sets(cfg, teacher, device)
-    spec = ImageSpec(
-        teacher.info.num_classes, teacher.info.channels, teacher.info.image_size, teacher.mean, teacher.std
-    )
+    info = teacher.info
+    spec = ImageSpec(info.num_classes, info.channels, info.image_size, teacher.mean, teacher.std)
     teacher_acc = (
         teacher.card.test_acc
         if teacher.card and teacher.card.test_acc is not None
@@ -110,7 +109,7 @@ def prepare_engine(cfg: Config, device: torch.device | None = None, role: RunRol
         kind=role.kind,
         method=role.method or method_label(cfg),
         trial_id=role.trial_id,
-        dataset=dataset_label(cfg),
+        dataset=info.name if cfg.data.image_size is None else f"{info.name}-{info.image_size}px",
         teacher=cfg.teacher.arch or cfg.teacher.builder,
         student=cfg.student.arch,
         seed=cfg.seed,
@@ -121,6 +120,40 @@ def prepare_engine(cfg: Config, device: torch.device | None = None, role: RunRol
         source_experiment=role.source_experiment,
     )
     return Prepared(engine, identity)
+
+
+def run_distillation(
+    cfg: Config,
+    role: RunRole,
+    outputs: RunDir | None,
+    hooks: Reporter,
+    *,
+    teacher: Teacher | None = None,
+    device: torch.device | None = None,
+    keep_best: bool = True,
+    started_at: float | None = None,
+    start: StartState | None = None,
+    stop_epoch: int | None = None,
+    checkpoint_every: int | None = None,
+    schedule: dict[int, Config] | None = None,
+    finish: bool = True,
+) -> tuple[DistillRun, LoopEnd]:
+    """Assemble the run (its engine and the bookkeeping that writes ``outputs``: None on ranks other than 0) and
+    train it through the one loop (``run_epochs``: ``start``, ``stop_epoch``, ``checkpoint_every``, ``schedule``,
+    ``finish``). ``started_at`` (``time.time()``) is when this start began: the set-up until its first epoch is
+    charged to that epoch."""
+    prepared = prepare_engine(cfg, device, role, teacher)
+    run = DistillRun(prepared.engine, prepared.identity, outputs, keep_best, started_at=started_at)
+    end = run_epochs(
+        run,
+        hooks,
+        start=start,
+        stop_epoch=stop_epoch,
+        checkpoint_every=checkpoint_every,
+        schedule=schedule,
+        finish=finish,
+    )
+    return run, end
 
 
 def open_run(cfg: Config, resume: str | None) -> tuple[Config, RunDir, str]:

@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
-from cpsc_ray.cluster.train import check_gpus_per_worker
+from cpsc_ray.cluster.train import check_gpus_per_worker, on_worker_resources, prepare_teacher
 from cpsc_ray.cluster.tune.record import TuneSetup
 from cpsc_ray.cluster.tune.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
@@ -26,7 +26,6 @@ from cpsc_ray.layout import ExperimentDir, RootDir
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.tables import NothingToCollect, collect_experiment, read_results
 from cpsc_ray.runs.assembly import check_model_names, with_absolute_paths
-from cpsc_ray.runs.teacher import ensure_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +152,6 @@ def build_scheduler(options: TuneOptions, space: SearchSpace, epochs: int):
             grace_period=options.grace_period,
             reduction_factor=2,
         )
-    space.check_perturbable()
     common = dict(
         time_attr="epoch", metric="score", mode="max", perturbation_interval=options.perturbation_interval, synch=True
     )
@@ -194,6 +192,24 @@ def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks:
     if resume:
         return _resume(root, options)
     space = load_search_space(options.space, cfg)
+    metric = _checked(cfg, options, space)
+    seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
+    experiment = root.free_name(options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
+    if not ray.is_initialized():  # only once the request is known to be valid
+        ray.init()
+    check_fits(request, options.autoscaling)
+    cfg = on_worker_resources(options.gpus_per_worker, prepare_teacher, cfg)  # once, before trials start
+    setup = _new_setup(root, cfg, options, space, experiment, metric)
+    setup.write(root)
+    if options.seed_defaults:  # a search that starts where the shipped defaults are cannot end below them
+        seeds = [defaults_point(cfg, space), *(seeds or [])][: options.num_samples]
+    tuner = _tuner(setup, options, space, seeds, cfg.train.epochs, root, list(callbacks or []))
+    with reporting_waits(request):
+        return _collect(root, experiment, tuner.fit())
+
+
+def _checked(cfg: Config, options: TuneOptions, space: SearchSpace) -> str:
+    """The objective metric, once the options, the space and the config's model names agree (before Ray starts)."""
     if options.population_based:
         space.check_perturbable()
     if options.minimize_device_seconds and options.search != "optuna":
@@ -203,39 +219,39 @@ def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks:
             "--minimize-device-seconds with --scheduler asha: trials ASHA stops would enter the Pareto front at "
             "their early, cheap values; use --scheduler fifo"
         )
-    metric = objective_metric(cfg, options.metric)
     check_model_names(cfg)
-    seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
-    experiment = root.free_name(options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
-    if not ray.is_initialized():  # only once the request is known to be valid
-        ray.init()
-    check_fits(request, options.autoscaling)
-    cfg = _resolve_teacher(cfg, options)
-    setup = _new_setup(root, cfg, options, space, experiment, metric)
-    setup.write(root)
-    if options.seed_defaults:  # a search that starts where the shipped defaults are cannot end below them
-        seeds = [defaults_point(cfg, space), *(seeds or [])][: options.num_samples]
+    return objective_metric(cfg, options.metric)
+
+
+def _tuner(
+    setup: TuneSetup,
+    options: TuneOptions,
+    space: SearchSpace,
+    seeds: list[dict] | None,
+    epochs: int,
+    root: RootDir,
+    callbacks: list,
+) -> tune.Tuner:
     # Optuna ranks a trial by its best epoch, as finalize and the report do; schedulers compare the current score.
     objectives = (
         (["best_score", "device_s"], ["max", "min"]) if options.minimize_device_seconds else ("best_score", "max")
     )
     random.seed(options.search_seed)  # PBT's explore draws from Python's random
-    callbacks = list(callbacks or [])
     if options.population_based and options.workers_per_trial > 1 and options.perturbation_interval == 1:
         callbacks.append(RoundCostWarning(options.workers_per_trial))
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable(setup),
         param_space=space.to_tune(),
         tune_config=tune.TuneConfig(  # metric and mode live in the searcher and the scheduler
             search_alg=build_search(options, space, objectives, seeds),
-            scheduler=build_scheduler(options, space, cfg.train.epochs),
+            scheduler=build_scheduler(options, space, epochs),
             num_samples=options.num_samples,
             max_concurrent_trials=(options.max_concurrent or _fitting_concurrency(options))
             if options.search == "optuna"
             else None,
         ),
         run_config=tune.RunConfig(
-            name=experiment,
+            name=setup.experiment,
             storage_path=root.uri(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
@@ -244,8 +260,6 @@ def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks:
             verbose=1,
         ),
     )
-    with reporting_waits(request):
-        return _collect(root, experiment, tuner.fit())
 
 
 def trial_request(options: TuneOptions) -> Request:
@@ -329,12 +343,3 @@ def _fitting_concurrency(options: TuneOptions) -> int:
     per_trial = trial_request(options).per_group
     fits = [int(available.get(k, 0) // v) for k, v in per_trial.items() if v > 0]
     return max(1, min(fits)) if fits else 1
-
-
-def _resolve_teacher(cfg: Config, options: TuneOptions) -> Config:
-    """Resolve (train if needed) the teacher and make its probe set once, before trials start."""
-    from cpsc_ray.cluster.train import on_worker_resources, prepare_probe
-
-    cfg = on_worker_resources(options.gpus_per_worker, ensure_teacher, cfg, False)
-    on_worker_resources(options.gpus_per_worker, prepare_probe, cfg)
-    return cfg

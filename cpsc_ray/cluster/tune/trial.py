@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray import tune
 from ray.tune import Checkpoint
 
@@ -30,10 +29,10 @@ from cpsc_ray.config import Config, flatten, with_values
 from cpsc_ray.layout import CheckpointDir, RunDir, trial_dir, trial_rounds
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import charged_images
-from cpsc_ray.runs.assembly import RunRole, prepare_engine
+from cpsc_ray.runs.assembly import RunRole, run_distillation
 from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
 from cpsc_ray.runs.exploit import Exploit, last_clone_is, read_lineage
-from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
+from cpsc_ray.runs.loop import Reporter, StartState
 from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.storage import Storage
 
@@ -116,12 +115,17 @@ class TuneReporter(Reporter):
 
 
 def _trial_in_process(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunDir, start) -> None:
-    started_at = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    role = RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric)
-    prepared = prepare_engine(cfg, device, role)
-    run = DistillRun(prepared.engine, prepared.identity, outputs, keep_best=False, started_at=started_at)
-    run_epochs(run, TuneReporter(setup, cfg), start=start, checkpoint_every=setup.checkpoint_every, finish=False)
+    run_distillation(
+        cfg,
+        RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric),
+        outputs,
+        TuneReporter(setup, cfg),
+        keep_best=False,
+        started_at=time.time(),
+        start=start,
+        checkpoint_every=setup.checkpoint_every,
+        finish=False,
+    )
 
 
 def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: TuneSetup, cfg: Config) -> None:

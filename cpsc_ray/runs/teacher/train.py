@@ -14,6 +14,7 @@ from tqdm import tqdm
 from cpsc_ray.config import Config
 from cpsc_ray.data import load_splits
 from cpsc_ray.method.models import ARCH_VERSIONS
+from cpsc_ray.method.spec import pick_device
 from cpsc_ray.runs.evaluation import materialize, top1
 from cpsc_ray.runs.teacher.card import WEIGHTS_NAME, TeacherCard, resolve_weights, weights_exist, write_teacher
 from cpsc_ray.runs.teacher.load import build_teacher_model, check_classes
@@ -26,7 +27,7 @@ def train_teacher(
     and write ``teacher.safetensors`` plus its JSON card; the val hold-out is excluded from training."""
     auto = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": "auto"})})
     target = out / WEIGHTS_NAME if out else Path(resolve_weights(auto))
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or pick_device(cfg.train.device)
     tcfg = cfg.teacher_training
     torch.manual_seed(tcfg.seed)
     splits = load_splits(cfg.data, augment=True)
