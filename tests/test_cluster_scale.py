@@ -202,8 +202,9 @@ def test_a_resume_with_nothing_to_continue_from_is_refused(digits_cfg, tmp_path,
 
 
 def test_an_exploit_is_recorded_once(tiny_cfg, tmp_path):
+    from cpsc_ray.results.lineage import Exploit
     from cpsc_ray.runs.assembly import prepare_engine
-    from cpsc_ray.runs.exploit import Exploit, record_exploit
+    from cpsc_ray.runs.exploit import record_exploit
     from cpsc_ray.storage import Storage
 
     engine = prepare_engine(tiny_cfg).engine
@@ -338,7 +339,7 @@ def test_a_request_that_waits_says_what_it_waits_for(ray_local, tiny_cfg, monkey
 
     from cpsc_ray.cluster import resources
 
-    monkeypatch.setattr(resources, "WAIT_REPORT_S", 2.0)
+    monkeypatch.setattr(resources, "WAIT_NOTICE_S", 2.0)
     held = ray.util.placement_group([{"CPU": 0.5}])  # another job's half CPU...
     ray.get(held.ready())
 

@@ -18,12 +18,14 @@ import yaml
 from results_rows import epoch_row
 
 from cpsc_ray.cli import main
-from cpsc_ray.cluster.tune.record import TuneSetup
+from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.compat import alias_moved_modules, check_restorable
 from cpsc_ray.config import Config, TeacherConfig, load_config, validate_tree
 from cpsc_ray.errors import InputError
-from cpsc_ray.layout import RootDir
+from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.results.analysis import summarize
+from cpsc_ray.results.lineage import read_lineage
+from cpsc_ray.results.schema import LINEAGE_SCHEMA
 from cpsc_ray.results.tables import publish, read_results
 from cpsc_ray.runs.teacher import build_teacher_model
 from cpsc_ray.storage import Storage
@@ -87,7 +89,7 @@ def test_saved_configs_of_old_runs_and_experiments_still_build_their_teacher(tmp
     saved = [
         validate_tree(yaml.safe_load(root.read_text("old-run/config.yaml")), "config.yaml"),
         Config.model_validate(root.read_json("old-run/checkpoints/last/meta.json")["config"]),
-        Config.model_validate(TuneSetup.read(RootDir(root.uri()), "old-exp").base),
+        Config.model_validate(ExperimentRecord.read(RootDir(root.uri()), "old-exp").base),
     ]
     for cfg in saved:
         assert cfg.teacher.builder == OLD_BUILDER
@@ -194,3 +196,27 @@ def test_finalize_reruns_published_before_runs_recorded_their_source_are_matched
     assert rows["search"]["final_experiment"] == "search-final-20260101-000000-000000"
     assert rows["search"]["test_mean"] == 0.7 and rows["search"]["runs"] == 3
     assert rows["search-final-x"]["kind"] == "finalize"  # shown on its own
+
+
+def test_a_lineage_written_before_the_typed_record_reads_as_clones(tmp_path):
+    """lineage.json as trials wrote it: one mapping per clone. It reads as Clone records, which give the lineage
+    table's rows as the results hold them."""
+    old = {
+        "source_trial_id": "t_00001",
+        "epoch": 2,
+        "source_checkpoint": "/runs/exp/t_00001/checkpoint_000001",
+        "config_before": {"loss.alpha": 1.0},
+        "config_after": {"loss.alpha": 1.2},
+        "state_digest": "ab12",
+        "lr_student": 0.05,
+        "lr_generator": 0.001,
+        "loss_weights": {"generator": {"kd": -1.0}, "student": {"kd": 1.0}, "temperature": 0.07},
+    }
+    trial = RunDir(str(tmp_path / "t_00000"))
+    (tmp_path / "t_00000").mkdir()
+    (tmp_path / "t_00000/lineage.json").write_text(json.dumps([old]))
+    (clone,) = read_lineage(trial)
+    assert clone.source_checkpoint == old["source_checkpoint"] and clone.loss_weights == old["loss_weights"]
+    row = clone.row("exp", "digits", "t_00000")
+    assert set(row) == set(LINEAGE_SCHEMA.names)
+    assert json.loads(row["config_after"]) == {"loss.alpha": 1.2} and row["epoch"] == 2

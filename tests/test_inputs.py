@@ -202,12 +202,12 @@ def test_a_location_pyarrow_cannot_open(capsys):
 
 
 def _tuned_experiment(root, base: dict) -> None:
-    """An experiment as tune leaves it before any trial reported: its setup, no results yet."""
-    from cpsc_ray.cluster.tune.record import TuneSetup
+    """An experiment as tune leaves it before any trial reported: its record, no results yet."""
+    from cpsc_ray.cluster.tune.record import ExperimentRecord
     from cpsc_ray.layout import RootDir
 
-    setup = TuneSetup(base, "exp", "random+fifo", "val_acc", "", "", 1, 0.0, 1.0, 0, 1, 3, False, [], {})
-    setup.write(RootDir(str(root)))
+    record = ExperimentRecord(base, "exp", "random+fifo", "val_acc", "", "", 1, 0.0, 1.0, 0, 1, 3, False, [], {})
+    record.write(RootDir(str(root)))
 
 
 def test_finalize_of_unusable_experiments(tmp_path, capsys):

@@ -18,9 +18,9 @@ from cpsc_ray.cli import main
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.cluster.tune.trial import load_trial_checkpoint
 from cpsc_ray.config import with_values
+from cpsc_ray.results.lineage import read_lineage
 from cpsc_ray.results.schema import epoch_table
 from cpsc_ray.results.tables import publish, read_results
-from cpsc_ray.runs.exploit import read_lineage
 from cpsc_ray.storage import Storage
 
 BUCKET = "runs"
@@ -123,7 +123,7 @@ def test_a_tuning_run_on_an_s3_compatible_store_reads_back_from_it(ray_local, di
     trials = root.child(experiment, "cpsc", "trials")
     for trial_id in set(results.lineage.trial_id):
         for record in read_lineage(trials.child(trial_id)):
-            assert record["source_checkpoint"].startswith(in_experiment), record["source_checkpoint"]
+            assert record.source_checkpoint.startswith(in_experiment), record.source_checkpoint
 
     # Checkpoints: each trial's newest, as Tune holds it, is a last epoch's state (PBT's last round may have
     # cloned the other trial's into it).

@@ -18,7 +18,7 @@ import ray
 import torch
 from safetensors.torch import load
 
-from cpsc_ray.cluster.tune.record import TuneSetup
+from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.config import Config, validate_tree, with_values
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import ExperimentDir, RootDir, RunDir
@@ -76,8 +76,8 @@ def finalize(
     experiment: str, seeds: int, storage: str | None = None, gpus: float = 0.0, cpus: float = 1.0
 ) -> dict[str, Any]:
     root = RootDir(storage or ".")
-    setup = TuneSetup.read(root, experiment)
-    base = validate_tree(setup.base, f"{experiment}'s base config")
+    record = ExperimentRecord.read(root, experiment)
+    base = validate_tree(record.base, f"{experiment}'s base config")
     winner, schedule = select(root, experiment)
     final = root.free_name(f"{experiment}-final")
     final_dir = root.experiment(final)
@@ -86,7 +86,7 @@ def finalize(
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finalize_seed)
     roles = [
         RunRole(
-            kind="finalize", experiment=final, trial_id=f"seed{k}", method=setup.method, source_experiment=experiment
+            kind="finalize", experiment=final, trial_id=f"seed{k}", method=record.method, source_experiment=experiment
         )
         for k in range(seeds)
     ]

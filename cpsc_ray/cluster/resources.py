@@ -15,7 +15,7 @@ import ray
 
 from cpsc_ray.errors import InputError
 
-WAIT_REPORT_S = float(os.environ.get("CPSC_RAY_WAIT_REPORT_S", 60))  # tests shorten it
+WAIT_NOTICE_S = float(os.environ.get("CPSC_RAY_WAIT_NOTICE_S", 60))  # tests shorten it
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,10 @@ def pending_groups() -> list[dict]:
 
 
 @contextmanager
-def reporting_waits(request: Request) -> Iterator[None]:
-    """While the body runs, say once a minute (``WAIT_REPORT_S``) what it waits for when worker groups
+def announcing_waits(request: Request) -> Iterator[None]:
+    """While the body runs, say once a minute (``WAIT_NOTICE_S``) what it waits for when worker groups
     are pending for want of resources."""
-    every = WAIT_REPORT_S
+    every = WAIT_NOTICE_S
     done = threading.Event()
 
     def watch() -> None:
@@ -98,7 +98,7 @@ def reporting_waits(request: Request) -> Iterator[None]:
                     flush=True,
                 )
 
-    watcher = threading.Thread(target=watch, name="resource-wait-report", daemon=True)
+    watcher = threading.Thread(target=watch, name="resource-wait-notice", daemon=True)
     watcher.start()
     try:
         yield

@@ -22,17 +22,17 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cpsc_ray.cluster.metrics import reported_metrics, tune_metrics
-from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
+from cpsc_ray.cluster.metrics import ray_metrics, tune_metrics
+from cpsc_ray.cluster.resources import Request, announcing_waits, check_fits
 from cpsc_ray.config import Config
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DivergenceError, pick_device
+from cpsc_ray.results.lineage import Exploit
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation, with_absolute_paths
 from cpsc_ray.runs.checkpoints import newest_checkpoint, read_checkpoint, resume_point, write_checkpoint_dir
-from cpsc_ray.runs.exploit import Exploit
-from cpsc_ray.runs.loop import Reporter, StartState
+from cpsc_ray.runs.loop import EpochHooks, StartState
 from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.runs.teacher import ensure_teacher, load_teacher
@@ -72,7 +72,7 @@ class WorkerLoop:
     launched_at: float | None = None  # time.time() when the driver started the Train run: set-up is charged from it
 
 
-class TrainReporter(Reporter):
+class TrainHooks(EpochHooks):
     """Reports every epoch to Ray Train; rank 0 attaches the checkpoint when one is due. A tuning trial's
     run reports what Tune needs: ``TuneReportCallback`` forwards rank 0's metrics to the trial."""
 
@@ -85,9 +85,7 @@ class TrainReporter(Reporter):
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
         role = self.loop.role
         tuned = role.kind == "tune"
-        metrics = (
-            tune_metrics(row, run.history, role.selection, row["epoch_images"]) if tuned else reported_metrics(row)
-        )
+        metrics = tune_metrics(row, run.history, role.selection, row["epoch_images"]) if tuned else ray_metrics(row)
         if not checkpoint_due:
             ray.train.report(metrics)
             return
@@ -114,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg,
         loop.role,
         outputs if rank == 0 else None,
-        TrainReporter(loop, outputs, rank),
+        TrainHooks(loop, outputs, rank),
         device=device,
         keep_best=loop.keep_best,
         started_at=loop.launched_at or time.time(),
@@ -241,7 +239,7 @@ def _worker_request(cfg: Config, workers: int, gpus_per_worker: float, cpus_per_
 
 def _fit(trainer: TorchTrainer, request: Request, outputs: RunDir, name: str, max_failures: int) -> None:
     try:
-        with reporting_waits(request):
+        with announcing_waits(request):
             trainer.fit()
     except ray.train.TrainingFailedError as err:
         kept = "its checkpoints are kept there" if newest_checkpoint(outputs) else "it wrote no checkpoint yet"

@@ -3,7 +3,6 @@ with one row per trial summarised from its epochs when it is published."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ import pyarrow.dataset as ds
 from cpsc_ray.compat import finalize_source_by_name
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import ResultsDir, RootDir, RunDir
+from cpsc_ray.results.lineage import read_lineage
 from cpsc_ray.results.schema import (
     IDENTITY,
     LINEAGE_SCHEMA,
@@ -87,26 +87,6 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def lineage_rows(experiment: str, dataset: str, trial_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {
-            "experiment": experiment,
-            "dataset": dataset,
-            "trial_id": trial_id,
-            "source_trial_id": r["source_trial_id"],
-            "epoch": r["epoch"],
-            "source_checkpoint": r["source_checkpoint"],
-            "state_digest": r["state_digest"],
-            "lr_student": r["lr_student"],
-            "lr_generator": r["lr_generator"],
-            "loss_weights": json.dumps(r["loss_weights"]),
-            "config_before": json.dumps(r["config_before"]),
-            "config_after": json.dumps(r["config_after"]),
-        }
-        for r in records
-    ]
-
-
 def publish(root: Storage, experiment: str, epochs: list[dict[str, Any]], lineage: list[dict[str, Any]]) -> None:
     """Write an experiment's (or a run's) tables into ``<root>/results/<table>/dataset=../experiment=../``,
     each partition file atomically; a rerun replaces that experiment's partitions."""
@@ -139,8 +119,7 @@ def collect_experiment(root: RootDir, experiment: str) -> dict[str, Any]:
         if not rows:
             continue  # a trial that never finished an epoch
         epochs.extend(rows)
-        if trial.exists(RunDir.LINEAGE):
-            lineage.extend(lineage_rows(experiment, rows[0]["dataset"], trial_id, trial.read_json(RunDir.LINEAGE)))
+        lineage.extend(clone.row(experiment, rows[0]["dataset"], trial_id) for clone in read_lineage(trial))
     if not epochs:
         raise NothingToCollect(f"experiment {experiment}: no trial finished an epoch; nothing to collect")
     publish(root, experiment, epochs, lineage)

@@ -20,7 +20,7 @@ from cpsc_ray.method.engine import DistillEngine, EvalSet, ImageSpec, pick_devic
 from cpsc_ray.method.models import MODELS
 from cpsc_ray.results.schema import method_label
 from cpsc_ray.runs.evaluation import materialize, selection_metric, top1
-from cpsc_ray.runs.loop import LoopEnd, Reporter, StartState, run_epochs
+from cpsc_ray.runs.loop import EpochHooks, LoopEnd, StartState, run_epochs
 from cpsc_ray.runs.probe import load_or_make_probe
 from cpsc_ray.runs.run import DistillRun, RunIdentity
 from cpsc_ray.runs.teacher import Teacher, load_teacher
@@ -126,7 +126,7 @@ def run_distillation(
     cfg: Config,
     role: RunRole,
     outputs: RunDir | None,
-    hooks: Reporter,
+    hooks: EpochHooks,
     *,
     teacher: Teacher | None = None,
     device: torch.device | None = None,

@@ -16,14 +16,14 @@ from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation
 from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
-from cpsc_ray.runs.loop import Reporter, StartState
+from cpsc_ray.runs.loop import EpochHooks, StartState
 from cpsc_ray.runs.run import DistillRun, RunSummary
 from cpsc_ray.runs.teacher import Teacher, ensure_teacher, load_teacher
 
 PROGRESS_METRICS = ("s_total", "teacher_pseudo_acc", "class_coverage", "val_acc", "proxy", "test_acc")
 
 
-class ProgressReporter(Reporter):
+class ProgressHooks(EpochHooks):
     def __init__(self, bar: tqdm):
         self.bar = bar
 
@@ -62,7 +62,7 @@ def train_into(
             cfg,
             dataclasses.replace(role or RunRole(), experiment=name),
             outputs,
-            ProgressReporter(bar),
+            ProgressHooks(bar),
             teacher=teacher,
             started_at=started_at,
             start=start,

@@ -1,7 +1,7 @@
-"""The one epoch loop. Every entry point runs a distillation through ``run_epochs``: an in-process
-run, each Ray Train worker, a Tune trial, one round of a multi-worker PBT trial. The loop restores,
-runs epochs, decides when a checkpoint is due, hands each epoch to a ``Reporter`` and finishes; how
-a run reports (a progress bar, ``ray.train.report``, ``tune.report``) is the reporter's business."""
+"""The one epoch loop. Every entry point runs a distillation through ``run_epochs`` (``runs.assembly``): an
+in-process run, each Ray Train worker, a Tune trial, one round of a multi-worker PBT trial. The loop restores,
+runs epochs, decides when a checkpoint is due, hands each epoch to the entry point's ``EpochHooks`` and finishes;
+what is done with an epoch (a progress bar, ``ray.train.report``, ``tune.report``) is the hooks' business."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 from cpsc_ray.config import Config
 from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.results.lineage import Exploit
 from cpsc_ray.runs.checkpoints import BEST_STUDENT, restore_engine
-from cpsc_ray.runs.exploit import Exploit, record_exploit
+from cpsc_ray.runs.exploit import record_exploit
 from cpsc_ray.runs.run import DistillRun, RunSummary
 
 
@@ -34,8 +35,8 @@ class StartState:
         return self.meta["identity"]["trial_id"]
 
 
-class Reporter:
-    """How a run reports. The defaults do nothing; an entry point overrides what it needs."""
+class EpochHooks:
+    """What an entry point does around each epoch. The defaults do nothing; an entry point overrides what it needs."""
 
     def before_epoch(self, run: DistillRun, epoch: int) -> None:
         """Called before ``epoch`` (1-based) trains."""
@@ -62,7 +63,7 @@ class LoopEnd:
 
 def run_epochs(
     run: DistillRun,
-    reporter: Reporter,
+    hooks: EpochHooks,
     *,
     start: StartState | None = None,
     stop_epoch: int | None = None,
@@ -84,11 +85,11 @@ def run_epochs(
         epoch = engine.epoch + 1
         if schedule and epoch in schedule:
             engine.apply_hyperparameters(schedule[epoch])
-        reporter.before_epoch(run, epoch)
+        hooks.before_epoch(run, epoch)
         try:
             row = run.run_epoch()
         except DivergenceError as error:
-            reporter.diverged(run, run.history[-1], error)
+            hooks.diverged(run, run.history[-1], error)
             return LoopEnd(diverged=True, summary=None)
-        reporter.epoch_done(run, row, checkpoint_due(engine.epoch, every, stop))
+        hooks.epoch_done(run, row, checkpoint_due(engine.epoch, every, stop))
     return LoopEnd(diverged=False, summary=run.finish() if finish and run.done else None)

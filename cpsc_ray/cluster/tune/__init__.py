@@ -5,7 +5,7 @@ Ray pickles the driver's stopper and callback into an experiment's saved state b
 package, so they are named here too."""
 
 from cpsc_ray.cluster.tune.driver import ComputeBudget, RoundCostWarning, TuneOptions, run_tune
-from cpsc_ray.cluster.tune.record import TuneSetup
+from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.cluster.tune.search_space import (
     SearchSpace,
     SearchSpaceError,
@@ -20,7 +20,7 @@ __all__ = [
     "SearchSpace",
     "SearchSpaceError",
     "TuneOptions",
-    "TuneSetup",
+    "ExperimentRecord",
     "available_spaces",
     "load_search_space",
     "run_tune",

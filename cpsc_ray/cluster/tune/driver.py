@@ -14,9 +14,9 @@ from typing import Any
 import ray
 from ray import tune
 
-from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
+from cpsc_ray.cluster.resources import Request, announcing_waits, check_fits
 from cpsc_ray.cluster.train import check_gpus_per_worker, on_worker_resources, prepare_teacher
-from cpsc_ray.cluster.tune.record import TuneSetup
+from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.cluster.tune.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
 from cpsc_ray.compat import alias_moved_modules, check_restorable
@@ -170,7 +170,7 @@ def seed_configs(root: RootDir, experiment: str, space: SearchSpace, population:
     if trials.empty:
         raise InputError(f"--seed-from {experiment}: no trials of that experiment under {root.results().uri()}")
     ranked = trials.sort_values("score", ascending=False).head(population)
-    searched = TuneSetup.read(root, experiment).searched_keys
+    searched = ExperimentRecord.read(root, experiment).searched_keys
     keys = sorted(set(searched) | set(space.params))
     configs = [{k: v for k, v in config_values(row).items() if k in keys} for _, row in ranked.iterrows()]
     return [configs[i % len(configs)] for i in range(population)]
@@ -199,12 +199,12 @@ def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks:
         ray.init()
     check_fits(request, options.autoscaling)
     cfg = on_worker_resources(options.gpus_per_worker, prepare_teacher, cfg)  # once, before trials start
-    setup = _new_setup(root, cfg, options, space, experiment, metric)
-    setup.write(root)
+    record = _new_record(root, cfg, options, space, experiment, metric)
+    record.write(root)
     if options.seed_defaults:  # a search that starts where the shipped defaults are cannot end below them
         seeds = [defaults_point(cfg, space), *(seeds or [])][: options.num_samples]
-    tuner = _tuner(setup, options, space, seeds, cfg.train.epochs, root, list(callbacks or []))
-    with reporting_waits(request):
+    tuner = _tuner(record, options, space, seeds, cfg.train.epochs, root, list(callbacks or []))
+    with announcing_waits(request):
         return _collect(root, experiment, tuner.fit())
 
 
@@ -224,7 +224,7 @@ def _checked(cfg: Config, options: TuneOptions, space: SearchSpace) -> str:
 
 
 def _tuner(
-    setup: TuneSetup,
+    record: ExperimentRecord,
     options: TuneOptions,
     space: SearchSpace,
     seeds: list[dict] | None,
@@ -240,7 +240,7 @@ def _tuner(
     if options.population_based and options.workers_per_trial > 1 and options.perturbation_interval == 1:
         callbacks.append(RoundCostWarning(options.workers_per_trial))
     return tune.Tuner(
-        trainable(setup),
+        trainable(record),
         param_space=space.to_tune(),
         tune_config=tune.TuneConfig(  # metric and mode live in the searcher and the scheduler
             search_alg=build_search(options, space, objectives, seeds),
@@ -251,7 +251,7 @@ def _tuner(
             else None,
         ),
         run_config=tune.RunConfig(
-            name=setup.experiment,
+            name=record.experiment,
             storage_path=root.uri(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=options.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
@@ -289,17 +289,17 @@ def _resume(root: RootDir, options: TuneOptions) -> dict[str, Any]:
     alias_moved_modules()
     if not ray.is_initialized():  # only once there is an experiment to continue
         ray.init()
-    setup = TuneSetup.read(root, options.name)
-    tuner = tune.Tuner.restore(path, trainable=trainable(setup), resume_errored=True)
-    with reporting_waits(trial_request(TuneOptions(**setup.options))):
+    record = ExperimentRecord.read(root, options.name)
+    tuner = tune.Tuner.restore(path, trainable=trainable(record), resume_errored=True)
+    with announcing_waits(trial_request(TuneOptions(**record.options))):
         return _collect(root, options.name, tuner.fit())  # finished trials are not rerun
 
 
-def _new_setup(
+def _new_record(
     root: RootDir, cfg: Config, options: TuneOptions, space: SearchSpace, experiment: str, metric: str
-) -> TuneSetup:
+) -> ExperimentRecord:
     directory = root.experiment(experiment)
-    return TuneSetup(
+    return ExperimentRecord(
         base=cfg.model_dump(),
         experiment=experiment,
         method=options.method,

@@ -11,7 +11,7 @@ from cpsc_ray.layout import ExperimentDir, RootDir
 
 
 @dataclass(frozen=True)
-class TuneSetup:
+class ExperimentRecord:
     base: dict[str, Any]  # the base Config, dumped: every trial starts from it
     experiment: str
     method: str  # pbt | pb2 | <search>+<scheduler>
@@ -32,7 +32,7 @@ class TuneSetup:
         root.experiment(self.experiment).write_json(ExperimentDir.RECORD, asdict(self))
 
     @classmethod
-    def read(cls, root: RootDir, experiment: str) -> TuneSetup:
+    def read(cls, root: RootDir, experiment: str) -> ExperimentRecord:
         directory = root.experiment(experiment)
         if not directory.exists(ExperimentDir.RECORD):
             raise InputError(f"{experiment}: no tuning experiment of that name under {root.uri()} (give --storage)")

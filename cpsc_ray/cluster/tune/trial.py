@@ -24,15 +24,15 @@ from ray.tune import Checkpoint
 
 from cpsc_ray.cluster.metrics import tune_metrics
 from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
-from cpsc_ray.cluster.tune.record import TuneSetup
+from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.config import Config, flatten, with_values
 from cpsc_ray.layout import CheckpointDir, RunDir, trial_dir, trial_rounds
 from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.results.lineage import Exploit, last_clone_is, read_lineage
 from cpsc_ray.results.tables import charged_images
 from cpsc_ray.runs.assembly import RunRole, run_distillation
 from cpsc_ray.runs.checkpoints import read_checkpoint, write_checkpoint_dir
-from cpsc_ray.runs.exploit import Exploit, last_clone_is, read_lineage
-from cpsc_ray.runs.loop import Reporter, StartState
+from cpsc_ray.runs.loop import EpochHooks, StartState
 from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.storage import Storage
 
@@ -80,29 +80,29 @@ def trial_start(trial_id: str, cfg: Config, outputs: RunDir) -> StartState | Non
     return StartState(start.state, start.meta, start.where, exploit)
 
 
-def tune_trial(config: dict[str, Any], setup: TuneSetup) -> None:
+def tune_trial(config: dict[str, Any], record: ExperimentRecord) -> None:
     """The Tune trainable: one trial of the experiment."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(Config.model_validate(setup.base), config, trial_id)
-    outputs = trial_dir(setup.trials, trial_id)
+    cfg = trial_config(Config.model_validate(record.base), config, trial_id)
+    outputs = trial_dir(record.trials, trial_id)
     start = trial_start(trial_id, cfg, outputs)
     outputs.write_json(RunDir.TRIAL_CONFIG, flatten(cfg))
-    if setup.workers == 1:
-        _trial_in_process(cfg, setup, trial_id, outputs, start)
-    elif setup.population_based:
-        _trial_in_rounds(cfg, setup, trial_id, outputs, start)
+    if record.workers == 1:
+        _trial_in_process(cfg, record, trial_id, outputs, start)
+    elif record.population_based:
+        _trial_in_rounds(cfg, record, trial_id, outputs, start)
     else:
-        _trial_as_one_train_run(cfg, setup, trial_id, outputs)
+        _trial_as_one_train_run(cfg, record, trial_id, outputs)
 
 
-class TuneReporter(Reporter):
+class TrialHooks(EpochHooks):
     """One Tune report per epoch; the state goes with it at every PBT boundary."""
 
-    def __init__(self, setup: TuneSetup, cfg: Config):
-        self.setup, self.cfg = setup, cfg
+    def __init__(self, record: ExperimentRecord, cfg: Config):
+        self.record, self.cfg = record, cfg
 
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
-        metrics = tune_metrics(row, run.history, self.setup.metric, row["epoch_images"])
+        metrics = tune_metrics(row, run.history, self.record.metric, row["epoch_images"])
         if not checkpoint_due:
             tune.report(metrics)
             return
@@ -111,27 +111,29 @@ class TuneReporter(Reporter):
             tune.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
     def diverged(self, run: DistillRun, row: dict[str, Any], error: DivergenceError) -> None:
-        report_diverged(row, run.history, self.setup, self.cfg)
+        send_diverged_to_tune(row, run.history, self.record, self.cfg)
 
 
-def _trial_in_process(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunDir, start) -> None:
+def _trial_in_process(cfg: Config, record: ExperimentRecord, trial_id: str, outputs: RunDir, start) -> None:
     run_distillation(
         cfg,
-        RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric),
+        RunRole("tune", record.experiment, trial_id, record.method, record.metric),
         outputs,
-        TuneReporter(setup, cfg),
+        TrialHooks(record, cfg),
         keep_best=False,
         started_at=time.time(),
         start=start,
-        checkpoint_every=setup.checkpoint_every,
+        checkpoint_every=record.checkpoint_every,
         finish=False,
     )
 
 
-def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: TuneSetup, cfg: Config) -> None:
+def send_diverged_to_tune(
+    row: dict[str, Any], history: list[dict[str, Any]], record: ExperimentRecord, cfg: Config
+) -> None:
     """Report the worst score; under PBT keep the population's pace until a better trial is cloned in."""
-    metrics = tune_metrics(row, history, setup.metric, row.get("epoch_images") or 0)
-    if not setup.population_based:
+    metrics = tune_metrics(row, history, record.metric, row.get("epoch_images") or 0)
+    if not record.population_based:
         tune.report(metrics)
         return
     for epoch in range(int(row["epoch"]), cfg.train.epochs + 1):
@@ -139,7 +141,9 @@ def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: T
         tune.report({**metrics, "epoch": epoch, **idle})
 
 
-def _trainer(setup: TuneSetup, loop: WorkerLoop, storage: Storage, name: str, keep: int, callbacks: list | None = None):
+def _trainer(
+    record: ExperimentRecord, loop: WorkerLoop, storage: Storage, name: str, keep: int, callbacks: list | None = None
+):
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train.torch import TorchTrainer
 
@@ -149,18 +153,18 @@ def _trainer(setup: TuneSetup, loop: WorkerLoop, storage: Storage, name: str, ke
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
-        scaling_config=scaling(setup.workers, setup.gpus_per_worker, setup.cpus_per_worker),
+        scaling_config=scaling(record.workers, record.gpus_per_worker, record.cpus_per_worker),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage.uri(),
-            failure_config=FailureConfig(max_failures=setup.max_failures),
+            failure_config=FailureConfig(max_failures=record.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
             callbacks=callbacks,
         ),
     )
 
 
-def _trial_as_one_train_run(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunDir) -> None:
+def _trial_as_one_train_run(cfg: Config, record: ExperimentRecord, trial_id: str, outputs: RunDir) -> None:
     """The whole trial as one Train run named after the trial: a retried trial or ``tune --resume``
     starts the same run again, and Train continues it from its newest checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -168,20 +172,20 @@ def _trial_as_one_train_run(cfg: Config, setup: TuneSetup, trial_id: str, output
     loop = WorkerLoop(
         config=cfg.model_dump(),
         outputs=outputs.uri(),
-        role=RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric),
+        role=RunRole("tune", record.experiment, trial_id, record.method, record.metric),
         checkpoint_every=cfg.train.checkpoint_every,
         keep_best=False,
         launched_at=time.time(),
     )
-    keep = setup.keep_checkpoints or 2
-    _trainer(setup, loop, Storage(setup.rounds), trial_id, keep, callbacks=[TuneReportCallback()]).fit()
+    keep = record.keep_checkpoints or 2
+    _trainer(record, loop, Storage(record.rounds), trial_id, keep, callbacks=[TuneReportCallback()]).fit()
     history = outputs.metric_rows()
     if history[-1]["diverged"]:  # rank 0 reports no diverged epoch: the trial's last word is the worst score
-        report_diverged(history[-1], history, setup, cfg)
+        send_diverged_to_tune(history[-1], history, record, cfg)
 
 
-def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunDir, start) -> None:
-    rounds = trial_rounds(setup.rounds, trial_id)
+def _trial_in_rounds(cfg: Config, record: ExperimentRecord, trial_id: str, outputs: RunDir, start) -> None:
+    rounds = trial_rounds(record.rounds, trial_id)
     state_uri = start.where if start else None
     epoch = start.epoch if start else 0
     exploit = start.exploit if start else None
@@ -190,9 +194,9 @@ def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunD
         clone = f"e{epoch:05d}-clone-{uuid.uuid4().hex[:8]}"
         rounds.copy_in(state_uri, clone)
         state_uri = rounds.uri(clone)
-    role = RunRole("tune", setup.experiment, trial_id, setup.method, setup.metric)
+    role = RunRole("tune", record.experiment, trial_id, record.method, record.metric)
     while epoch < cfg.train.epochs:
-        stop = min(epoch + setup.checkpoint_every, cfg.train.epochs)
+        stop = min(epoch + record.checkpoint_every, cfg.train.epochs)
         name = f"e{epoch:05d}-{uuid.uuid4().hex[:8]}"  # a fresh name: Train V2 would resume a reused one
         loop = WorkerLoop(
             config=cfg.model_dump(),
@@ -201,28 +205,28 @@ def _trial_in_rounds(cfg: Config, setup: TuneSetup, trial_id: str, outputs: RunD
             start_state=state_uri,
             exploit=exploit,
             stop_epoch=stop,
-            checkpoint_every=setup.checkpoint_every,
+            checkpoint_every=record.checkpoint_every,
             keep_best=False,
             launched_at=time.time(),
         )
         launched = time.perf_counter()
-        result = _trainer(setup, loop, rounds, name, keep=1).fit()
+        result = _trainer(record, loop, rounds, name, keep=1).fit()
         exploit = None
         history = outputs.metric_rows()
         this_round = [r for r in history if r["epoch"] > epoch]
         spent = charged_images(this_round)  # with epochs a restart inside the round lost
         if history[-1]["diverged"]:
-            report_diverged({**history[-1], "epoch_images": spent}, history, setup, cfg)
+            send_diverged_to_tune({**history[-1], "epoch_images": spent}, history, record, cfg)
             return
         state_uri = rounds.uri(name, Path(result.checkpoint.path).name)
         with tempfile.TemporaryDirectory() as directory:
             Path(directory, CheckpointDir.POINTER).write_text(json.dumps({"state": state_uri}))
-            metrics = tune_metrics(history[-1], history, setup.metric, spent)
+            metrics = tune_metrics(history[-1], history, record.metric, spent)
             # What the round cost beyond its epochs: the driver warns when that dominates.
             metrics["round_overhead_s"] = time.perf_counter() - launched - sum(r["epoch_s"] for r in this_round)
             tune.report(metrics, checkpoint=Checkpoint.from_directory(directory))
-        if setup.keep_checkpoints:
-            _drop_old_rounds(rounds, keep=setup.keep_checkpoints)
+        if record.keep_checkpoints:
+            _drop_old_rounds(rounds, keep=record.keep_checkpoints)
         epoch = stop
 
 
@@ -233,9 +237,9 @@ def _drop_old_rounds(rounds: Storage, keep: int) -> None:
         rounds.delete_dir(name)
 
 
-def trainable(setup: TuneSetup):
-    """``tune_trial`` with the experiment's setup bound and each trial's resources."""
-    per_worker = {"CPU": setup.cpus_per_worker, "GPU": setup.gpus_per_worker}
+def trainable(record: ExperimentRecord):
+    """``tune_trial`` with the experiment's record bound and each trial's resources."""
+    per_worker = {"CPU": record.cpus_per_worker, "GPU": record.gpus_per_worker}
     # Multi-worker trials hold their workers through Ray Train; the trainable itself only waits on them.
-    resources = per_worker if setup.workers == 1 else {"CPU": TRAINABLE_CPUS}
-    return tune.with_resources(tune.with_parameters(tune_trial, setup=setup), resources)
+    resources = per_worker if record.workers == 1 else {"CPU": TRAINABLE_CPUS}
+    return tune.with_resources(tune.with_parameters(tune_trial, record=record), resources)
