@@ -190,7 +190,7 @@ def test_config_show_describes_every_field_with_its_default(capsys):
     for key in flatten(Config()):
         assert re.search(rf"^{re.escape(key)}: .*\n    \S", out, re.M), f"{key}: no line with a description"
     assert "loss.alpha: 5.0  (float, >= 0)\n    IKD (L2 logit) weight\n" in out
-    assert "loss.bn_form: raw  (raw | standardized)\n" in out
+    assert "loss.bn_form: standardized  (raw | standardized)\n" in out
     assert main(["config", "--show", "teacher.arch"]) == 0
     assert (
         capsys.readouterr().out == "teacher.arch: resnet34  (str | None)\n    registry model name (cpsc-ray models)\n"
@@ -280,3 +280,4 @@ def test_name_and_resume_are_one_or_the_other(capsys):
         with pytest.raises(SystemExit) as done:
             main([command, "--name", "a", "--resume", "b"])
         assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+

@@ -49,8 +49,13 @@ def test_shipped_spaces_load_by_name():
         "generator.lr_milestones",
         "loss.ikd_form",
         "loss.bn_form",
+        # issue 19's knobs: the student's own pseudo-label weight, its gate, the generator's warm-up
+        "loss.eta_student",
+        "loss.gate_pseudo_labels",
+        "loss.adversarial_warmup",
     } == set(optuna.params)
-    assert "student.warmup_fraction" in load_search_space("cpsc_pbt").params
+    pbt = load_search_space("cpsc_pbt").params
+    assert {"student.warmup_fraction", "loss.eta_student", "loss.adversarial_warmup"} <= set(pbt)
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):

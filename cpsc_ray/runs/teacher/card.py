@@ -71,7 +71,10 @@ def resolve_weights(cfg: Config) -> str:
         [
             cfg.data.model_dump(exclude={"num_workers"}),
             cfg.teacher.model_dump(exclude={"weights"}),
-            cfg.teacher_training.model_dump(),
+            # Fields added later enter the key only when set, so teachers cached before them keep their slot.
+            cfg.teacher_training.model_dump(
+                exclude={"label_smoothing"} if not cfg.teacher_training.label_smoothing else None
+            ),
         ],
         sort_keys=True,
     )

@@ -50,7 +50,7 @@ def train_teacher(
     for _ in bar:
         model.train()
         for images, labels in loader:
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=tcfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
