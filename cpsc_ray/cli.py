@@ -15,7 +15,7 @@ import sys
 
 from cpsc_ray import __version__
 from cpsc_ray.commands import HelpFormatter, config, distill, report, submit, tune
-from cpsc_ray.errors import InputError
+from cpsc_ray.errors import CommandError
 
 COMMAND_GROUPS = (config, distill, tune, report, submit)
 EXIT_CODES = """exit codes:
@@ -78,6 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     show_warnings()
     try:
         return args.func(args)
-    except InputError as err:
+    except CommandError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code

@@ -281,3 +281,40 @@ def test_name_and_resume_are_one_or_the_other(capsys):
             main([command, "--name", "a", "--resume", "b"])
         assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
+
+def test_a_diverged_run_ends_in_one_line_with_exit_1_and_keeps_its_metrics(digits_cfg, tmp_path, capsys):
+    code = distill(tmp_path, "student.lr=1e6", "student.warmup_fraction=0")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, err
+    assert err == (
+        "error: a loss became NaN or infinite in epoch 1; the run's metrics so far are kept: "
+        "lower student.lr, generator.lr or the loss weights"
+    )
+    assert pq.read_table(tmp_path / "runs/e2e/metrics.parquet").column("diverged").to_pylist() == [True]
+
+
+def test_main_maps_each_kind_of_failure_to_its_exit_code(monkeypatch, capsys):
+    """Commands raise; cli.main alone turns an input error into exit 2 and a failed run into exit 1."""
+    from cpsc_ray.cluster.submit import JobFailed, SubmitError
+    from cpsc_ray.cluster.train import DistributedRunError
+    from cpsc_ray.commands import config
+    from cpsc_ray.errors import InputError, RunFailed
+    from cpsc_ray.method.spec import DivergenceError
+    from cpsc_ray.results.tables import NothingToCollect
+
+    for error, code in [
+        (InputError, 2),
+        (SubmitError, 2),
+        (RunFailed, 1),
+        (DivergenceError, 1),
+        (DistributedRunError, 1),
+        (NothingToCollect, 1),
+        (JobFailed, 1),
+    ]:
+
+        def fail(args, error=error):
+            raise error(f"{error.__name__} happened")
+
+        monkeypatch.setattr(config, "cmd_models", fail)
+        assert main(["models"]) == code, error
+        assert capsys.readouterr().err == f"error: {error.__name__} happened\n"

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
+from cpsc_ray.errors import InputError, RunFailed
+
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobStatus
 
@@ -42,8 +44,12 @@ PATH_KEYS = ("output_dir", "data.root", "teacher.weights")
 STORING = ("distill", "tune", "finalize")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(InputError):
     """A job that cannot be submitted or reached; the message names the cause and the fix."""
+
+
+class JobFailed(RunFailed):
+    """A submitted job that ended other than SUCCEEDED."""
 
 
 def default_address() -> str:

@@ -25,9 +25,9 @@ from ray.train.torch import TorchTrainer
 from cpsc_ray.cluster.metrics import ray_metrics, tune_metrics
 from cpsc_ray.cluster.resources import Request, announcing_waits, check_fits
 from cpsc_ray.config import Config
-from cpsc_ray.errors import InputError
+from cpsc_ray.errors import InputError, RunFailed
 from cpsc_ray.layout import RootDir, RunDir
-from cpsc_ray.method.engine import DivergenceError, pick_device
+from cpsc_ray.method.spec import DIVERGENCE_FIX, DivergenceError, pick_device
 from cpsc_ray.results.lineage import Exploit
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation, with_absolute_paths
@@ -39,7 +39,7 @@ from cpsc_ray.runs.teacher import ensure_teacher, load_teacher
 from cpsc_ray.storage import Storage
 
 
-class DistributedRunError(RuntimeError):
+class DistributedRunError(RunFailed):
     """A distributed run that failed for good; the message says what is kept and how to resume."""
 
 
@@ -255,7 +255,7 @@ def _finished(root: RootDir, outputs: RunDir, name: str) -> dict[str, Any]:
     if not outputs.exists(RunDir.SUMMARY):
         raise DistributedRunError(
             f"run {name} diverged in epoch {history[-1]['epoch']} (a loss became NaN or infinite); its metrics are "
-            f"in {outputs.uri(RunDir.METRICS)}: lower student.lr, generator.lr or the loss weights"
+            f"in {outputs.uri(RunDir.METRICS)}: {DIVERGENCE_FIX}"
         )
     publish(root, name, history, [])
     summary = outputs.read_json(RunDir.SUMMARY)

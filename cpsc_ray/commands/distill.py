@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 from pathlib import Path
 
 from cpsc_ray.commands import add_config_args, add_run_args, percent
@@ -60,37 +59,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
     cfg = load_config(args.config, overrides)
     if args.workers:
-        from cpsc_ray.cluster.train import DistributedRunError, run_distributed
+        from cpsc_ray.cluster.train import run_distributed
 
-        try:
-            summary = run_distributed(
-                cfg,
-                args.workers,
-                args.gpus_per_worker,
-                args.cpus_per_worker,
-                args.storage,
-                args.max_failures,
-                args.resume,
-                args.inject_fault_at_epoch,
-                args.autoscaling,
-            )
-        except DistributedRunError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        summary = run_distributed(
+            cfg,
+            args.workers,
+            args.gpus_per_worker,
+            args.cpus_per_worker,
+            args.storage,
+            args.max_failures,
+            args.resume,
+            args.inject_fault_at_epoch,
+            args.autoscaling,
+        )
     else:
-        from cpsc_ray.method.engine import DivergenceError
         from cpsc_ray.runs.in_process import run_in_process
 
         if args.storage:
             cfg = cfg.model_copy(update={"output_dir": args.storage})
-        try:
-            summary = run_in_process(cfg, resume=args.resume)
-        except DivergenceError as err:
-            print(
-                f"error: {err}; the run's metrics so far are kept: lower student.lr, generator.lr or the loss weights",
-                file=sys.stderr,
-            )
-            return 1
+        summary = run_in_process(cfg, resume=args.resume)
     print_summary(summary)
     report_run(summary)
     return 0

@@ -66,33 +66,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cpsc_ray.cluster.submit import JobServer, SubmitError
+    from cpsc_ray.cluster.submit import JobServer
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     job_id = args.logs or args.stop or args.status
-    try:
-        env = None if job_id else _job_env(command, args)  # refuse a job that cannot run before reaching the cluster
-        server = JobServer(args.address)
-        if args.stop or args.status or (args.logs and not args.follow):
-            _show_job(server, args)
-            return 0
-        if not job_id:
-            job_id = server.submit(command, env, args.entrypoint_num_cpus, args.entrypoint_num_gpus, args.submission_id)
-            print(job_id)
-            print(
-                f"follow: cpsc-ray submit --address {server.address} --logs {job_id} --follow\n"
-                f"stop:   cpsc-ray submit --address {server.address} --stop {job_id}",
-                file=sys.stderr,
-            )
-        if args.follow:
-            server.follow(job_id)
-        if not (args.wait or args.follow):
-            return 0
-        status = server.wait(job_id, args.timeout)
-    except SubmitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return _exit_code(server, job_id, status, args)
+    env = None if job_id else _job_env(command, args)  # refuse a job that cannot run before reaching the cluster
+    server = JobServer(args.address)
+    if args.stop or args.status or (args.logs and not args.follow):
+        _show_job(server, args)
+        return 0
+    if not job_id:
+        job_id = server.submit(command, env, args.entrypoint_num_cpus, args.entrypoint_num_gpus, args.submission_id)
+        print(job_id)
+        print(
+            f"follow: cpsc-ray submit --address {server.address} --logs {job_id} --follow\n"
+            f"stop:   cpsc-ray submit --address {server.address} --stop {job_id}",
+            file=sys.stderr,
+        )
+    if args.follow:
+        server.follow(job_id)
+    if not (args.wait or args.follow):
+        return 0
+    return _exit_code(server, job_id, server.wait(job_id, args.timeout), args)
 
 
 def _job_env(command: list[str], args: argparse.Namespace) -> dict:
@@ -125,7 +120,10 @@ def _show_job(server: JobServer, args: argparse.Namespace) -> None:
 
 
 def _exit_code(server: JobServer, job_id: str, status: JobStatus, args: argparse.Namespace) -> int:
-    """0 succeeded, 1 failed or stopped (with the end of its output unless it was followed), 3 still running."""
+    """0 succeeded, 3 still running; a job that failed or was stopped raises ``JobFailed`` (exit 1), after the end
+    of its output unless it was followed."""
+    from cpsc_ray.cluster.submit import JobFailed
+
     if not status.is_terminal():
         print(f"{job_id}: still {status.value} after {args.timeout:.0f} s; it goes on running", file=sys.stderr)
         return 3
@@ -135,8 +133,7 @@ def _exit_code(server: JobServer, job_id: str, status: JobStatus, args: argparse
                 f"--- last lines of {job_id}'s output ---\n" + "\n".join(server.logs(job_id).splitlines()[-40:]),
                 file=sys.stderr,
             )
-        print(f"{job_id}: {status.value} ({server.info(job_id).message})", file=sys.stderr)
-        return 1
+        raise JobFailed(f"{job_id}: {status.value} ({server.info(job_id).message})")
     return 0
 
 

@@ -4,7 +4,6 @@ configuration over seeds and export the students."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from cpsc_ray.commands import DEFAULT_STORAGE, add_config_args, add_run_args, percent
 from cpsc_ray.config import load_config
@@ -96,7 +95,6 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from cpsc_ray.cluster.tune import TuneOptions, run_tune
-    from cpsc_ray.results.tables import NothingToCollect
 
     if not (args.space or args.resume):
         raise InputError("tune: --space is required for a new experiment (a YAML path or a name in search_spaces/)")
@@ -124,11 +122,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         search_seed=args.search_seed,
         autoscaling=args.autoscaling,
     )
-    try:
-        summary = run_tune(cfg, options, resume=bool(args.resume))
-    except NothingToCollect as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    summary = run_tune(cfg, options, resume=bool(args.resume))
     print(f"\nexperiment {summary['experiment']}: {len(summary['trials'])} trials; results in {summary['results']}")
     print(f"  {'trial':18s} {'score':>7s} {'test@best':>9s} {'epochs':>6s} {'images':>10s} {'device-s':>9s}")
     for trial in summary["trials"][:10]:

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cpsc_ray.errors import InputError
+from cpsc_ray.errors import InputError, RunFailed
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(RunFailed):
     """A loss became NaN or infinite; the run cannot usefully continue."""
+
+
+DIVERGENCE_FIX = "lower student.lr, generator.lr or the loss weights"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from cpsc_ray.compat import finalize_source_by_name
-from cpsc_ray.errors import InputError
+from cpsc_ray.errors import InputError, RunFailed
 from cpsc_ray.layout import ResultsDir, RootDir, RunDir
 from cpsc_ray.results.lineage import read_lineage
 from cpsc_ray.results.schema import (
@@ -105,7 +105,7 @@ def publish(root: Storage, experiment: str, epochs: list[dict[str, Any]], lineag
             results.write_parquet(ResultsDir.part(name, dataset, experiment), part)
 
 
-class NothingToCollect(RuntimeError):
+class NothingToCollect(RunFailed):
     """A tuning experiment none of whose trials finished an epoch (a failed run, not an input error)."""
 
 

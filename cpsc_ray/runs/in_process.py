@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from cpsc_ray.config import Config
 from cpsc_ray.layout import RootDir, RunDir
-from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.method.spec import DIVERGENCE_FIX, DivergenceError
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation
 from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
@@ -34,7 +34,7 @@ class ProgressHooks(EpochHooks):
         self.bar.set_postfix({k: f"{row[k]:.3f}" for k in PROGRESS_METRICS if row.get(k) is not None})
 
     def diverged(self, run: DistillRun, row: dict[str, Any], error: DivergenceError) -> None:
-        raise error
+        raise DivergenceError(f"{error}; the run's metrics so far are kept: {DIVERGENCE_FIX}") from error
 
 
 def train_into(
