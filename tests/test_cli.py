@@ -161,7 +161,8 @@ def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
 
 
 def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, capsys):
-    from cpsc_ray.config import DataConfig
+    from cpsc_ray.commands.config import choices
+    from cpsc_ray.config import DataConfig, GeneratorConfig
     from cpsc_ray.data import dataset_info
     from cpsc_ray.errors import InputError
     from cpsc_ray.method.generators import build_generator
@@ -174,6 +175,9 @@ def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, caps
     }
     assert listed["models"] == MODELS.names() and {"resnet18", "digits_teacher", "wrn_40_2"} <= set(listed["models"])
     assert {"upsample", "dcgan"} <= set(listed["generators"]) and "digits" in listed["datasets"]
+    # The registries list what the config's types accept, no more and no less.
+    assert sorted(listed["generators"]) == sorted(choices(GeneratorConfig.model_fields["arch"]))
+    assert sorted(listed["datasets"]) == sorted(choices(DataConfig.model_fields["dataset"]))
     for arch in listed["generators"]:
         for kind in listed["generator kinds"]:
             assert build_generator(arch, kind, nz=8, ngf=4, channels=1, image_size=16, num_classes=10) is not None

@@ -114,3 +114,18 @@ def test_conditional_generator_depends_on_labels():
 def test_generator_rejects_sizes_its_architecture_cannot_make():
     with pytest.raises(ValueError, match="divisible by 16"):
         build_generator("dcgan", "conditional", 8, 4, 3, 40, 10)
+
+
+def test_a_registry_refuses_a_name_twice_and_names_the_field_of_an_unknown_one():
+    from cpsc_ray.data import DATASETS
+    from cpsc_ray.method.generators import GENERATORS, UpsampleGenerator
+    from cpsc_ray.registry import Registry
+
+    registry: Registry[int] = Registry("widget")
+    assert registry.register("a")(1) == 1 and registry.get("a") == 1 and "a" in registry
+    with pytest.raises(ValueError, match="widget 'a' is registered twice"):
+        registry.add("a", 2)
+    for entries, key in ((MODELS, "student.arch"), (GENERATORS, "generator.arch"), (DATASETS, "data.dataset")):
+        with pytest.raises(InputError, match=rf"^{key}: unknown .* 'nope'; choose one of: .*\(cpsc-ray models\)$"):
+            entries.get("nope", key)
+    assert GENERATORS.get("auto") is GENERATORS.get("upsample") is UpsampleGenerator

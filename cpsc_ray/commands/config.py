@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from cpsc_ray.commands import add_config_args
-from cpsc_ray.config import Config, DataConfig, GeneratorConfig, flatten, load_config, to_yaml
+from cpsc_ray.config import Config, GeneratorConfig, flatten, load_config, to_yaml
 from cpsc_ray.errors import InputError
 
 BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
@@ -46,13 +46,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from cpsc_ray.data import DATASETS
+    from cpsc_ray.method.generators import GENERATORS
     from cpsc_ray.method.models import MODELS
 
     for title, keys, names in (
         ("models", "teacher.arch, student.arch", MODELS.names()),
-        ("generators", "generator.arch", choices(GeneratorConfig.model_fields["arch"])),
+        ("generators", "generator.arch", GENERATORS.names()),
         ("generator kinds", "generator.kind", choices(GeneratorConfig.model_fields["kind"])),
-        ("datasets", "data.dataset", choices(DataConfig.model_fields["dataset"])),
+        ("datasets", "data.dataset", DATASETS.names()),
     ):
         print(f"{title} ({keys}):\n  " + "  ".join(names))
     print(
