@@ -97,9 +97,7 @@ def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.
     cfg = run_config(teacher_name, student_name, args)
     teacher = build_model(teacher_name, CLASSES).to(device).eval()  # parameters still require grad
     student = build_model(student_name, CLASSES).to(device).train()
-    generator = build_generator("upsample", "conditional", cfg.generator.nz, cfg.generator.ngf, 3, SIZE, CLASSES).to(
-        device
-    )
+    generator = build_generator("upsample", cfg.generator.nz, cfg.generator.ngf, 3, SIZE, CLASSES).to(device)
     head = None
     if student.feature_dim != teacher.feature_dim:
         head = nn.Sequential(

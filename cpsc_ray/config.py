@@ -81,8 +81,9 @@ class StudentConfig(Section):
 class GeneratorConfig(Section):
     kind: Literal["conditional", "unconditional"] = Field(
         "conditional",
-        description="conditional: per-class batch-norm modulation (CPSC-DFKD's generator); unconditional: plain "
-        "batch norm, for ablations",
+        description="the synthesizer that makes the student's images (cpsc-ray models lists them): conditional: a "
+        "generator with per-class batch-norm modulation (CPSC-DFKD's); unconditional: its plain batch-norm twin, for "
+        "ablations",
     )
     arch: Literal["auto", "upsample", "dcgan"] = Field(
         "auto",

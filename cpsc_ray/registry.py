@@ -1,7 +1,7 @@
 """The one way a config names a piece of code: a ``Registry`` of entries by name. Models (``method.models``,
-``teacher.arch``/``student.arch``), generator architectures (``method.generators``, ``generator.arch``) and datasets
-(``data``, ``data.dataset``) each register theirs where they are defined, so a new one is one decorator or one
-``add``; ``cpsc-ray models`` lists them all. Where the config's type
+``teacher.arch``/``student.arch``), generator architectures (``method.generators``, ``generator.arch``), synthesizers
+(``method.synthesis``, ``generator.kind``) and datasets (``data``, ``data.dataset``) each register theirs where they
+are defined, so a new one is one decorator or one ``add``; ``cpsc-ray models`` lists them all. Where the config's type
 enumerates the names (a Literal, so a config naming an unknown one fails as it loads), tests/test_cli.py checks that
 the two agree."""
 

@@ -178,9 +178,10 @@ def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, caps
     # The registries list what the config's types accept, no more and no less.
     assert sorted(listed["generators"]) == sorted(choices(GeneratorConfig.model_fields["arch"]))
     assert sorted(listed["datasets"]) == sorted(choices(DataConfig.model_fields["dataset"]))
+    assert sorted(listed["synthesizers"]) == sorted(choices(GeneratorConfig.model_fields["kind"]))
     for arch in listed["generators"]:
-        for kind in listed["generator kinds"]:
-            assert build_generator(arch, kind, nz=8, ngf=4, channels=1, image_size=16, num_classes=10) is not None
+        for conditional in (True, False):
+            assert build_generator(arch, 8, 4, channels=1, image_size=16, num_classes=10, conditional=conditional)
     for dataset in listed["datasets"]:  # each name reaches its loader: an error names the data, not the key
         with contextlib.suppress(InputError):
             dataset_info(DataConfig(dataset=dataset, root=str(tmp_path)))

@@ -24,7 +24,6 @@ def ddp_probe_loop(config: dict) -> None:
     """Runs inside each Ray Train worker: one epoch, then compares what the ranks hold."""
     import ray.train
 
-    from cpsc_ray.method.engine import noise_seed
     from cpsc_ray.method.losses import BNStatisticsPrior, supervised_contrastive
     from cpsc_ray.runs.assembly import prepare_engine
 
@@ -39,23 +38,23 @@ def ddp_probe_loop(config: dict) -> None:
         return out
 
     params = torch.cat([p.detach().flatten() for p in engine.student.parameters()])
-    generator_params = torch.cat([p.detach().flatten() for p in engine.generator.parameters()])
-    engine.noise.manual_seed(noise_seed(cfg.seed, rank, engine.epoch))
-    z, y = engine.draw()
+    generator_params = torch.cat([p.detach().flatten() for p in engine.synthesizer.generator.parameters()])
+    engine.synthesizer.begin_epoch(engine.epoch)
+    z, y = engine.synthesizer.draw()
     with torch.no_grad():
-        images = engine.generator(z, y)
+        images = engine.synthesizer.generator(z, y)
     all_params, all_generator, all_images = gathered(params), gathered(generator_params), gathered(images)
 
     # The BN prior and SupCon see the global batch: equal to one process computing them on all of it.
-    with engine.bn_prior.capture():
+    with engine.synthesizer.bn_prior.capture():
         engine.teacher(images)
-    distributed_bn = engine.bn_prior().item()
+    distributed_bn = engine.synthesizer.bn_prior().item()
     features = torch.nn.functional.normalize(
         torch.randn(len(y), 2, 8, generator=torch.Generator().manual_seed(rank)), dim=2
     )
-    distributed_scl = engine.generator_loss.terms["scl"].gather
+    distributed_scl = engine.synthesizer.objective.terms["scl"].gather
     scl = supervised_contrastive(distributed_scl(features), distributed_scl(y), 0.5, 0.5).item()
-    local_prior = BNStatisticsPrior(engine.teacher, form=engine.bn_prior.form)
+    local_prior = BNStatisticsPrior(engine.teacher, form=engine.synthesizer.bn_prior.form)
     with local_prior.capture():
         engine.teacher(torch.cat(all_images))
     single_bn = local_prior().item()

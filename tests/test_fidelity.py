@@ -126,7 +126,7 @@ def test_zoo_named_checkpoint_with_a_wrong_key_names_it(tmp_path):
 def test_tiny_imagenet_runs_the_references_upsample_generator_at_64px():
     cfg = load_config("tiny_imagenet_resnet34_resnet18")
     assert cfg.generator.arch == "upsample"
-    g = build_generator(cfg.generator.arch, cfg.generator.kind, cfg.generator.nz, cfg.generator.ngf, 3, 64, 200)
+    g = build_generator(cfg.generator.arch, cfg.generator.nz, cfg.generator.ngf, 3, 64, 200)
     assert isinstance(g, UpsampleGenerator) and g.project.out_features == 2 * cfg.generator.ngf * 16 * 16
     assert isinstance(g.norm_out, ConditionalBatchNorm2d)
     assert g(torch.randn(2, cfg.generator.nz), torch.tensor([0, 199])).shape == (2, 3, 64, 64)

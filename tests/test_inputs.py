@@ -215,13 +215,14 @@ def test_builder_teacher_distils_through_a_feature_tap(digits_cfg, tmp_path):
     cfg = byo(digits_cfg, tmp_path, "plain_cnn", **{"teacher.feature_layer": "4", "output_dir": str(tmp_path / "runs")})
     engine = prepare_engine(cfg).engine
     metrics = engine.train_epoch()
-    assert metrics["g_scl"] is not None and engine.head is not None  # 8-wide teacher feature vs 64-wide student
+    # An 8-wide teacher feature vs a 64-wide student's: the projection head maps between them.
+    assert metrics["g_scl"] is not None and engine.synthesizer.head is not None
 
 
 def test_teacher_without_bn_and_positive_beta(digits_cfg, tmp_path):
     cfg = byo(digits_cfg, tmp_path, "no_bn_cnn", **{"teacher.feature_layer": "3"})
     assert "loss.beta=0" in error_of(prepare_engine, cfg)
-    assert prepare_engine(with_values(cfg, {"loss.beta": 0.0})).engine.bn_prior is None
+    assert prepare_engine(with_values(cfg, {"loss.beta": 0.0})).engine.synthesizer.bn_prior is None
 
 
 def test_unimportable_builder(digits_cfg, tmp_path):

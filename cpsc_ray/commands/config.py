@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from cpsc_ray.commands import add_config_args
-from cpsc_ray.config import Config, GeneratorConfig, flatten, load_config, to_yaml
+from cpsc_ray.config import Config, flatten, load_config, to_yaml
 from cpsc_ray.errors import InputError
 
 BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
@@ -33,7 +33,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "and meaning, whatever --config holds",
     )
     show.set_defaults(func=cmd_config)
-    models = commands.add_parser("models", help="list the models, generators and datasets a config can name")
+    models = commands.add_parser(
+        "models", help="list the models, generators, synthesizers and datasets a config can name"
+    )
     models.set_defaults(func=cmd_models)
 
 
@@ -49,11 +51,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from cpsc_ray.data import DATASETS
     from cpsc_ray.method.generators import GENERATORS
     from cpsc_ray.method.models import MODELS
+    from cpsc_ray.method.synthesis import SYNTHESIZERS
 
     for title, keys, names in (
         ("models", "teacher.arch, student.arch", MODELS.names()),
         ("generators", "generator.arch", GENERATORS.names()),
-        ("generator kinds", "generator.kind", choices(GeneratorConfig.model_fields["kind"])),
+        ("synthesizers", "generator.kind", SYNTHESIZERS.names()),
         ("datasets", "data.dataset", DATASETS.names()),
     ):
         print(f"{title} ({keys}):\n  " + "  ".join(names))

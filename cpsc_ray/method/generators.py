@@ -125,7 +125,8 @@ class DCGANGenerator(Generator):
 
 
 def build_generator(
-    arch: str, kind: str, nz: int, ngf: int, channels: int, image_size: int, num_classes: int
+    arch: str, nz: int, ngf: int, channels: int, image_size: int, num_classes: int, conditional: bool = True
 ) -> Generator:
-    cls = GENERATORS.get(arch, "generator.arch")
-    return cls(nz, ngf, channels, image_size, num_classes, conditional=kind == "conditional")
+    """The ``generator.arch`` generator; ``conditional=False`` gives its unconditional twin (``generator.kind``'s
+    ablation, ``method.synthesis``)."""
+    return GENERATORS.get(arch, "generator.arch")(nz, ngf, channels, image_size, num_classes, conditional=conditional)

@@ -18,6 +18,7 @@ from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.method.engine import DistillEngine, EvalSet, ImageSpec, pick_device
 from cpsc_ray.method.models import MODELS
+from cpsc_ray.method.synthesis import SynthesizerBuilder
 from cpsc_ray.results.schema import method_label
 from cpsc_ray.runs.evaluation import materialize, selection_metric, top1
 from cpsc_ray.runs.loop import EpochHooks, LoopEnd, StartState, run_epochs
@@ -87,9 +88,14 @@ class Prepared:
 
 
 def prepare_engine(
-    cfg: Config, device: torch.device | None = None, role: RunRole = RunRole(), teacher: Teacher | None = None
+    cfg: Config,
+    device: torch.device | None = None,
+    role: RunRole = RunRole(),
+    teacher: Teacher | None = None,
+    synthesizer: SynthesizerBuilder | None = None,
 ) -> Prepared:
-    """The engine and the run's identity; the teacher is loaded unless given."""
+    """The engine and the run's identity; the teacher is loaded unless given, the synthesizer is the one
+    ``generator.kind`` names unless given."""
     device = device or pick_device(cfg.train.device)
     teacher = teacher or load_teacher(cfg)
     eval_sets = build_eval_sets(cfg, teacher, device)
@@ -101,7 +107,7 @@ def prepare_engine(
         else top1(teacher.model.to(device), eval_sets["test"], device)
     )
     try:
-        engine = DistillEngine(cfg, teacher.model, spec, eval_sets, device)
+        engine = DistillEngine(cfg, teacher.model, spec, eval_sets, device, synthesizer)
     except ValueError as err:
         raise InputError(str(err)) from None
     identity = RunIdentity(

@@ -78,7 +78,7 @@ class RunSummary(TypedDict):
 def sample_grid_png(engine: DistillEngine, identity: RunIdentity) -> bytes:
     classes = engine.spec.num_classes
     per_class = 8 if classes <= 20 else 4
-    images, labels = engine.sample(per_class)
+    images, labels = engine.preview(per_class)
     shown = labels < 50  # a grid of 200 classes helps nobody
     run = run_name(identity.kind, identity.experiment, identity.trial_id)
     title = f"{run}: synthetic images after epoch {engine.epoch}, one row per class"
