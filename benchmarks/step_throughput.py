@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from cpsc_ray.config import Config, with_values
-from cpsc_ray.method.engine import DistillEngine, ImageSpec
+from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
     BNStatisticsPrior,
@@ -44,6 +44,7 @@ from cpsc_ray.method.losses import (
     student_objective,
 )
 from cpsc_ray.method.models import build_model
+from cpsc_ray.method.spec import ImageSpec
 
 PAIRS = {"resnet34-resnet18": ("resnet34", "resnet18"), "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2")}
 CLASSES, SIZE = 100, 32

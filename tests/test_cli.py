@@ -304,7 +304,7 @@ def test_main_maps_each_kind_of_failure_to_its_exit_code(monkeypatch, capsys):
     from cpsc_ray.cluster.train import DistributedRunError
     from cpsc_ray.commands import config
     from cpsc_ray.errors import InputError, RunFailed
-    from cpsc_ray.method.spec import DivergenceError
+    from cpsc_ray.method.engine import DivergenceError
     from cpsc_ray.results.tables import NothingToCollect
 
     for error, code in [

@@ -229,7 +229,7 @@ def test_a_checkpoint_restores_where_fewer_gpus_are_visible(tiny_cfg, monkeypatc
 
 
 def test_only_the_engines_own_cuda_rng_state_is_restored():
-    from cpsc_ray.method.spec import device_rng_state
+    from cpsc_ray.method.device import device_rng_state
 
     states = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
     assert torch.equal(device_rng_state(states, torch.device("cuda", 2)), states[2])  # older, per-GPU checkpoints

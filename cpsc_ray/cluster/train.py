@@ -27,7 +27,8 @@ from cpsc_ray.cluster.resources import Request, announcing_waits, check_fits
 from cpsc_ray.config import Config
 from cpsc_ray.errors import InputError, RunFailed
 from cpsc_ray.layout import RootDir, RunDir
-from cpsc_ray.method.spec import DIVERGENCE_FIX, DivergenceError, pick_device
+from cpsc_ray.method.device import pick_device
+from cpsc_ray.method.engine import DIVERGENCE_FIX, DivergenceError
 from cpsc_ray.results.lineage import Exploit
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation, with_absolute_paths

@@ -18,12 +18,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cpsc_ray.config import Config, flatten
+from cpsc_ray.errors import RunFailed
+from cpsc_ray.method.device import device_rng_state, pick_device
 from cpsc_ray.method.losses import SynthBatch, WeightedSum, student_objective
 from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.parallel import world
 from cpsc_ray.method.schedules import warmup_cosine
-from cpsc_ray.method.spec import DivergenceError, EvalSet, ImageSpec, device_rng_state, pick_device
+from cpsc_ray.method.spec import EvalSet, ImageSpec
 from cpsc_ray.method.synthesis import SYNTHESIZERS, Setting, SynthesizerBuilder
 
 # Config keys that shape the models or decide the optimizers: an engine cannot take a new value mid-run.
@@ -36,6 +38,13 @@ MODEL_SHAPING_KEYS = (
     "generator.ngf",
     "loss.train_projection_head",
 )
+
+
+class DivergenceError(RunFailed):
+    """A loss became NaN or infinite; the run cannot usefully continue."""
+
+
+DIVERGENCE_FIX = "lower student.lr, generator.lr or the loss weights"
 
 
 class DistillEngine:

@@ -16,8 +16,10 @@ from cpsc_ray.config import Config, to_yaml, validate_tree, with_values
 from cpsc_ray.data import load_splits
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RootDir, RunDir
-from cpsc_ray.method.engine import DistillEngine, EvalSet, ImageSpec, pick_device
+from cpsc_ray.method.device import pick_device
+from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.method.models import MODELS
+from cpsc_ray.method.spec import EvalSet, ImageSpec
 from cpsc_ray.method.synthesis import SynthesizerBuilder
 from cpsc_ray.results.schema import method_label
 from cpsc_ray.runs.evaluation import materialize, selection_metric, top1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cpsc_ray.method.engine import EvalSet
+from cpsc_ray.method.spec import EvalSet
 
 METRIC_OF_SET = {"val": "val_acc", "proxy": "proxy", "test": "test_acc"}
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from cpsc_ray.config import Config
 from cpsc_ray.layout import RootDir, RunDir
-from cpsc_ray.method.spec import DIVERGENCE_FIX, DivergenceError
+from cpsc_ray.method.engine import DIVERGENCE_FIX, DivergenceError
 from cpsc_ray.results.tables import publish
 from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation
 from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from cpsc_ray.config import Config
 from cpsc_ray.data import load_splits
+from cpsc_ray.method.device import pick_device
 from cpsc_ray.method.models import ARCH_VERSIONS
-from cpsc_ray.method.spec import pick_device
 from cpsc_ray.runs.evaluation import materialize, top1
 from cpsc_ray.runs.teacher.card import WEIGHTS_NAME, TeacherCard, resolve_weights, weights_exist, write_teacher
 from cpsc_ray.runs.teacher.load import build_teacher_model, check_classes
