@@ -3,7 +3,7 @@ seeds, measure it, and export the student.
 
 The selected configuration is the trial with the best selection metric (validation accuracy or the
 proxy; never test accuracy). For PBT and PB2 that trial's hyperparameters changed along its
-lineage, so its schedule is replayed, as Ray's ``PopulationBasedTrainingReplay`` does: the configs
+lineage, so its hyperparameter phases are replayed, as Ray's ``PopulationBasedTrainingReplay`` does: the configs
 of the trials whose state it inherited, each from the epoch it took effect.
 """
 
@@ -24,25 +24,25 @@ from cpsc_ray.errors import InputError
 from cpsc_ray.layout import ExperimentDir, RootDir, RunDir
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.models import build_model
-from cpsc_ray.results.replay import Schedule, replay_schedule
+from cpsc_ray.results.replay import Phases, lineage_phases
 from cpsc_ray.results.tables import best_trial, publish, read_results
 from cpsc_ray.runs.assembly import RunRole
 from cpsc_ray.runs.in_process import train_into
 
 
-def select(root: RootDir, experiment: str) -> tuple[pd.Series, Schedule]:
+def select(root: RootDir, experiment: str) -> tuple[pd.Series, Phases]:
     results = read_results([root.results().uri()], experiments=[experiment])
     winner = best_trial(results.trials[results.trials.kind == "tune"])
     if winner is None:
         raise InputError(
             f"finalize {experiment}: no finished, non-diverged trial with a score under {root.results().uri()}"
         )
-    return winner, replay_schedule(results.epochs, results.lineage, winner.trial_id, int(winner.epochs))
+    return winner, lineage_phases(results.epochs, results.lineage, winner.trial_id, int(winner.epochs))
 
 
-def _configs(base: Config, schedule: Schedule, seed: int, name: str, output_dir: str) -> list[tuple[int, Config]]:
+def _configs(base: Config, phases: Phases, seed: int, name: str, output_dir: str) -> list[tuple[int, Config]]:
     fixed = {"seed": seed, "name": name, "output_dir": output_dir}
-    return [(epoch, with_values(base, {**values, **fixed})) for epoch, values in schedule]
+    return [(epoch, with_values(base, {**values, **fixed})) for epoch, values in phases]
 
 
 def _finalize_seed(configs: list[tuple[int, Config]], outputs: str, role: RunRole):
@@ -51,7 +51,7 @@ def _finalize_seed(configs: list[tuple[int, Config]], outputs: str, role: RunRol
     run = RunDir(outputs)
     try:
         summary, history = train_into(
-            configs[0][1], run, role.experiment, progress=False, schedule=dict(configs[1:]), role=role
+            configs[0][1], run, role.experiment, progress=False, phases=dict(configs[1:]), role=role
         )
     except DivergenceError:
         return None, run.metric_rows()
@@ -78,7 +78,7 @@ def finalize(
     root = RootDir(storage or ".")
     record = ExperimentRecord.read(root, experiment)
     base = validate_tree(record.base, f"{experiment}'s base config")
-    winner, schedule = select(root, experiment)
+    winner, phases = select(root, experiment)
     final = root.free_name(f"{experiment}-final")
     final_dir = root.experiment(final)
     if not ray.is_initialized():
@@ -92,7 +92,7 @@ def finalize(
     ]
     pending = [
         task.remote(
-            _configs(base, schedule, base.seed + 1000 + k, role.trial_id, final_dir.uri()),
+            _configs(base, phases, base.seed + 1000 + k, role.trial_id, final_dir.uri()),
             final_dir.seed_run(role.trial_id).uri(),
             role,
         )
@@ -107,7 +107,7 @@ def finalize(
         "final": final,
         "winner": winner.trial_id,
         "winner_score": float(winner.score),
-        "schedule": schedule,
+        "schedule": phases,  # the key finalize.json has always had
         "seeds": seeds,
         "diverged": seeds - len(summaries),
         "test_at_best": chosen,

@@ -1,4 +1,4 @@
-"""A PBT trial's lineage: the clones its state went through, the config schedule they add up to (what
+"""A PBT trial's lineage replayed: the clones its state went through, the hyperparameter phases they add up to (what
 ``finalize`` reruns, as Ray's ``PopulationBasedTrainingReplay`` does) and the keys the exploits changed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pandas as pd
 
 from cpsc_ray.results.schema import RUN_KEYS, config_values
 
-Schedule = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)
+Phases = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)
 
 
 def clones(lineage: pd.DataFrame, trial_id: str, until: int) -> list[tuple[int, str]]:
@@ -23,20 +23,20 @@ def clones(lineage: pd.DataFrame, trial_id: str, until: int) -> list[tuple[int, 
     return [*clones(lineage, last.source_trial_id, int(last.epoch)), (int(last.epoch), last.source_trial_id)]
 
 
-def replay_schedule(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, until: int) -> Schedule:
+def lineage_phases(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, until: int) -> Phases:
     """The config in effect at every epoch 1..until of the state ``trial_id`` holds at ``until``: each
     trial along its clones from the epoch after the previous clone through the epoch it was copied at."""
     chain = clones(lineage, trial_id, until)
     copied_at = [epoch for epoch, _ in chain]
     segments = zip([0, *copied_at], [*copied_at, until], [*(source for _, source in chain), trial_id])
-    schedule: Schedule = []
+    phases: Phases = []
     for after, through, trial in segments:
         own = epochs[(epochs.trial_id == trial) & (epochs.epoch > after) & (epochs.epoch <= through)]
         for _, row in own.sort_values("epoch").iterrows():
             config = config_values(row)
-            if not schedule or schedule[-1][1] != config:
-                schedule.append((int(row.epoch), config))
-    return schedule
+            if not phases or phases[-1][1] != config:
+                phases.append((int(row.epoch), config))
+    return phases
 
 
 def mutated_keys(epochs: pd.DataFrame, lineage: pd.DataFrame) -> list[str]:

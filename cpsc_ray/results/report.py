@@ -34,7 +34,7 @@ from cpsc_ray.results.analysis import (
     summarize,
 )
 from cpsc_ray.results.render import Block, Heading, Link, Plot, Table, Text, to_html, to_markdown
-from cpsc_ray.results.replay import clones, mutated_keys, replay_schedule
+from cpsc_ray.results.replay import clones, lineage_phases, mutated_keys
 from cpsc_ray.results.schema import LOSS_METRICS, MIN_COVERAGE
 from cpsc_ray.results.tables import Results, read_for_report, run_name, samples_png
 
@@ -236,7 +236,7 @@ def _run_section(
     results: Results, epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, where: str
 ) -> list[Block]:
     """A table row's own section: what its accuracy rests on, its accuracy and loss terms per epoch,
-    the synthetic images of each run shown, and PBT's schedule of the selected trial."""
+    the synthetic images of each run shown, and the hyperparameter phases of PBT's selected trial."""
     row = entry.row
     anchor = run_anchor(row)
     shown = pd.concat([entry.search[entry.search.trial_id == entry.selected], entry.reruns])
@@ -279,7 +279,7 @@ def _run_section(
         caption = f"{where}: synthetic images of {name} after its last epoch ({trial.epochs}), one row per class"
         blocks.append(Plot(f"{anchor}-samples-{i}", caption, png))
     if entry.selected is not None and (not lineage.empty or row["method"] in ("pbt", "pb2")):
-        blocks += _schedule_plot(epochs, lineage, entry, f"{anchor}-schedule", where)
+        blocks += _phases_plot(epochs, lineage, entry, f"{anchor}-schedule", where)
     return blocks
 
 
@@ -296,7 +296,7 @@ def _rows_of(epochs: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     return epochs.merge(trials[TRIAL].drop_duplicates(), on=TRIAL)
 
 
-def _schedule_plot(epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, name: str, where: str) -> list[Block]:
+def _phases_plot(epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, name: str, where: str) -> list[Block]:
     experiment = entry.row["experiment"]
     own = epochs[epochs.experiment == experiment]
     winner = entry.search[entry.search.trial_id == entry.selected].iloc[0]
@@ -304,11 +304,9 @@ def _schedule_plot(epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, na
     mutated = mutated_keys(own, lineage)
     if not mutated:
         return []
-    schedule = replay_schedule(own, lineage, entry.selected, until)
+    phases = lineage_phases(own, lineage, entry.selected, until)
     title = f"{where}: {experiment}, hyperparameter schedule of the selected trial {entry.selected}"
-    return [
-        Plot(name, title, plots.pbt_schedule(schedule, mutated, until, clones(lineage, entry.selected, until), title))
-    ]
+    return [Plot(name, title, plots.pbt_phases(phases, mutated, until, clones(lineage, entry.selected, until), title))]
 
 
 def _sensitivity_plot(results: Results, identity: dict[str, Any], name: str, where: str) -> list[Block]:

@@ -143,11 +143,11 @@ def run_distillation(
     start: StartState | None = None,
     stop_epoch: int | None = None,
     checkpoint_every: int | None = None,
-    schedule: dict[int, Config] | None = None,
+    phases: dict[int, Config] | None = None,
     finish: bool = True,
 ) -> tuple[DistillRun, LoopEnd]:
     """Assemble the run (its engine and the bookkeeping that writes ``outputs``: None on ranks other than 0) and
-    train it through the one loop (``run_epochs``: ``start``, ``stop_epoch``, ``checkpoint_every``, ``schedule``,
+    train it through the one loop (``run_epochs``: ``start``, ``stop_epoch``, ``checkpoint_every``, ``phases``,
     ``finish``). ``started_at`` (``time.time()``) is when this start began: the set-up until its first epoch is
     charged to that epoch."""
     prepared = prepare_engine(cfg, device, role, teacher)
@@ -158,7 +158,7 @@ def run_distillation(
         start=start,
         stop_epoch=stop_epoch,
         checkpoint_every=checkpoint_every,
-        schedule=schedule,
+        phases=phases,
         finish=finish,
     )
     return run, end

@@ -45,13 +45,13 @@ def train_into(
     teacher: Teacher | None = None,
     resume: bool = False,
     progress: bool = True,
-    schedule: dict[int, Config] | None = None,
+    phases: dict[int, Config] | None = None,
     role: RunRole | None = None,
     started_at: float | None = None,
 ) -> tuple[RunSummary, list[dict[str, Any]]]:
     """Train a distillation in this process into the run directory ``outputs`` (with ``resume``, from its newest
     checkpoint); returns the summary and the metric rows. ``cfg`` names the teacher's file (``ensure_teacher``).
-    ``schedule`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
+    ``phases`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
     started_at = started_at or time.time()
     start = None
     newest = resume_point(outputs, name) if resume else None
@@ -66,7 +66,7 @@ def train_into(
             teacher=teacher,
             started_at=started_at,
             start=start,
-            schedule=schedule,
+            phases=phases,
         )
     return RunSummary(**end.summary, run_dir=outputs.uri()), run.history
 

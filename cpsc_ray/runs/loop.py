@@ -68,11 +68,11 @@ def run_epochs(
     start: StartState | None = None,
     stop_epoch: int | None = None,
     checkpoint_every: int | None = None,
-    schedule: dict[int, Config] | None = None,
+    phases: dict[int, Config] | None = None,
     finish: bool = True,
 ) -> LoopEnd:
     """Restore from ``start``, then train epochs until ``stop_epoch`` (default: the run's last).
-    ``schedule`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
+    ``phases`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
     engine = run.engine
     if start is not None:
         restore_engine(engine, start.state, start.where)
@@ -83,8 +83,8 @@ def run_epochs(
     every = checkpoint_every or run.cfg.train.checkpoint_every
     while engine.epoch < stop:
         epoch = engine.epoch + 1
-        if schedule and epoch in schedule:
-            engine.apply_hyperparameters(schedule[epoch])
+        if phases and epoch in phases:
+            engine.apply_hyperparameters(phases[epoch])
         hooks.before_epoch(run, epoch)
         try:
             row = run.run_epoch()
