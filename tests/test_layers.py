@@ -58,3 +58,24 @@ def test_no_module_imports_itself_back():
 
     graph = grimp.build_graph("cpsc_ray", exclude_type_checking_imports=False, cache_dir=None)
     assert _circles(graph, graph.modules) == []
+
+
+MAX_FUNCTION_LINES = 60  # from `def` to the last line, docstring included
+MAX_MODULE_LINES = 400
+
+
+def test_no_function_or_module_is_longer_than_a_reader_holds():
+    import ast
+
+    too_long = []
+    for path in sorted((REPO / "cpsc_ray").rglob("*.py")):
+        source = path.read_text()
+        where = path.relative_to(REPO)
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{where}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{where}:{node.lineno} {node.name}: {lines} lines")
+    assert too_long == []

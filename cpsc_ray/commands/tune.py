@@ -31,6 +31,39 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _add_tune(commands: argparse._SubParsersAction) -> None:
     tuning = commands.add_parser("tune", help="search loss weights, temperature and generator settings with Ray Tune")
     add_config_args(tuning)
+    _add_search_args(tuning)
+    tuning.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers in each trial (Ray Train)")
+    tuning.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers"
+    )
+    tuning.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of each trial's workers")
+    tuning.add_argument(
+        "--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds whole)"
+    )
+    tuning.add_argument(
+        "--autoscaling",
+        action="store_true",
+        help="the cluster adds nodes on demand: do not refuse trials larger than the cluster is now",
+    )
+    tuning.add_argument("--perturbation-interval", type=int, default=1, help="epochs between PBT decisions")
+    tuning.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    tuning.add_argument(
+        "--budget-images",
+        type=int,
+        help="end the experiment once its trials synthesized this many "
+        "images in all (compare search methods at equal compute)",
+    )
+    tuning.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per trial (0 keeps all)")
+    tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
+    tuning.add_argument(
+        "--search-seed", type=int, default=0, help="seed of the search's sampling and of PBT's perturbations"
+    )
+    add_run_args(tuning, "experiment", "<config name>-<method>")
+    tuning.set_defaults(func=cmd_tune)
+
+
+def _add_search_args(tuning: argparse.ArgumentParser) -> None:
+    """What the experiment searches and how: the space, the scheduler, the search algorithm and its objective."""
     tuning.add_argument(
         "--space",
         help="search space: a YAML path or a name in search_spaces/; required for a new experiment (--resume "
@@ -63,34 +96,6 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
     tuning.add_argument(
         "--seed-defaults", action="store_true", help="the first trial starts at the config's own values"
     )
-    tuning.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers in each trial (Ray Train)")
-    tuning.add_argument(
-        "--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers"
-    )
-    tuning.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of each trial's workers")
-    tuning.add_argument(
-        "--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds whole)"
-    )
-    tuning.add_argument(
-        "--autoscaling",
-        action="store_true",
-        help="the cluster adds nodes on demand: do not refuse trials larger than the cluster is now",
-    )
-    tuning.add_argument("--perturbation-interval", type=int, default=1, help="epochs between PBT decisions")
-    tuning.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
-    tuning.add_argument(
-        "--budget-images",
-        type=int,
-        help="end the experiment once its trials synthesized this many "
-        "images in all (compare search methods at equal compute)",
-    )
-    tuning.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per trial (0 keeps all)")
-    tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
-    tuning.add_argument(
-        "--search-seed", type=int, default=0, help="seed of the search's sampling and of PBT's perturbations"
-    )
-    add_run_args(tuning, "experiment", "<config name>-<method>")
-    tuning.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
