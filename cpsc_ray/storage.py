@@ -22,14 +22,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cpsc_ray.config import ConfigError
+from cpsc_ray.credentials import redacted, refuse_credentials
 
 OBJECT_READ_ATTEMPTS = 10  # a replaced object's prefix is read again; a file this often unparseable is broken
 
 
 def _around_path(uri: str, path: str) -> tuple[str, str]:
     """What a URI holds besides its filesystem path, and another process needs to reach the same store: what
-    comes before the path (the scheme; credentials, s3://KEY:SECRET@bucket; a host, hdfs://namenode:8020) and
-    the options after it (an S3-compatible store's ?endpoint_override=HOST:PORT&scheme=http)."""
+    comes before the path (the scheme; a host, hdfs://namenode:8020) and the options after it (an S3-compatible
+    store's ?endpoint_override=HOST:PORT&scheme=http). Credentials never travel in it (``cpsc_ray.credentials``)."""
     address = urlsplit(uri)
     located = (address.netloc + address.path).rstrip("/")
     # A path with %-escapes, which pyarrow decodes, is not found in the URI: only its scheme is kept.
@@ -40,11 +41,12 @@ def _around_path(uri: str, path: str) -> tuple[str, str]:
 class Storage:
     def __init__(self, root: str):
         if "://" in root:
+            refuse_credentials(root, "location")
             try:
                 self.fs, path = pafs.FileSystem.from_uri(root)
             except pa.ArrowInvalid as err:
                 raise ConfigError(
-                    f"{root}: not a location pyarrow can open ({err}); give a local path or a URI such as "
+                    f"{redacted(root)}: not a location pyarrow can open ({err}); give a local path or a URI such as "
                     "s3://bucket/prefix"
                 ) from None
         else:

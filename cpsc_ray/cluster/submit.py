@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
+from cpsc_ray.credentials import refuse_credentials, refuse_secret_variables
+
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobStatus
 
@@ -85,6 +87,10 @@ def entrypoint(command: list[str]) -> str:
             paths[option] = value
         elif sep and option in PATH_KEYS and value != "auto":
             paths[option] = value
+    for arg in command:  # the entrypoint is shown by `ray job list`: no location in it may carry a credential
+        value = arg.partition("=")[2] if "=" in arg.partition("://")[0] else arg
+        if "://" in value:
+            refuse_credentials(value, arg.partition("=")[0] if value != arg else "location")
     for name, value in paths.items():
         if "://" not in value and not os.path.isabs(value):
             raise SubmitError(
@@ -121,6 +127,7 @@ def runtime_env(path: str | Path, working_dir: str | None = None, env: dict[str,
         )
     spec["working_dir"] = str(root)
     spec["env_vars"] = {k: str(v) for k, v in {**(spec.get("env_vars") or {}), **(env or {})}.items()}
+    refuse_secret_variables(list(spec["env_vars"]), "job variable")
     return spec
 
 

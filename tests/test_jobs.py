@@ -1,0 +1,80 @@
+"""What ``cpsc-ray submit`` sends to a cluster, decided without one: the files a job uploads, and no secret in
+its entrypoint or its environment."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+from ray_nodes import REPO, copy_of_the_code
+
+from cpsc_ray.cli import main
+from cpsc_ray.cluster.submit import DEFAULT_RUNTIME_ENV, runtime_env
+
+# What a researcher's checkout comes to hold, none of which a job may upload.
+NEVER_UPLOADED = [
+    "report/report.html",
+    "report-20270101/plots/acc.png",
+    "runs/quickstart/checkpoints/last/state.pt",
+    "gpu-check/gpu_check.json",
+    "gpu_check.md",
+    ".env",
+    ".env.cluster",
+    "keys/deploy.pem",
+    "keys/storage.key",
+    "id_rsa",
+    ".aws/credentials",
+    "auth_token",
+    "teacher.pt",
+    "teachers/wrn.pth",
+    "export/student.pt2",
+    "best/student.safetensors",
+    "old.ckpt",
+    ".whl/pydantic-2.14.4-py3-none-any.whl",
+]
+
+
+def uploaded(working_dir: Path) -> set[str]:
+    """The files Ray packs for a job submitted with the shipped runtime env from ``working_dir``: Ray's own
+    packaging, with the excludes and .gitignore as ``ray job submit`` applies them."""
+    from ray._private.runtime_env.packaging import create_package
+
+    spec = runtime_env(REPO / DEFAULT_RUNTIME_ENV, str(working_dir))
+    package = working_dir.parent / "package.zip"
+    create_package(spec["working_dir"], package, include_gitignore=True, excludes=spec["excludes"])
+    with zipfile.ZipFile(package) as packed:
+        return set(packed.namelist())
+
+
+def test_a_job_uploads_the_code_and_no_outputs_weights_or_secrets(tmp_path):
+    checkout = copy_of_the_code(tmp_path / "checkout")
+    for name in NEVER_UPLOADED:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text("not for the cluster")
+    names = uploaded(checkout)
+    assert {"cpsc_ray/__init__.py", "cpsc_ray/configs/digits.yaml", "search_spaces/digits_pbt.yaml"} <= names
+    assert "cpsc_ray/results/report.py" in names and "launch/runtime_env.yaml" in names
+    assert not names & set(NEVER_UPLOADED), sorted(names & set(NEVER_UPLOADED))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--env", "AWS_SECRET_ACCESS_KEY=s3cr3t"],
+        ["--env", "AWS_SESSION_TOKEN=s3cr3t"],
+        ["--env", "WANDB_API_KEY=s3cr3t"],
+        ["--", "tune", "--storage", "s3://AKIA:s3cr3t@bucket/runs", "--space", "digits_pbt"],
+        ["--", "report", "s3://AKIA:s3cr3t@bucket/runs", "-o", "/shared/report"],
+        ["--", "distill", "--storage", "/shared/runs", "teacher.weights=s3://AKIA:s3cr3t@bucket/t.pt"],
+    ],
+)
+def test_submit_refuses_a_secret_before_reaching_the_cluster(args, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    command = [] if "--" in args else ["--", "tune", "--storage", "/shared/runs", "--space", "digits_pbt"]
+    # An address where nothing answers: the refusal must come before any request.
+    code = main(["submit", "--address", "http://127.0.0.1:9", *args, *command])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "s3cr3t" not in err and "no Ray job server" not in err
+    assert "environment" in err
