@@ -142,6 +142,17 @@ class Storage:
         self.makedirs(relative)
         pafs.copy_files(source.root, self.path(relative), source_filesystem=source.fs, destination_filesystem=self.fs)
 
+    def move_dir(self, relative: str, to: str) -> None:
+        """Move a directory over ``to`` (replacing it): one rename on a local filesystem; on an object store,
+        which has none, a copy of every object and then a delete."""
+        self.delete_dir(to)
+        if self.is_local:
+            os.replace(self.path(relative), self.path(to))
+            return
+        self.makedirs(to)
+        pafs.copy_files(self.path(relative), self.path(to), source_filesystem=self.fs, destination_filesystem=self.fs)
+        self.delete_dir(relative)
+
     def delete_dir(self, relative: str) -> None:
         if self.exists(relative):
             self.fs.delete_dir(self.path(relative))

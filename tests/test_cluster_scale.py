@@ -43,8 +43,8 @@ def test_fractional_gpus_stay_allowed_for_one_worker():
     check_gpus_per_worker(1, 0.25, "--gpus-per-trial 0.25")
     check_gpus_per_worker(2, 1.0, "--workers 2 --gpus-per-worker 1")
     check_gpus_per_worker(4, 0.0, "--workers 4")  # CPU workers
-    with pytest.raises(ConfigError, match=r"whole number of GPUs \(2\)"):
-        check_gpus_per_worker(2, 1.5, "--workers 2 --gpus-per-worker 1.5")
+    with pytest.raises(ConfigError, match=r"whole number of GPUs \(1\)"):
+        check_gpus_per_worker(2, 0.75, "--workers 2 --gpus-per-worker 0.75")
 
 
 def test_pbt_explores_inside_the_search_space(digits_cfg):

@@ -134,6 +134,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
 
+def registered_checkpoints(run: Storage) -> set[str] | None:
+    """The checkpoint directories Ray Train took in for this run (its checkpoint manager's record); None when
+    Ray Train never recorded one there (an in-process run)."""
+    try:
+        result = ray.train.Result.from_path(run.root, storage_filesystem=run.fs)
+    except RuntimeError:  # no record of a Train run in that directory
+        return None
+    return {Path(checkpoint.path).name for checkpoint, _ in result.best_checkpoints}
+
+
 def prepare_probe(cfg: RunConfig) -> None:
     """Make the teacher's probe set once, before any worker needs it (workers then only read it)."""
     if cfg.eval.probe_per_class:
@@ -160,8 +170,14 @@ def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Sca
 
 
 def check_gpus_per_worker(workers: int, gpus_per_worker: float, how: str) -> None:
-    """Two NCCL ranks on one GPU are refused by NCCL: a DDP worker gets whole GPUs. ``how`` names the
-    options that set the share, for the message. Fractional GPUs stay allowed for a single worker."""
+    """A DDP worker uses one GPU: more would sit idle (model parallelism is out of scope), and two NCCL ranks on
+    one GPU are refused by NCCL. ``how`` names the options that set the share, for the message. Fractional GPUs
+    stay allowed for a single worker."""
+    if gpus_per_worker > 1:
+        raise ConfigError(
+            f"{how} gives each worker {gpus_per_worker:g} GPUs, and cpsc-ray runs one GPU per worker (data parallel; "
+            f"model parallelism is out of scope), so the rest would sit idle: ask for one worker per GPU instead"
+        )
     if workers > 1 and gpus_per_worker % 1:
         whole = max(1, round(gpus_per_worker))
         raise ConfigError(
@@ -198,7 +214,7 @@ def run_distributed(
     on_worker_resources(gpus_per_worker, prepare_probe, cfg)
     if not resume:  # a new run directory only once its teacher is known to load
         cfg, outputs, name = open_run(cfg, None)
-    newest = resume_point(outputs, name) if resume else None
+    newest = resume_point(outputs, name, registered_checkpoints(outputs)) if resume else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

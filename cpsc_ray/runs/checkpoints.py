@@ -1,11 +1,19 @@
 """Checkpoints of a run: the engine's complete state (``state.pt``) and the run's bookkeeping
 (``meta.json``), written as bytes so that any storage (a local folder, object storage, a Ray
-checkpoint directory) can hold them, and read back with ``weights_only=True``."""
+checkpoint directory) can hold them, and read back with ``weights_only=True``.
+
+``meta.json`` is also the checkpoint's manifest: written last, it names every other file with its size and
+SHA-256. A checkpoint is complete when its meta is there and every file it names has its size; a process or a
+node lost while writing (or uploading) one leaves it incomplete, and resuming skips it, with a warning, for
+the one before. ``checkpoints/last`` keeps that one as ``checkpoints/previous`` until the new one is whole.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +23,14 @@ from cpsc_ray.config import ConfigError
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.storage import Storage
 
+logger = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 LAST = "checkpoints/last"
+PREVIOUS = "checkpoints/previous"  # the last complete one, kept while ``LAST`` is rewritten
 BEST_STUDENT = "best_student"  # the state entry that holds the run's best student weights
+MANIFEST = "files"  # the meta entry naming every other file: {name: {"bytes": n, "sha256": hex}}
 
 
 def checkpoint_files(
@@ -31,13 +43,27 @@ def checkpoint_files(
     if best_student is not None:
         state[BEST_STUDENT] = best_student
     torch.save(state, buffer)
-    return {STATE_FILE: buffer.getvalue(), META_FILE: json.dumps(meta, indent=2, default=str).encode()}
+    return with_manifest({STATE_FILE: buffer.getvalue()}, meta)
+
+
+def with_manifest(files: dict[str, bytes], meta: dict[str, Any]) -> dict[str, bytes]:
+    """``files`` and, last, the meta that names them: write them in this order."""
+    manifest = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    return {**files, META_FILE: json.dumps({**meta, MANIFEST: manifest}, indent=2, default=str).encode()}
 
 
 def write_checkpoint_dir(directory: Path, files: dict[str, bytes]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (directory / name).write_bytes(data)
+
+
+def write_last_checkpoint(run: Storage, files: dict[str, bytes]) -> None:
+    """``LAST`` rewritten, the complete checkpoint it held kept as ``PREVIOUS`` until the new one is whole."""
+    if missing_files(run, LAST) is None:
+        run.move_dir(LAST, PREVIOUS)
+    for name, data in files.items():
+        run.write_bytes(f"{LAST}/{name}", data)
 
 
 class CheckpointError(ConfigError):
@@ -52,12 +78,15 @@ def read_checkpoint(storage: Storage, relative: str = "") -> tuple[dict, dict]:
             raise CheckpointError(f"checkpoint {where}: {name} is missing; is this a cpsc-ray checkpoint directory?")
     try:
         meta = storage.read_json(f"{relative}/{META_FILE}" if relative else META_FILE)
-        state = torch.load(
-            io.BytesIO(storage.read_bytes(f"{relative}/{STATE_FILE}" if relative else STATE_FILE)),
-            map_location="cpu",
-            weights_only=True,
-        )
-    except Exception as err:  # noqa: BLE001 - torch and json raise many types for a damaged file
+        data = storage.read_bytes(f"{relative}/{STATE_FILE}" if relative else STATE_FILE)
+    except Exception as err:  # noqa: BLE001 - pyarrow and json raise many types for a damaged file
+        raise CheckpointError(f"checkpoint {where}: cannot be read ({type(err).__name__}: {err})") from None
+    listed = meta.get(MANIFEST, {}).get(STATE_FILE)  # checkpoints written before the manifest name none
+    if listed is not None and hashlib.sha256(data).hexdigest() != listed["sha256"]:
+        raise CheckpointError(f"checkpoint {where}: {STATE_FILE} does not match its digest (written only in part?)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {where}: cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "student" not in state or "epoch" not in meta:
         raise CheckpointError(f"checkpoint {where}: not an engine state (no student weights or epoch)")
@@ -72,18 +101,43 @@ def restore_engine(engine: DistillEngine, state: dict, where: str) -> None:
         raise CheckpointError(f"checkpoint {where}: does not fit this run's models ({first})") from None
 
 
-def newest_checkpoint(run: Storage) -> str | None:
-    """The newest checkpoint directory of a run (relative to it), whichever mode wrote it: an in-process
-    run's ``checkpoints/last`` or Ray Train's ``checkpoint_*``; None when there is none."""
-    candidates = [d for d in run.list_dirs() if d.startswith("checkpoint_")] + [LAST]
-    epochs = {d: run.read_json(f"{d}/{META_FILE}")["epoch"] for d in candidates if run.exists(f"{d}/{META_FILE}")}
+def missing_files(run: Storage, checkpoint: str) -> str | None:
+    """What a checkpoint directory lacks to be complete (its meta, or a file of the size its meta names), or
+    None when it is complete. A checkpoint written before the manifest is taken as complete when its meta is
+    there (its state was written first)."""
+    if not run.exists(f"{checkpoint}/{META_FILE}"):
+        return META_FILE
+    for name, listed in run.read_json(f"{checkpoint}/{META_FILE}").get(MANIFEST, {}).items():
+        info = run.fs.get_file_info(run.path(checkpoint, name))
+        if info.size != listed["bytes"]:
+            return f"{name} ({info.size or 0} of {listed['bytes']} bytes)"
+    return None
+
+
+def newest_checkpoint(run: Storage, registered: set[str] | None = None) -> str | None:
+    """The newest complete checkpoint directory of a run (relative to it), whichever mode wrote it: an
+    in-process run's ``checkpoints/last`` or ``previous``, or Ray Train's ``checkpoint_*`` (only those in
+    ``registered`` when given: the ones Ray Train took in); None when there is none. Incomplete ones, and
+    Ray Train's that it never registered, are skipped with a warning."""
+    trained = [d for d in run.list_dirs() if d.startswith("checkpoint_")]
+    epochs = {}
+    for directory in [*trained, LAST, PREVIOUS]:
+        if not run.exists(directory):
+            continue
+        missing = missing_files(run, directory)
+        if missing is None and registered is not None and directory in trained and directory not in registered:
+            missing = "Ray Train's registration (written as its node or process was lost)"
+        if missing is None:
+            epochs[directory] = run.read_json(f"{directory}/{META_FILE}")["epoch"]
+        else:
+            logger.warning("checkpoint %s is incomplete, skipped: it lacks %s", run.uri(directory), missing)
     return max(epochs, key=epochs.get) if epochs else None
 
 
-def resume_point(run: Storage, name: str) -> str | None:
-    """What ``--resume`` continues from: the newest checkpoint. A run that has epochs but no checkpoint
-    is refused rather than started over, which would overwrite its metrics."""
-    newest = newest_checkpoint(run)
+def resume_point(run: Storage, name: str, registered: set[str] | None = None) -> str | None:
+    """What ``--resume`` continues from: the newest complete checkpoint. A run that has epochs but no
+    checkpoint is refused rather than started over, which would overwrite its metrics."""
+    newest = newest_checkpoint(run, registered)
     if newest is None and run.exists("metrics.parquet") and run.read_parquet("metrics.parquet").num_rows:
         raise CheckpointError(
             f"--resume {name}: the run has metrics but no checkpoint to continue from ({run.uri()}); "

@@ -30,7 +30,7 @@ from cpsc_ray.method.engine import DistillEngine, DivergenceError
 from cpsc_ray.results.plots import sample_grid
 from cpsc_ray.results.schema import EVAL_METRICS, config_row, epoch_table, versions
 from cpsc_ray.results.store import charged_device_s, charged_images, latest, run_name
-from cpsc_ray.runs.checkpoints import LAST, checkpoint_files
+from cpsc_ray.runs.checkpoints import checkpoint_files, write_last_checkpoint
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor
 from cpsc_ray.runs.tensorboard import EpochScalars
@@ -260,10 +260,8 @@ class DistillRun:
         return checkpoint_files(self.engine, self.meta(), self._best_student)
 
     def write_last_checkpoint(self) -> None:
-        if self.outputs is None:
-            return
-        for name, data in self.checkpoint_files().items():
-            self.outputs.write_bytes(f"{LAST}/{name}", data)
+        if self.outputs is not None:
+            write_last_checkpoint(self.outputs, self.checkpoint_files())
 
     def finish(self) -> RunSummary:
         """Summary and config; returns the summary."""

@@ -1,0 +1,84 @@
+"""Checkpoints a lost node or process left half-written are skipped: every checkpoint's meta.json is written last
+and names its files' sizes and digests, ``checkpoints/last`` keeps the one before it until it is whole, and
+``--resume`` continues from the newest complete checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import TINY
+from test_cluster_scale import Crash, crash_after
+
+from cpsc_ray.cli import main
+from cpsc_ray.cluster.train import check_gpus_per_worker
+from cpsc_ray.config import ConfigError
+from cpsc_ray.runs.checkpoints import META_FILE, STATE_FILE, newest_checkpoint, read_checkpoint, with_manifest
+from cpsc_ray.storage import Storage
+
+
+def write_checkpoint(run: Path, name: str, epoch: int, state: bytes = b"engine state") -> Path:
+    files = with_manifest({STATE_FILE: state}, {"epoch": epoch})
+    for file, data in files.items():
+        (run / name).mkdir(parents=True, exist_ok=True)
+        (run / name / file).write_bytes(data)
+    return run / name
+
+
+def test_the_newest_complete_checkpoint_wins_and_a_half_written_one_is_named(tmp_path, caplog):
+    run = tmp_path / "run"
+    write_checkpoint(run, "checkpoint_2026-01-01_00-00-01.000001", epoch=1)
+    write_checkpoint(run, "checkpoint_2026-01-01_00-00-02.000002", epoch=2)
+    truncated = write_checkpoint(run, "checkpoint_2026-01-01_00-00-03.000003", epoch=3)
+    (truncated / STATE_FILE).write_bytes(b"engine")  # the upload stopped part way
+    unlisted = write_checkpoint(run, "checkpoint_2026-01-01_00-00-04.000004", epoch=4)
+    (unlisted / META_FILE).unlink()  # its meta (the manifest) never arrived
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray"):
+        assert newest_checkpoint(Storage(str(run))) == "checkpoint_2026-01-01_00-00-02.000002"
+    assert "checkpoint_2026-01-01_00-00-03.000003" in caplog.text and "incomplete" in caplog.text
+
+    # Under Ray Train, a checkpoint Train never registered (written as its node was lost) is skipped too.
+    registered = {"checkpoint_2026-01-01_00-00-01.000001"}
+    assert newest_checkpoint(Storage(str(run)), registered=registered) == "checkpoint_2026-01-01_00-00-01.000001"
+
+
+def test_a_digest_that_does_not_match_is_refused_on_read(tmp_path):
+    directory = write_checkpoint(tmp_path, "c", epoch=1, state=b"engine state")
+    (directory / STATE_FILE).write_bytes(b"ENGINE STATE")  # same size, other bytes
+    with pytest.raises(ConfigError, match=r"checkpoint .*/c: state.pt does not match its digest"):
+        read_checkpoint(Storage(str(directory)))
+
+
+def test_resume_continues_from_the_checkpoint_before_a_half_written_last(digits_cfg, tmp_path, monkeypatch, caplog):
+    storage = str(tmp_path / "runs")
+    run = tmp_path / "runs/half"
+    crash_after(monkeypatch, 3)  # epochs 1 and 2 checkpointed; epoch 3 trained, its checkpoint never written
+    with pytest.raises(Crash):
+        main(
+            ["distill", "--name", "half", *TINY, "train.epochs=3", "train.checkpoint_every=1", f"output_dir={storage}"]
+        )
+    monkeypatch.undo()
+    assert json.loads((run / "checkpoints/last" / META_FILE).read_text())["epoch"] == 2
+    assert json.loads((run / "checkpoints/previous" / META_FILE).read_text())["epoch"] == 1
+    state = run / "checkpoints/last" / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # the process died writing it
+
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray"):
+        assert main(["distill", "--resume", "half", f"output_dir={storage}"]) == 0
+    assert "checkpoints/last" in caplog.text and "incomplete" in caplog.text
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # Continued from epoch 1: epochs 2 and 3 ran again, and the work of their first runs is charged to epoch 2.
+    assert rows[1]["lost_images"] == 2 * rows[0]["epoch_images"]
+    assert read_checkpoint(Storage(str(run)), "checkpoints/last")[1]["epoch"] == 3
+
+
+def test_a_worker_never_gets_more_than_one_gpu():
+    check_gpus_per_worker(2, 1.0, "--workers 2 --gpus-per-worker 1")
+    with pytest.raises(ConfigError, match=r"--workers 2 --gpus-per-worker 2 .* one GPU per worker .* idle"):
+        check_gpus_per_worker(2, 2.0, "--workers 2 --gpus-per-worker 2")
+    with pytest.raises(ConfigError, match=r"--gpus-per-trial 4 --workers-per-trial 1 .* one GPU per worker"):
+        check_gpus_per_worker(1, 4.0, "--gpus-per-trial 4 --workers-per-trial 1")
