@@ -82,3 +82,36 @@ def test_a_worker_never_gets_more_than_one_gpu():
         check_gpus_per_worker(2, 2.0, "--workers 2 --gpus-per-worker 2")
     with pytest.raises(ConfigError, match=r"--gpus-per-trial 4 --workers-per-trial 1 .* one GPU per worker"):
         check_gpus_per_worker(1, 4.0, "--gpus-per-trial 4 --workers-per-trial 1")
+
+
+def test_resume_or_start_starts_a_run_then_continues_it_under_its_one_name(digits_cfg, tmp_path, monkeypatch):
+    """The same command three times, as a retried job runs it: it starts, then continues from the newest
+    checkpoint, then (the run finished) trains nothing more."""
+    storage = tmp_path / "runs"
+    command = ["distill", "--resume-or-start", "job", *TINY, "train.epochs=4", "train.checkpoint_every=2"]
+    command.append(f"output_dir={storage}")
+    crash_after(monkeypatch, 3)
+    with pytest.raises(Crash):
+        main(command)
+    monkeypatch.undo()
+    first = pq.read_table(storage / "job/metrics.parquet").to_pylist()
+    assert main(command) == 0
+    rows = pq.read_table(storage / "job/metrics.parquet").to_pylist()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == first[:2], "continued from epoch 2's checkpoint, not started over"
+    assert main(command) == 0
+    assert pq.read_table(storage / "job/metrics.parquet").to_pylist() == rows
+    assert sorted(p.name for p in storage.iterdir()) == ["job", "results"]
+
+
+def test_resume_or_start_starts_over_a_run_that_has_no_checkpoint(tmp_path, caplog):
+    from cpsc_ray.results.schema import epoch_table
+    from cpsc_ray.runs.checkpoints import CheckpointError, resume_point
+
+    run = Storage(str(tmp_path / "run"))
+    run.write_parquet("metrics.parquet", epoch_table([{"epoch": 1}]))
+    with pytest.raises(CheckpointError, match="no checkpoint to continue from"):
+        resume_point(run, "run")
+    with caplog.at_level(logging.WARNING, logger="cpsc_ray"):
+        assert resume_point(run, "run", or_start=True) is None
+    assert "starts over" in caplog.text

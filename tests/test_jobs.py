@@ -78,3 +78,59 @@ def test_submit_refuses_a_secret_before_reaching_the_cluster(args, capsys, monke
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "s3cr3t" not in err and "no Ray job server" not in err
     assert "environment" in err
+
+
+class FlakyClient:
+    """A job server client whose status requests fail as a dropped connection does, ``drops`` times."""
+
+    def __init__(self, drops: int, error: Exception):
+        self.drops, self.error, self.calls = drops, error, 0
+
+    def get_job_status(self, job_id: str):
+        from ray.job_submission import JobStatus
+
+        self.calls += 1
+        if self.calls <= self.drops:
+            raise self.error
+        return JobStatus.SUCCEEDED
+
+
+def server_with(client: FlakyClient):
+    from cpsc_ray.cluster.submit import JobServer
+
+    server = JobServer.__new__(JobServer)
+    server.address, server.token, server.client = "http://head:8265", None, client
+    return server
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError("Connection refused"),  # what requests raises is an OSError
+        RuntimeError("Request failed with status code 503: upstream connect error."),
+    ],
+)
+def test_wait_rides_out_a_dropped_connection_and_says_so_once(error):
+    import io
+
+    report = io.StringIO()
+    client = FlakyClient(drops=2, error=error)
+    assert server_with(client).wait("job-1", timeout=60, report=report, reconnect_s=30).value == "SUCCEEDED"
+    lines = report.getvalue().splitlines()
+    assert client.calls == 3 and len([line for line in lines if "lost contact" in line]) == 1, lines
+    assert lines[-1] == "job-1: SUCCEEDED"
+
+
+def test_wait_gives_up_on_a_cluster_that_stays_away_or_forgot_the_job():
+    import io
+
+    from cpsc_ray.cluster.submit import JobUnknown
+
+    away = FlakyClient(drops=10**6, error=OSError("Connection refused"))
+    with pytest.raises(JobUnknown, match=r"no answer for 0.5 s while waiting for job-1, which may still be running"):
+        server_with(away).wait("job-1", timeout=60, report=io.StringIO(), reconnect_s=0.5)
+    forgotten = FlakyClient(
+        drops=1, error=RuntimeError("Request failed with status code 404: Job job-1 does not exist")
+    )
+    with pytest.raises(JobUnknown, match="no longer knows it .* --resume-or-start"):
+        server_with(forgotten).wait("job-1", timeout=60, report=io.StringIO(), reconnect_s=30)

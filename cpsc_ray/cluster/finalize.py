@@ -18,6 +18,7 @@ import ray
 import torch
 from safetensors.torch import load
 
+from cpsc_ray.cluster.reach import check_every_node_reads
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.config import ConfigError, RunConfig, validate_tree, with_values
 from cpsc_ray.method.engine import DivergenceError
@@ -44,8 +45,11 @@ def _configs(base: RunConfig, schedule: Schedule, seed: int, name: str, output_d
     return [(epoch, with_values(base, {**values, **fixed})) for epoch, values in schedule]
 
 
-def _finalize_seed(configs: list[tuple[int, RunConfig]], outputs: str, final: str, trial_id: str, method: str):
-    """One seed's rerun; a diverged seed returns no summary but keeps its rows (compute was spent)."""
+def _finalize_seed(
+    configs: list[tuple[int, RunConfig]], outputs: str, final: str, trial_id: str, method: str, resume: bool
+):
+    """One seed's rerun (with ``resume``, continued from its newest checkpoint, or started over when it has
+    none); a diverged seed returns no summary but keeps its rows (compute was spent)."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     storage = Storage(outputs)
     try:
@@ -53,6 +57,8 @@ def _finalize_seed(configs: list[tuple[int, RunConfig]], outputs: str, final: st
             configs[0][1],
             storage,
             final,
+            resume=resume,
+            or_start=resume,
             progress=False,
             schedule=dict(configs[1:]),
             role=RunRole(kind="finalize", trial_id=trial_id, method=method),
@@ -77,15 +83,23 @@ def export_student(run: Storage) -> None:
 
 
 def finalize(
-    experiment: str, seeds: int, storage: str | None = None, gpus: float = 0.0, cpus: float = 1.0
+    experiment: str,
+    seeds: int,
+    storage: str | None = None,
+    gpus: float = 0.0,
+    cpus: float = 1.0,
+    resume_or_start: bool = False,
 ) -> dict[str, Any]:
+    """Rerun the experiment's selection over ``seeds`` seeds as ``<experiment>-final`` (``resume_or_start``:
+    exactly that name, its seeds continued where they stopped; else a new name when it is taken)."""
     root = Storage(storage or ".")
     setup = TuneSetup.read(root, experiment)
     base = validate_tree(setup.base, f"{experiment}'s base config")
     winner, schedule = select(root, experiment)
-    final = new_run_name(root, f"{experiment}-final")
+    final = f"{experiment}-final" if resume_or_start else new_run_name(root, f"{experiment}-final")
     if not ray.is_initialized():
         ray.init()
+    check_every_node_reads(root, base)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finalize_seed)
     pending = [
         task.remote(
@@ -94,6 +108,7 @@ def finalize(
             final,
             f"seed{k}",
             setup.method,
+            resume_or_start,
         )
         for k in range(seeds)
     ]

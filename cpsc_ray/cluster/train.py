@@ -10,6 +10,7 @@ also where Ray Train keeps the checkpoints: ``<storage>/<run name>/``.
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
+from cpsc_ray.cluster.reach import check_every_node_reads
+from cpsc_ray.cluster.recovery import Fault, Recovery
 from cpsc_ray.cluster.reports import reported_metrics, tune_metrics
 from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
 from cpsc_ray.config import ConfigError, RunConfig
@@ -37,20 +40,26 @@ from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 
 FAULT_MARKER = ".fault-injected"
+HANG_S = 24 * 3600
+# Ray Train reads it in its controller, which it starts with this process's environment.
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 class DistributedRunError(RuntimeError):
     """A distributed run that failed for good; the message says what is kept and how to resume."""
 
 
-def inject_fault_once(outputs: Storage, epoch: int, fault_epoch: int | None, rank: int) -> None:
-    """Kill this worker process the first time any run reaches ``fault_epoch`` on rank 1 (rank 0 when
-    alone), to rehearse recovery. The marker in the run's storage makes it fire once across restarts."""
-    if fault_epoch is None or epoch != fault_epoch or rank != min(1, ray.train.get_context().get_world_size() - 1):
+def inject_fault_once(outputs: Storage, epoch: int, fault: Fault | None, rank: int) -> None:
+    """Inject ``fault`` the first time any run reaches its epoch, on rank 1 (rank 0 when alone). The marker in
+    the run's storage makes it fire once across restarts."""
+    if fault is None or epoch != fault.epoch or rank != min(1, ray.train.get_context().get_world_size() - 1):
         return
     if outputs.exists(FAULT_MARKER):
         return
-    outputs.write_text(FAULT_MARKER, f"worker {rank} killed at the start of epoch {epoch}\n")
+    what = "hung" if fault.kind == "hang" else "killed"
+    outputs.write_text(FAULT_MARKER, f"worker {rank} {what} at the start of epoch {epoch}\n")
+    if fault.kind == "hang":
+        time.sleep(HANG_S)  # until the restart that the peers' collective timeout causes ends this process
     os._exit(1)
 
 
@@ -63,7 +72,7 @@ class WorkerLoop:
     config: dict[str, Any]
     outputs: str
     role: RunRole
-    fault_epoch: int | None = None
+    fault: Fault | None = None
     start_state: str | None = None
     exploit: Exploit | None = None
     stop_epoch: int | None = None
@@ -80,7 +89,7 @@ class TrainReporter(Reporter):
         self.loop, self.outputs, self.rank = loop, outputs, rank
 
     def before_epoch(self, run: DistillRun, epoch: int) -> None:
-        inject_fault_once(self.outputs, epoch, self.loop.fault_epoch, self.rank)
+        inject_fault_once(self.outputs, epoch, self.loop.fault, self.rank)
 
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
         role = self.loop.role
@@ -101,6 +110,16 @@ class TrainReporter(Reporter):
         """Rank 0 has recorded the diverged epoch; the driver reads it from the metrics."""
 
 
+def waited_for_resources() -> float:
+    """Seconds this worker's group waited for its resources before Ray placed it: its placement group's
+    end-to-end creation latency (Ray's record of it, from the request to the last bundle placed)."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return 0.0
+    stats = ray.util.placement_group_table(group).get("stats") or {}
+    return stats.get("end_to_end_creation_latency_ms", 0.0) / 1000
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Every worker runs this; ``config["loop"]`` is the run's WorkerLoop."""
     loop: WorkerLoop = config["loop"]
@@ -113,7 +132,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prepared = prepare_engine(cfg, device, loop.role)
     outputs = Storage(loop.outputs)
     run = DistillRun(
-        prepared.engine, prepared.identity, outputs if rank == 0 else None, loop.keep_best, started_at=started_at
+        prepared.engine,
+        prepared.identity,
+        outputs if rank == 0 else None,
+        loop.keep_best,
+        started_at=started_at,
+        queued_s=waited_for_resources(),
     )
     starts = []  # Train's own checkpoint first: it wins a tie
     checkpoint = ray.train.get_checkpoint()
@@ -169,6 +193,49 @@ def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Sca
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
 
 
+def build_trainer(
+    loop: WorkerLoop,
+    shape: ScalingConfig,
+    name: str,
+    storage: Storage,
+    recovery: Recovery,
+    keep: int,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of a run (a distillation, a tuning trial, a round of one) named ``name`` under
+    ``storage``, keeping its last ``keep`` checkpoints and recovering as ``recovery`` says. A worker group's start
+    that waits past the start timeout (or fails) counts as a restart: Ray Train would otherwise retry it forever."""
+    os.environ[START_TIMEOUT_VAR] = str(recovery.start_timeout_s)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=shape,
+        torch_config=TorchConfig(timeout_s=int(recovery.collective_timeout_s)),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage.uri(),
+            failure_config=FailureConfig(recovery.max_restarts, controller_failure_limit=recovery.max_restarts),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def failure_reason(err: ray.train.TrainingFailedError, recovery: Recovery, workers: str) -> str:
+    """Why a Train run failed for good, in a line: a worker group that never got its resources, or workers that
+    failed more often than allowed."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # the one public class wraps it
+
+    if isinstance(err, ray.train.ControllerError) and isinstance(
+        err.controller_failure, WorkerGroupStartupTimeoutError
+    ):
+        return (
+            f"to start: its {workers} did not get their resources within --start-timeout {recovery.start_timeout_s:g} "
+            f"s (other jobs hold them, or the autoscaler could not add nodes); free them or raise --start-timeout"
+        )
+    return f"after {recovery.max_restarts} allowed worker-group restart(s): {str(err).splitlines()[0]}"
+
+
 def check_gpus_per_worker(workers: int, gpus_per_worker: float, how: str) -> None:
     """A DDP worker uses one GPU: more would sit idle (model parallelism is out of scope), and two NCCL ranks on
     one GPU are refused by NCCL. ``how`` names the options that set the share, for the message. Fractional GPUs
@@ -186,19 +253,37 @@ def check_gpus_per_worker(workers: int, gpus_per_worker: float, how: str) -> Non
         )
 
 
+def _fit(trainer: TorchTrainer, request: Request, recovery: Recovery, outputs: Storage) -> None:
+    """Run the trainer, saying what it waits for; a run that fails for good raises a DistributedRunError."""
+    name = posixpath.basename(outputs.root)
+    try:
+        with reporting_waits(request):
+            trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        kept = "its checkpoints are kept there" if newest_checkpoint(outputs) else "it wrote no checkpoint yet"
+        raise DistributedRunError(
+            f"run {name} failed {failure_reason(err, recovery, request.describe())}; {kept} ({outputs.uri()}): "
+            f"continue it with --resume {name}"
+        ) from None
+
+
 def run_distributed(
     cfg: RunConfig,
     workers: int,
     gpus_per_worker: float = 0.0,
     cpus_per_worker: float = 1.0,
     storage: str | None = None,
-    max_failures: int = 0,
+    recovery: Recovery | None = None,
     resume: str | None = None,
-    fault_epoch: int | None = None,
+    fault: Fault | None = None,
     autoscaling: bool = False,
+    or_start: bool = False,
 ) -> dict[str, Any]:
+    """A distillation over ``workers`` Ray Train workers: a new run, or with ``resume`` the named one continued
+    (``or_start``: started over when it has no complete checkpoint)."""
     if cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by --workers {workers}")
+    recovery = recovery or Recovery()
     how = f"--workers {workers} --gpus-per-worker {gpus_per_worker:g} --cpus-per-worker {cpus_per_worker:g}"
     check_gpus_per_worker(workers, gpus_per_worker, how)
     if storage:
@@ -212,38 +297,20 @@ def run_distributed(
         cfg, outputs, name = open_run(cfg, resume)
     cfg = on_worker_resources(gpus_per_worker, ensure_teacher, cfg, False)
     on_worker_resources(gpus_per_worker, prepare_probe, cfg)
-    if not resume:  # a new run directory only once its teacher is known to load
+    check_every_node_reads(Storage(cfg.output_dir), cfg)
+    if not resume:  # a new run directory only once its teacher is known to load and every node reads it
         cfg, outputs, name = open_run(cfg, None)
-    newest = resume_point(outputs, name, registered_checkpoints(outputs)) if resume else None
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "loop": WorkerLoop(
-                config=cfg.model_dump(),
-                outputs=outputs.uri(),
-                role=RunRole(kind="distill", experiment=name),
-                fault_epoch=fault_epoch,
-                start_state=outputs.uri(newest) if newest else None,
-                launched_at=time.time(),
-            )
-        },
-        scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=Storage(cfg.output_dir).uri(),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+    newest = resume_point(outputs, name, registered_checkpoints(outputs), or_start) if resume else None
+    loop = WorkerLoop(
+        config=cfg.model_dump(),
+        outputs=outputs.uri(),
+        role=RunRole(kind="distill", experiment=name),
+        fault=fault,
+        start_state=outputs.uri(newest) if newest else None,
+        launched_at=time.time(),
     )
-    try:
-        with reporting_waits(request):
-            trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        kept = "its checkpoints are kept there" if newest_checkpoint(outputs) else "it wrote no checkpoint yet"
-        raise DistributedRunError(
-            f"run {name} failed after {max_failures} allowed worker failure(s): {str(err).splitlines()[0]}; "
-            f"{kept} ({outputs.uri()}): continue it with --resume {name}, or allow restarts with --max-failures"
-        ) from None
+    shape = scaling(workers, gpus_per_worker, cpus_per_worker)
+    _fit(build_trainer(loop, shape, name, Storage(cfg.output_dir), recovery, keep=2), request, recovery, outputs)
     if not outputs.exists("summary.json"):
         last = outputs.read_parquet("metrics.parquet").to_pylist()[-1]
         raise DistributedRunError(

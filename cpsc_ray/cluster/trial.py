@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from ray import tune
 from ray.tune import Checkpoint
 
+from cpsc_ray.cluster.recovery import DRIVER_RESOURCE_SHARE
 from cpsc_ray.cluster.reports import tune_metrics
-from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
+from cpsc_ray.cluster.train import WorkerLoop, build_trainer, scaling
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.config import RunConfig, flatten, with_values
 from cpsc_ray.method.engine import DivergenceError
@@ -136,24 +135,8 @@ def report_diverged(row: dict[str, Any], history: list[dict[str, Any]], setup: T
 
 
 def _trainer(setup: TuneSetup, loop: WorkerLoop, storage: Storage, name: str, keep: int, callbacks: list | None = None):
-    from ray.train import CheckpointConfig, FailureConfig
-    from ray.train.torch import TorchTrainer
-
-    # Worker groups of several trials can be ready at once; one then waits for its turn instead of
-    # failing at Train's 60 s start timeout (the variable reaches Train's controller).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(24 * 3600))
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"loop": loop},
-        scaling_config=scaling(setup.workers, setup.gpus_per_worker, setup.cpus_per_worker),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage.uri(),
-            failure_config=FailureConfig(max_failures=setup.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep),
-            callbacks=callbacks,
-        ),
-    )
+    shape = scaling(setup.workers, setup.gpus_per_worker, setup.cpus_per_worker)
+    return build_trainer(loop, shape, name, storage, setup.recovery, keep, callbacks)
 
 
 def _trial_as_one_train_run(cfg: RunConfig, setup: TuneSetup, trial_id: str, outputs: Storage) -> None:
@@ -232,6 +215,8 @@ def _drop_old_rounds(rounds: Storage, keep: int) -> None:
 def trainable(setup: TuneSetup):
     """``tune_trial`` with the experiment's setup bound and each trial's resources."""
     per_worker = {"CPU": setup.cpus_per_worker, "GPU": setup.gpus_per_worker}
-    # Multi-worker trials hold their workers through Ray Train; the trainable itself only waits on them.
-    resources = per_worker if setup.workers == 1 else {"CPU": TRAINABLE_CPUS}
+    # Multi-worker trials hold their workers through Ray Train; the trainable itself only waits on them, on a node
+    # that carries the driver resource when one is named (Train's controller follows it there).
+    driver = {setup.driver_resource: DRIVER_RESOURCE_SHARE} if setup.driver_resource else {}
+    resources = per_worker if setup.workers == 1 else {"CPU": TRAINABLE_CPUS, **driver}
     return tune.with_resources(tune.with_parameters(tune_trial, setup=setup), resources)

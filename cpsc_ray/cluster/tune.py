@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
 from ray import tune
 
-from cpsc_ray.cluster.resources import Request, check_fits, reporting_waits
+from cpsc_ray.cluster.reach import check_every_node_reads
+from cpsc_ray.cluster.recovery import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S
+from cpsc_ray.cluster.resources import Capacity, Request, check_fits, check_resource_exists, reporting_waits
 from cpsc_ray.cluster.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.train import check_gpus_per_worker
 from cpsc_ray.cluster.trial import TRAINABLE_CPUS, trainable
@@ -57,9 +59,13 @@ class TuneOptions:
     storage: str | None = None
     name: str | None = None
     keep_checkpoints: int | None = 3  # per trial; None keeps all
-    max_failures: int = 0
+    max_failures: int = 0  # Tune's retries of a failed trial
+    max_restarts: int = 0  # Ray Train's restarts of a multi-worker trial's worker group, within one try
+    start_timeout_s: float = START_TIMEOUT_S  # how long a multi-worker trial's worker group waits for resources
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+    driver_resource: str | None = None  # keep multi-worker trials' own processes on nodes that carry it
     search_seed: int = 0
-    autoscaling: bool = False  # the cluster adds nodes on demand: a request larger than it is now may wait
+    autoscaling: bool = False  # nodes come on demand though no autoscaler reported its node types
 
     @property
     def method(self) -> str:
@@ -191,34 +197,29 @@ def defaults_point(cfg: RunConfig, space: SearchSpace) -> dict[str, Any]:
 
 
 def run_tune(
-    cfg: RunConfig, options: TuneOptions, resume: bool = False, callbacks: list | None = None
+    cfg: RunConfig, options: TuneOptions, resume: bool = False, callbacks: list | None = None, or_start: bool = False
 ) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary.
+    """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary. ``or_start``:
+    continue the experiment ``options.name`` when Tune can restore it, else start it under exactly that name.
     ``callbacks`` are Ray Tune callbacks, for programmatic use."""
     request = trial_request(options)
     check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, request.how)
     cfg = with_absolute_paths(cfg)
     root = Storage(options.storage or cfg.output_dir)
-    if resume:
+    if resume or (or_start and tune.Tuner.can_restore(root.uri(options.name))):
         return _resume(root, options)
     space = load_search_space(options.space, cfg)
-    if options.population_based:
-        space.check_perturbable()
-    if options.minimize_device_seconds and options.search != "optuna":
-        raise ConfigError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
-    if options.minimize_device_seconds and options.scheduler == "asha":
-        raise ConfigError(
-            "--minimize-device-seconds with --scheduler asha: trials ASHA stops would enter the Pareto front at "
-            "their early, cheap values; use --scheduler fifo"
-        )
+    _check_search(options, space)
     metric = objective_metric(cfg, options.metric)
     check_model_names(cfg)
     seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
-    experiment = new_run_name(root, options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
+    named = options.name or f"{cfg.name}-{options.method.replace('+', '-')}"
+    experiment = named if or_start else new_run_name(root, named)
     if not ray.is_initialized():  # only once the request is known to be valid
         ray.init()
-    check_fits(request, options.autoscaling)
+    _check_cluster(request, options)
     cfg = _resolve_teacher(cfg, options)
+    check_every_node_reads(root, cfg)
     setup = _new_setup(root, cfg, options, space, experiment, metric)
     setup.write(root)
     if options.seed_defaults:  # a search that starts where the shipped defaults are cannot end below them
@@ -256,6 +257,25 @@ def run_tune(
         return _collect(root, experiment, tuner.fit())
 
 
+def _check_cluster(request: Request, options: TuneOptions) -> None:
+    """Refuse trials the cluster can never hold, or a driver resource no node carries."""
+    check_fits(request, options.autoscaling)
+    if options.driver_resource and options.workers_per_trial > 1:
+        check_resource_exists(options.driver_resource, "--driver-resource", options.autoscaling)
+
+
+def _check_search(options: TuneOptions, space: SearchSpace) -> None:
+    if options.population_based:
+        space.check_perturbable()
+    if options.minimize_device_seconds and options.search != "optuna":
+        raise ConfigError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
+    if options.minimize_device_seconds and options.scheduler == "asha":
+        raise ConfigError(
+            "--minimize-device-seconds with --scheduler asha: trials ASHA stops would enter the Pareto front at "
+            "their early, cheap values; use --scheduler fifo"
+        )
+
+
 def trial_request(options: TuneOptions) -> Request:
     """What the trials ask of the cluster: one trial's workers, times the trials asked to run at once."""
     gpus_per_trial = options.gpus_per_worker * options.workers_per_trial
@@ -283,6 +303,7 @@ def _resume(root: Storage, options: TuneOptions) -> dict[str, Any]:
     if not ray.is_initialized():  # only once there is an experiment to continue
         ray.init()
     setup = TuneSetup.read(root, options.name)
+    check_every_node_reads(root, RunConfig.model_validate(setup.base))  # the cluster may have changed meanwhile
     tuner = tune.Tuner.restore(path, trainable=trainable(setup), resume_errored=True)
     with reporting_waits(trial_request(TuneOptions(**setup.options))):
         return _collect(root, options.name, tuner.fit())  # finished trials are not rerun
@@ -301,7 +322,10 @@ def _new_setup(
         workers=options.workers_per_trial,
         gpus_per_worker=options.gpus_per_worker,
         cpus_per_worker=options.cpus_per_worker,
-        max_failures=options.max_failures,
+        max_restarts=options.max_restarts,
+        start_timeout_s=options.start_timeout_s,
+        collective_timeout_s=options.collective_timeout_s,
+        driver_resource=options.driver_resource,
         # Population-based trials checkpoint at every perturbation boundary: PBT clones those states.
         checkpoint_every=options.perturbation_interval if options.population_based else cfg.train.checkpoint_every,
         keep_checkpoints=options.keep_checkpoints,
@@ -330,11 +354,12 @@ def _collect(root: Storage, experiment: str, grid) -> dict[str, Any]:
 
 
 def _fitting_concurrency(options: TuneOptions) -> int:
-    """As many trials at once as the cluster can hold whole, so no worker group waits on a timeout."""
-    available = ray.cluster_resources()
-    per_trial = trial_request(options).per_group
-    fits = [int(available.get(k, 0) // v) for k, v in per_trial.items() if v > 0]
-    return max(1, min(fits)) if fits else 1
+    """As many trials at once as the cluster can hold whole at its largest (with the nodes its autoscaler may
+    add), so trials queue for nodes that can come and no worker group waits for ones that cannot."""
+    request = replace(trial_request(options), groups=1)
+    if not request.per_worker:
+        return options.num_samples
+    return max(1, Capacity.of_cluster().groups(request, most=options.num_samples))
 
 
 def _resolve_teacher(cfg: RunConfig, options: TuneOptions) -> RunConfig:

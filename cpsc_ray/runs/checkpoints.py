@@ -134,11 +134,15 @@ def newest_checkpoint(run: Storage, registered: set[str] | None = None) -> str |
     return max(epochs, key=epochs.get) if epochs else None
 
 
-def resume_point(run: Storage, name: str, registered: set[str] | None = None) -> str | None:
+def resume_point(run: Storage, name: str, registered: set[str] | None = None, or_start: bool = False) -> str | None:
     """What ``--resume`` continues from: the newest complete checkpoint. A run that has epochs but no
-    checkpoint is refused rather than started over, which would overwrite its metrics."""
+    checkpoint is refused rather than started over, which would overwrite its metrics; with ``or_start``
+    (``--resume-or-start``: a retried job must not fail for it) it starts over, its lost epochs charged to it."""
     newest = newest_checkpoint(run, registered)
     if newest is None and run.exists("metrics.parquet") and run.read_parquet("metrics.parquet").num_rows:
+        if or_start:
+            logger.warning("run %s has epochs but no complete checkpoint: it starts over (%s)", name, run.uri())
+            return None
         raise CheckpointError(
             f"--resume {name}: the run has metrics but no checkpoint to continue from ({run.uri()}); "
             f"start a new run instead (without --resume)"

@@ -42,6 +42,7 @@ def execute(
     name: str,
     *,
     resume: bool = False,
+    or_start: bool = False,
     progress: bool = True,
     schedule: dict[int, RunConfig] | None = None,
     role: RunRole | None = None,
@@ -54,7 +55,7 @@ def execute(
     prepared = prepare_engine(cfg, role=RunRole(role.kind, name, role.trial_id, role.method, role.selection))
     run = DistillRun(prepared.engine, prepared.identity, outputs, started_at=started_at)
     start = None
-    newest = resume_point(outputs, name) if resume else None
+    newest = resume_point(outputs, name, or_start=or_start) if resume else None
     if newest is not None:  # an in-process run's checkpoints/last, or a Ray Train run's newest
         start = StartState(*read_checkpoint(outputs, newest), where=outputs.uri(newest))
     with tqdm(total=cfg.train.epochs, initial=start.epoch if start else 0, desc=name, disable=not progress) as bar:
@@ -62,10 +63,13 @@ def execute(
     return RunSummary(**end.summary, run_dir=outputs.uri()), run.history
 
 
-def run_in_process(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> RunSummary:
+def run_in_process(
+    cfg: RunConfig, resume: str | None = None, progress: bool = True, or_start: bool = False
+) -> RunSummary:
+    """A new run, or with ``resume`` the named one continued (``or_start``: started over when it has no checkpoint)."""
     if not resume:
         load_teacher(ensure_teacher(cfg, progress))  # a teacher that does not fit fails before a run dir exists
     cfg, outputs, name = open_run(cfg, resume)
-    summary, history = execute(cfg, outputs, name, resume=bool(resume), progress=progress)
+    summary, history = execute(cfg, outputs, name, resume=bool(resume), or_start=or_start, progress=progress)
     publish(Storage(cfg.output_dir), name, history, [])
     return summary

@@ -14,7 +14,9 @@ Run directory::
 
 Compute is charged to the run that spent it: epochs lost to a restart (and run again) and each start's
 set-up are added to the first epoch after it (``lost_images``, ``overhead_s``), so a trial's totals hold
-all the work it did, not only the work its surviving rows show.
+all the work it did, not only the work its surviving rows show. The time a start waited for its worker
+group's resources (other jobs' GPUs, a node still booting) is no work: it is recorded as ``queued_s``,
+never charged.
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ class DistillRun:
         outputs: Storage | None,
         keep_best: bool = True,
         started_at: float | None = None,
+        queued_s: float = 0.0,
     ):
         """``started_at`` (``time.time()``) is when this start began: its set-up up to the first epoch is
-        charged to that epoch. Default: now."""
+        charged to that epoch, less ``queued_s``, the part of it spent waiting for resources. Default: now."""
         self.engine = engine
         self.identity = identity
         self.outputs = outputs  # None on ranks other than 0
@@ -117,6 +120,7 @@ class DistillRun:
         # (``resume_from``) they were lost with it, and their work is charged to the next epoch.
         self._written = self._read_rows()
         self._setup_from = max([started_at or time.time(), *self._written_at()])
+        self._queued_s = queued_s
         self._lost = self._written
 
     def _read_rows(self) -> list[dict[str, Any]]:
@@ -145,11 +149,15 @@ class DistillRun:
 
     def _charges(self) -> dict[str, Any]:
         """What the next row carries beyond its own epoch: the lost epochs' work (their own charges
-        included) and this start's set-up, once."""
+        included) and this start's set-up, less its wait for resources, which it records, once."""
         if self._setup_from is None:
-            return {"lost_images": 0, "overhead_s": 0.0}
-        setup_s = max(0.0, time.time() - self._setup_from) * self.identity.workers
-        charges = {"lost_images": charged_images(self._lost), "overhead_s": charged_device_s(self._lost) + setup_s}
+            return {"lost_images": 0, "overhead_s": 0.0, "queued_s": 0.0}
+        setup_s = max(0.0, time.time() - self._setup_from - self._queued_s) * self.identity.workers
+        charges = {
+            "lost_images": charged_images(self._lost),
+            "overhead_s": charged_device_s(self._lost) + setup_s,
+            "queued_s": self._queued_s,
+        }
         self._setup_from, self._lost = None, []
         return charges
 
