@@ -258,10 +258,19 @@ def run_tune(
 
 
 def _check_cluster(request: Request, options: TuneOptions) -> None:
-    """Refuse trials the cluster can never hold, or a driver resource no node carries."""
+    """Refuse trials the cluster can never hold, or a driver resource no node carries; warn when rounds of a
+    population larger than the cluster will take turns, each waiting up to the start timeout."""
     check_fits(request, options.autoscaling)
-    if options.driver_resource and options.workers_per_trial > 1:
+    if options.workers_per_trial == 1:
+        return
+    if options.driver_resource:
         check_resource_exists(options.driver_resource, "--driver-resource", options.autoscaling)
+    at_once = _fitting_concurrency(options)
+    if options.population_based and at_once < options.num_samples:
+        logger.warning(
+            f"{options.num_samples} trials, {at_once} at a time: their rounds take turns for workers, and a round "
+            f"fails after waiting --start-timeout {options.start_timeout_s:g} s; set it above a round's length"
+        )
 
 
 def _check_search(options: TuneOptions, space: SearchSpace) -> None:
