@@ -245,14 +245,25 @@ def running_head(num_cpus: int, *args: str, env: dict[str, str] | None = None) -
     assert not leftovers, f"processes of the head outlived it: {leftovers}"
 
 
+def alive_worker_nodes_once_answered(head: Head, deadline: float) -> set[str]:
+    """alive_worker_nodes, asked again while the head's state API drops the connection: it starts in a process
+    of its own after the dashboard answers, later on a busy machine."""
+    while True:
+        try:
+            return alive_worker_nodes(head)
+        except OSError:
+            assert time.monotonic() < deadline, f"the head's state API does not answer:\n{head.node.log}"
+            time.sleep(1)
+
+
 def start_worker_node(head: Head, num_cpus: int, wrapper: Sequence[str] = ()) -> tuple[Node, str]:
     """A worker node joined to ``head`` (run by ``wrapper``, see start_node), and its node id once the head
     lists it alive."""
-    before = alive_worker_nodes(head)
-    node = start_node(head.env, f"--address=127.0.0.1:{head.gcs_port}", f"--num-cpus={num_cpus}", wrapper=wrapper)
     deadline = time.monotonic() + NODE_START_S
+    before = alive_worker_nodes_once_answered(head, deadline)
+    node = start_node(head.env, f"--address=127.0.0.1:{head.gcs_port}", f"--num-cpus={num_cpus}", wrapper=wrapper)
     try:
-        while not (joined := alive_worker_nodes(head) - before):
+        while not (joined := alive_worker_nodes_once_answered(head, deadline) - before):
             assert node.proc.poll() is None, f"ray start exited ({node.proc.returncode}):\n{node.log}"
             assert time.monotonic() < deadline, f"worker node not up after {NODE_START_S} s:\n{node.log}"
             time.sleep(0.5)
