@@ -273,11 +273,14 @@ def start_worker_node(head: Head, num_cpus: int, wrapper: Sequence[str] = ()) ->
     return node, joined.pop()
 
 
-def with_a_directory_of_its_own(directory: Path) -> list[str]:
+def with_a_directory_of_its_own(directory: Path) -> list[str] | None:
     """A wrapper for start_node: the node's processes see an empty tmpfs at ``directory`` (a mount namespace of
-    their own), as a node would that has a local disk where the others mount shared storage. Needs root."""
-    script = 'mount -t tmpfs cpsc-ray-elsewhere "$0" && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(directory)]
+    their own), as a node would that has a local disk where the others mount shared storage. Needs root, or
+    user namespaces (the node's processes are then root in one of their own); None where neither is allowed."""
+    unshare = ["unshare", *([] if os.geteuid() == 0 else ["--map-root-user"]), "--mount", "--propagation", "private"]
+    wrapper = [*unshare, "sh", "-c", 'mount -t tmpfs cpsc-ray-elsewhere "$0" && exec "$@"', str(directory)]
+    allowed = subprocess.run([*wrapper, "true"], capture_output=True, check=False).returncode == 0
+    return wrapper if allowed else None
 
 
 def copy_of_the_code(root: Path) -> Path:

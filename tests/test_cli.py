@@ -124,6 +124,13 @@ def test_teacher_command_writes_weights_and_card(tmp_path, capsys):
     weights = load_file(tmp_path / "t/teacher.safetensors")
     build_model("digits_teacher", 10, 1).load_state_dict(weights)
 
+    # A job that may run again (the grid's) trains a teacher only where there is none yet.
+    written = (tmp_path / "t/teacher.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["teacher", "--if-missing", "--out", str(tmp_path / "t"), "teacher_training.epochs=1"]) == 0
+    assert capsys.readouterr().out.startswith(f"teacher already trained: {tmp_path / 't/teacher.safetensors'}")
+    assert (tmp_path / "t/teacher.safetensors").stat().st_mtime_ns == written
+
 
 def test_config_command_prints_overrides(capsys):
     assert main(["config", "loss.alpha=2.5"]) == 0

@@ -6,6 +6,7 @@ Train's controllers stay on the head."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -17,6 +18,7 @@ import pytest
 from conftest import TINY, s3_bucket
 from ray_nodes import (
     Head,
+    Node,
     copy_of_the_code,
     listed,
     running_head,
@@ -35,23 +37,30 @@ JOB_TIMEOUT_S = 300
 @dataclass
 class Cluster:
     head: Head
+    worker: Node
     worker_id: str
-    local: Path  # where the worker node sees a disk of its own, and the head shared storage
+    # Where the worker node sees a disk of its own, and the head shared storage; None where this machine cannot
+    # give a node a mount namespace of its own.
+    local: Path | None
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_server):
     local = tmp_path_factory.mktemp("node-local")
+    wrapper = with_a_directory_of_its_own(local)
     credentials = {"AWS_ACCESS_KEY_ID": "cluster-key", "AWS_SECRET_ACCESS_KEY": SECRET}
     with running_head(1, f'--resources={{"{DRIVER}": 10}}', env=credentials) as head:
-        worker, worker_id = start_worker_node(head, num_cpus=1, wrapper=with_a_directory_of_its_own(local))
+        worker, worker_id = start_worker_node(head, num_cpus=1, wrapper=wrapper or ())
         try:
-            yield Cluster(head, worker_id, local)
+            yield Cluster(head, worker, worker_id, local if wrapper else None)
         finally:
             stop_node(worker)
 
 
 def test_storage_a_node_cannot_read_is_refused_naming_the_node(cluster, digits_cfg):
+    if cluster.local is None and not os.environ.get("CI"):
+        pytest.skip("no mount namespace for a node here (needs root or unprivileged user namespaces)")
+    assert cluster.local is not None, "CI must give a node a mount namespace: run as root or allow user namespaces"
     storage = cluster.local / "runs"
     command = ["distill", "--workers", "2", "--cpus-per-worker", "0.5", "--storage", str(storage), *TINY]
     result = subprocess.run(
@@ -96,7 +105,8 @@ def test_no_secret_is_written_and_drivers_stay_on_the_driver_nodes(
     written = {path: s3.open_input_stream(path).read() for path in objects}
     written |= {f"logs of {job}": server.logs(job).encode() for job in jobs}
     written |= {f"record of {job}": repr(server.info(job)).encode() for job in jobs}
-    written |= {str(p): p.read_bytes() for p in cluster.head.node.temp.rglob("*") if p.is_file() and not p.is_socket()}
+    for node in (cluster.head.node, cluster.worker):
+        written |= {str(p): p.read_bytes() for p in node.temp.rglob("*") if p.is_file() and not p.is_socket()}
     assert [where for where, data in written.items() if SECRET.encode() in data] == []
 
     # The jobs' drivers, the tuning trial's own process and every Ray Train controller ran on the head, the node
