@@ -1,10 +1,13 @@
 """How strongly does the BN prior pull the generator, against the pseudo-label CE, per teacher?
 
-For each zoo teacher (see teacher_zoo.py; trained there first), one batch from a freshly initialised
-conditional generator: the value of the BN prior in both forms and of the teacher's pseudo-label CE,
-and the norm of each one's gradient at the generator's weights (weights 1).
+For each zoo teacher (teacher_zoo.py trains it the first time), one batch from a freshly initialised
+conditional generator of the digits default (the glyphs teacher: its 32 px RGB one): the value of the BN
+prior in both forms and of the teacher's pseudo-label CE, the norm of each one's gradient at the
+generator's weights (weights 1), and the ratio that decides which one the generator follows, at the
+shipped weights: ``beta * |grad BN| / (eta * |grad CE|)`` for the shipped form (issue 19: within [0.3, 3]
+on every teacher).
 
-    python benchmarks/bn_prior_scale.py --storage /tmp/zoo --teachers digits_cnn resnet18
+    python benchmarks/bn_prior_scale.py --storage /tmp/zoo [--teachers digits_cnn resnet18 ...]
 """
 
 from __future__ import annotations
@@ -14,17 +17,44 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from teacher_zoo import TEACHERS, teacher_weights
+from teacher_zoo import TEACHERS, base_config, teacher_weights
 
-from cpsc_ray.config import load_config, with_values
+from cpsc_ray.config import with_values
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import BNStatisticsPrior
 from cpsc_ray.runs.teacher import load_teacher
+
+FORMS = ("raw", "standardized")
 
 
 def gradient_norm(value: torch.Tensor, params: list[torch.Tensor]) -> float:
     grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
     return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None])).item()
+
+
+def measure(name: str, storage: Path, seed: int) -> dict:
+    cfg = with_values(base_config(name, storage), {"teacher.weights": str(teacher_weights(name, storage))})
+    teacher = load_teacher(cfg)
+    info, g = teacher.info, cfg.generator
+    torch.manual_seed(seed)
+    generator = build_generator(g.arch, g.kind, g.nz, g.ngf, info.channels, info.image_size, info.num_classes)
+    labels = torch.randint(0, info.num_classes, (cfg.train.batch_size,))
+    images = generator(torch.randn(cfg.train.batch_size, g.nz), labels)
+    params = list(generator.parameters())
+    row = {"teacher": name}
+    for form in FORMS:
+        prior = BNStatisticsPrior(teacher.model, form=form)
+        with prior.capture():
+            logits = teacher.model(images)
+        value = prior()
+        row[form] = (value.item(), gradient_norm(value, params))
+        row["layers"] = len(prior.layers)
+        prior.close()
+    ce = F.cross_entropy(logits, labels)
+    row["ce"] = (ce.item(), gradient_norm(ce, params))
+    row["ratio"] = cfg.loss.beta * row[cfg.loss.bn_form][1] / (cfg.loss.eta * row["ce"][1])
+    row["shipped"] = f"beta {cfg.loss.beta:g} x {cfg.loss.bn_form} / eta {cfg.loss.eta:g}"
+    return row
 
 
 def main() -> None:
@@ -33,29 +63,13 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print("| teacher | BN layers | raw BN: value, grad | standardized BN: value, grad | CE: value, grad |")
-    print("|---|---|---|---|---|")
+    print("| teacher | BN layers | raw BN: value, grad | standardized BN: value, grad | CE: value, grad | ratio |")
+    print("|---|---|---|---|---|---|")
     for name in args.teachers:
-        weights = str(teacher_weights(name, args.storage))
-        cfg = with_values(load_config("digits"), {**TEACHERS[name], "teacher.weights": weights})
-        teacher = load_teacher(cfg)
-        torch.manual_seed(args.seed)
-        g = cfg.generator
-        generator = build_generator(g.arch, g.kind, g.nz, g.ngf, teacher.info.channels, teacher.info.image_size, 10)
-        labels = torch.randint(0, 10, (cfg.train.batch_size,))
-        images = generator(torch.randn(cfg.train.batch_size, g.nz), labels)
-        params = list(generator.parameters())
-        cells = []
-        for form in ("raw", "standardized"):
-            prior = BNStatisticsPrior(teacher.model, form=form)
-            with prior.capture():
-                logits = teacher.model(images)
-            value = prior()
-            cells.append(f"{value.item():.3g}, {gradient_norm(value, params):.3g}")
-            prior.close()
-        ce = F.cross_entropy(logits, labels)
-        cells.append(f"{ce.item():.3g}, {gradient_norm(ce, params):.3g}")
-        print(f"| {name} | {len(prior.layers)} | " + " | ".join(cells) + " |")
+        row = measure(name, args.storage, args.seed)
+        cells = [f"{row[key][0]:.3g}, {row[key][1]:.3g}" for key in (*FORMS, "ce")]
+        ratio = f"{row['ratio']:.2f} ({row['shipped']})"
+        print(f"| {name} | {row['layers']} | " + " | ".join(cells) + f" | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

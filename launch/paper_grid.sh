@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's benchmark grid as Ray jobs submitted from this checkout (see launch/README.md):
 #   1. the teachers, one job per distinct teacher;
-#   2. per config, in parallel: the paper's weights (distill, SEEDS seeds) and an Optuna+ASHA search;
+#   2. per config, in parallel: cpsc-ray's defaults (distill, SEEDS seeds) and an Optuna+ASHA search;
 #      after the search, its finalize rerun and a PBT population seeded from it, then PBT's finalize;
 #   3. the report over everything.
 #
@@ -81,7 +81,7 @@ tuning() {  # tune and finalize one config's search, then its PBT seeded from it
   return "$status"
 }
 
-# 2. Per config: the paper's weights over seeds, and the tuning chain, all in parallel.
+# 2. Per config: cpsc-ray's defaults over seeds, and the tuning chain, all in parallel.
 pids=()
 for config in "${CONFIGS[@]}"; do
   for ((seed = 0; seed < SEEDS; seed++)); do

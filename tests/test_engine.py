@@ -233,3 +233,17 @@ def test_only_the_engines_own_cuda_rng_state_is_restored():
     assert device_rng_state(states[1], torch.device("cuda", 0)) is states[1]  # today's: the engine's device
     assert device_rng_state(states, torch.device("cpu")) is None
     assert device_rng_state(None, torch.device("cuda", 0)) is None
+
+
+def test_the_generator_turns_adversarial_over_its_warm_up(tiny_cfg):
+    # Two epochs of two iterations: progress 0, 1/4, 1/2, 3/4 at each iteration's start, so with a warm-up
+    # of half the run the adversarial terms weigh 0, 1/2, then all of their weight; two generator steps each.
+    engine = prepare_engine(with_values(tiny_cfg, {"loss.adversarial_warmup": 0.5})).engine
+    objective, seen = engine.generator_loss, []
+    forward = objective.forward
+    objective.forward = lambda batch: seen.append(dict(objective.weights)) or forward(batch)
+    engine.train_epoch()
+    engine.train_epoch()
+    alpha = tiny_cfg.loss.alpha
+    assert [(w["kd"], w["ikd"]) for w in seen] == [(-r, -alpha * r) for r in (0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0)]
+    assert all(w["ce"] == tiny_cfg.loss.eta and w["bn"] == tiny_cfg.loss.beta for w in seen)

@@ -129,3 +129,14 @@ def test_tiny_imagenet_runs_the_references_upsample_generator_at_64px():
     assert isinstance(g, UpsampleGenerator) and g.project.out_features == 2 * cfg.generator.ngf * 16 * 16
     assert isinstance(g.norm_out, ConditionalBatchNorm2d)
     assert g(torch.randn(2, cfg.generator.nz), torch.tensor([0, 199])).shape == (2, 3, 64, 64)
+
+
+def test_a_teacher_recipe_field_added_later_keeps_the_cache_slots_of_teachers_trained_before_it(monkeypatch):
+    monkeypatch.setenv("CPSC_RAY_CACHE", "/cache")
+    # The slot the digits default's teacher had before teacher_training.label_smoothing existed.
+    assert (
+        resolve_weights(load_config("digits"))
+        == "/cache/teachers/digits-digits_teacher-4a53c1e3502c/teacher.safetensors"
+    )
+    smoothed = resolve_weights(load_config("digits", ["teacher_training.label_smoothing=0.1"]))
+    assert smoothed != resolve_weights(load_config("digits"))

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cpsc_ray.cli import main
-from cpsc_ray.config import ConfigError, load_config, with_values
+from cpsc_ray.config import ConfigError, flatten, load_config, with_values
 from cpsc_ray.method.models import build_model
 from cpsc_ray.runs.checkpoints import CheckpointError, read_checkpoint
 from cpsc_ray.runs.setup import prepare_engine
@@ -60,6 +61,52 @@ def test_reference_dynamics_preset_fills_the_fields_left_unset():
     assert switched.generator.reset_optimizer and switched.generator.lr_milestones == []
     back = with_values(switched, {"dynamics": "fixed"})
     assert not back.generator.reset_optimizer and back.loss.ce_on == "logits"
+
+
+# The reference code's CIFAR-100 run as its README's command and its code set it (CPSC_DFKD.py): the values
+# that decide what it computes. Per-step Adam re-creation is reset_optimizer; its generator scheduler steps an
+# optimizer nothing uses (no decay); its CE takes softmax outputs; IKD is plain MSE except on CIFAR-10.
+REFERENCE_CIFAR100 = {
+    "train.epochs": 600,
+    "train.iterations_per_epoch": 50,
+    "train.batch_size": 512,
+    "train.g_steps": 6,
+    "train.s_steps": 5,
+    "student.lr": 0.1,
+    "student.momentum": 0.9,
+    "student.weight_decay": 5e-4,
+    "student.warmup_fraction": 10 / 600,
+    "generator.lr": 1e-3,
+    "generator.beta1": 0.5,
+    "generator.beta2": 0.999,
+    "generator.lr_milestones": [],
+    "generator.reset_optimizer": True,
+    "generator.nz": 256,
+    "generator.kind": "conditional",
+    "loss.alpha": 5.0,
+    "loss.beta": 1.0,
+    "loss.gamma": 0.7,
+    "loss.eta": 0.7,
+    "loss.eta_student": 0.7,
+    "loss.temperature": 0.07,
+    "loss.base_temperature": 0.07,
+    "loss.ce_on": "probabilities",
+    "loss.ikd_form": "mse",
+    "loss.bn_form": "raw",
+    "loss.kd_temperature": None,
+    "loss.gate_pseudo_labels": False,
+    "loss.gate_contrast": False,
+    "loss.adversarial": 1.0,
+    "loss.adversarial_warmup": 0.0,
+    "loss.train_projection_head": False,
+}
+
+
+@pytest.mark.parametrize("config", ["cifar100_resnet34_resnet18", "cifar10_resnet34_resnet18"])
+def test_the_reference_preset_resolves_to_the_reference_code_s_run(config):
+    resolved = flatten(load_config(config, ["dynamics=reference"]))
+    expected = {**REFERENCE_CIFAR100, "loss.ikd_form": "log" if config.startswith("cifar10_") else "mse"}
+    assert {key: resolved[key] for key in expected} == expected
 
 
 def test_teacher_arch_and_builder_are_exclusive():
@@ -141,8 +188,21 @@ def byo(digits_cfg, tmp_path, builder, **extra):
     return with_values(digits_cfg, values)
 
 
-def test_builder_teacher_without_features_asks_for_feature_layer(digits_cfg, tmp_path):
-    assert "teacher.feature_layer" in error_of(load_teacher, byo(digits_cfg, tmp_path, "plain_cnn"))
+def test_a_teacher_without_a_linear_head_asks_for_feature_layer(digits_cfg, tmp_path):
+    message = error_of(load_teacher, byo(digits_cfg, tmp_path, "conv_only_cnn"))
+    assert message.startswith("teacher.feature_layer:") and "no linear classifier layer" in message
+
+
+def test_the_feature_tap_finds_the_head_of_a_torchvision_model_without_avgpool(digits_cfg, tmp_path):
+    """MobileNetV2 has no ``avgpool``: with no feature_layer named, the tap reads the input of its last linear
+    layer (``classifier.1``), the pooled 1280-wide feature the classifier sees."""
+    teacher = load_teacher(byo(digits_cfg, tmp_path, "torchvision_mobilenet_v2"))
+    images = torch.randn(4, 1, 16, 16)
+    logits, features = teacher.model(images, return_features=True)
+    inner = teacher.model.model
+    expected = torch.flatten(F.adaptive_avg_pool2d(inner.features(images), 1), 1)
+    assert features.shape == (4, 1280) and torch.allclose(features, expected, atol=1e-6)
+    assert torch.allclose(logits, inner.classifier(expected), atol=1e-6)
 
 
 def test_feature_layer_that_does_not_exist_lists_layers(digits_cfg, tmp_path):

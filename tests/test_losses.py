@@ -12,8 +12,10 @@ from torch import nn
 from cpsc_ray.config import LossConfig
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
+    ADVERSARIAL_TERMS,
     BNStatisticsPrior,
     ChannelMoments,
+    ContrastiveTerm,
     LossTerm,
     SynthBatch,
     WeightedSum,
@@ -24,6 +26,7 @@ from cpsc_ray.method.losses import (
     supervised_contrastive,
 )
 from cpsc_ray.method.models import build_model
+from cpsc_ray.method.schedules import ramp
 
 S = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
 T = torch.tensor([[3.0, 2.0, 1.0], [0.5, 0.0, 0.0]])
@@ -52,14 +55,25 @@ def test_logit_distance_forms(form, expected):
 
 def test_pseudo_label_ce_is_on_logits_not_probabilities():
     batch = SynthBatch(labels=Y, teacher_logits=T, student_logits=S)
-    ce = student_objective(LossConfig(alpha=0, eta=1.0)).terms["ce"](batch)
+    ce = student_objective(LossConfig(alpha=0, eta_student=1.0, gate_pseudo_labels=False)).terms["ce"](batch)
     assert close(ce, 0.9795253391882158)
+
+
+def test_the_gated_pseudo_label_ce_counts_only_images_the_teacher_assigns_to_their_label():
+    # The teacher's argmax is (0, 0) against pseudo-labels (2, 0): only the second row counts, and the
+    # batch mean divides by both rows. By hand: CE([0, 0, 1], 0) / 2 = log(2 + e) / 2.
+    batch = SynthBatch(labels=Y, teacher_logits=T, student_logits=S)
+    ce = student_objective(LossConfig(alpha=0, eta_student=1.0, gate_pseudo_labels=True)).terms["ce"](batch)
+    assert close(ce, 0.7757223569660254)
+    nobody = SynthBatch(labels=torch.tensor([1, 1]), teacher_logits=T, student_logits=S)
+    assert student_objective(LossConfig(eta_student=1.0)).terms["ce"](nobody).item() == 0
 
 
 def test_pseudo_label_ce_on_probabilities_is_the_reference_double_softmax():
     # By hand: -p_y + log(sum_j exp(p_j)) with p = softmax(logits), averaged over the two rows.
     batch = SynthBatch(labels=Y, teacher_logits=T, student_logits=S)
-    ce = student_objective(LossConfig(alpha=0, eta=1.0, ce_on="probabilities")).terms["ce"](batch)
+    cfg = LossConfig(alpha=0, eta_student=1.0, gate_pseudo_labels=False, ce_on="probabilities")
+    ce = student_objective(cfg).terms["ce"](batch)
     assert close(ce, 1.0162330071087875)
 
 
@@ -75,6 +89,16 @@ def test_supervised_contrastive_against_hand_computation(temperature, base_tempe
     features = torch.stack([student, teacher], dim=1)
     loss = supervised_contrastive(features, torch.tensor([0, 1, 0]), temperature, base_temperature)
     assert close(loss, expected)
+
+
+def test_the_gated_contrast_gives_an_image_the_teacher_does_not_assign_to_its_label_no_positive_but_itself():
+    # Pseudo-labels (0, 1, 0); the teacher assigns the third image to class 2, so it becomes a class of its
+    # own. By hand (pure Python, as above) with labels (0, 1, -3) at temperature 0.5: 1.6785264713953822.
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    teacher = torch.tensor([[0.6, 0.8], [-1.0, 0.0], [1.0, -0.5]])
+    batch = SynthBatch(torch.tensor([0, 1, 0]), torch.eye(3) * 5, torch.zeros(3, 3), teacher, student)
+    assert close(ContrastiveTerm(0.5, 0.5, gated=True)(batch), 1.6785264713953822)
+    assert close(ContrastiveTerm(0.5, 0.5, gated=False)(batch), 1.4701012776145073)
 
 
 def test_contrastive_term_normalises_features():
@@ -176,11 +200,24 @@ def test_contrast_off_means_no_features_needed():
 
 
 def test_weights_follow_method_md_signs():
-    cfg = LossConfig(alpha=5, beta=1, gamma=0.7, eta=0.7)
+    cfg = LossConfig(alpha=5, beta=1, gamma=0.7, eta=0.7, eta_student=0.3)
     prior = BNStatisticsPrior(nn.Sequential(nn.BatchNorm2d(1)))
     g = generator_objective(cfg, prior)
     assert g.weights == {"kd": -1.0, "ikd": -5.0, "scl": 0.7, "ce": 0.7, "bn": 1.0}
-    assert student_objective(cfg).weights == {"kd": 1.0, "ikd": 5.0, "ce": 0.7}
+    assert student_objective(cfg).weights == {"kd": 1.0, "ikd": 5.0, "ce": 0.3}
+    g.scale(ADVERSARIAL_TERMS, 0.25)  # a quarter of the way through the adversarial warm-up
+    assert g.weights == {"kd": -0.25, "ikd": -1.25, "scl": 0.7, "ce": 0.7, "bn": 1.0}
+    calm = generator_objective(cfg.model_copy(update={"adversarial": 0.0}), prior)
+    calm.scale(ADVERSARIAL_TERMS, 0.5)
+    assert calm.weights == {"scl": 0.7, "ce": 0.7, "bn": 1.0}  # not computed at all
+    assert generator_objective(cfg.model_copy(update={"adversarial": 0.5}), prior).weights["ikd"] == -2.5
+
+
+@pytest.mark.parametrize(
+    "progress, fraction, expected", [(0.0, 0.25, 0.0), (0.1, 0.25, 0.4), (0.25, 0.25, 1.0), (0.9, 0.25, 1.0), (0, 0, 1)]
+)
+def test_the_adversarial_ramp(progress, fraction, expected):
+    assert math.isclose(ramp(progress, fraction), expected)
 
 
 @pytest.mark.parametrize("term", ["kd", "ikd", "bn", "scl", "ce"])

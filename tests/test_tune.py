@@ -175,8 +175,9 @@ def check_exploits(root: str, experiment: str, epochs: int, every_exploit_explor
             after["generator.lr"] * multistep(progress, after["generator.lr_milestones"], after["generator.lr_gamma"]),
         )
         weights = json.loads(record.loss_weights)
-        assert weights["student"] == {"kd": 1.0, "ikd": after["loss.alpha"], "ce": after["loss.eta"]}
+        assert weights["student"] == {"kd": 1.0, "ikd": after["loss.alpha"], "ce": after["loss.eta_student"]}
         assert weights["generator"]["bn"] == after["loss.beta"] and weights["generator"]["scl"] == after["loss.gamma"]
+        assert weights["generator"]["ce"] == after["loss.eta"]
         assert weights["temperature"] == after["loss.temperature"]
         source_rows = results.epochs[
             (results.epochs.trial_id == record.source_trial_id) & (results.epochs.epoch == record.epoch)

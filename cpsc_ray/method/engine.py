@@ -21,6 +21,7 @@ from cpsc_ray.config import RunConfig, flatten
 from cpsc_ray.method.diagnostics import term_gradients
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
+    ADVERSARIAL_TERMS,
     BNStatisticsPrior,
     SynthBatch,
     WeightedSum,
@@ -29,7 +30,7 @@ from cpsc_ray.method.losses import (
 )
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.parallel import average_with_grad, gather_with_grad, noise_seed, world
-from cpsc_ray.method.schedules import multistep, warmup_cosine
+from cpsc_ray.method.schedules import multistep, ramp, warmup_cosine
 from cpsc_ray.method.spec import DivergenceError, EvalSet, ImageSpec, device_rng_state, pick_device
 from cpsc_ray.method.terms import LOSS_METRICS
 
@@ -177,13 +178,14 @@ class DistillEngine:
             group["momentum"], group["weight_decay"] = cfg.student.momentum, cfg.student.weight_decay
         for group in self.generator_opt.param_groups:
             group["betas"] = (cfg.generator.beta1, cfg.generator.beta2)
-        self._set_learning_rates(self._progress(0))
+        self._apply_schedules(self._progress(0))
 
     def _progress(self, iteration: int) -> float:
         per_epoch = self.cfg.train.iterations_per_epoch
         return (self.epoch * per_epoch + iteration) / (self.cfg.train.epochs * per_epoch)
 
-    def _set_learning_rates(self, progress: float) -> None:
+    def _apply_schedules(self, progress: float) -> None:
+        """Learning rates and the generator's adversarial ramp at this point of the run."""
         student_lr = self.cfg.student.lr * warmup_cosine(progress, self.cfg.student.warmup_fraction)
         generator_lr = self.cfg.generator.lr * multistep(
             progress, self.cfg.generator.lr_milestones, self.cfg.generator.lr_gamma
@@ -192,6 +194,7 @@ class DistillEngine:
             group["lr"] = student_lr
         for group in self.generator_opt.param_groups:
             group["lr"] = generator_lr
+        self.generator_loss.scale(ADVERSARIAL_TERMS, ramp(progress, self.cfg.loss.adversarial_warmup))
 
     # ----- training --------------------------------------------------------------------------
     def _feature_dim(self, model: nn.Module) -> int:
@@ -272,7 +275,7 @@ class DistillEngine:
         finite = torch.ones((), device=self.device)
         started = time.perf_counter()
         for iteration in range(cfg.iterations_per_epoch):
-            self._set_learning_rates(self._progress(iteration))
+            self._apply_schedules(self._progress(iteration))
             self.student.requires_grad_(False)
             for _ in range(cfg.g_steps):
                 finite = finite * torch.isfinite(self._generator_step(sums))

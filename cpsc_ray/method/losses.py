@@ -1,7 +1,13 @@
 """CPSC-DFKD's loss terms as small objects, and the weighted sums of METHOD.md built from them.
 
-Generator: L_G = -KD(s, t) - alpha * IKD + beta * BN + gamma * SCL + eta * CE(t, y)
-Student:   L_S =  KD(s, t) + alpha * IKD + eta * CE(s, y)
+Generator: L_G = -r * a * (KD(s, t) + alpha * IKD) + beta * BN + gamma * SCL + eta * CE(t, y)
+Student:   L_S =  KD(s, t) + alpha * IKD + eta_student * CE(s, y)
+
+METHOD.md's one ``eta`` is two weights here; ``a`` (``loss.adversarial``, 1 in METHOD.md) turns the
+generator's adversarial terms off for ablations, and ``r`` ramps them in over
+``loss.adversarial_warmup`` of the run (the engine sets it), so the generator learns its classes before it
+turns adversarial. With ``loss.gate_pseudo_labels`` the student's CE counts only the images the teacher
+assigns to their pseudo-label: a label the image does not show would teach the student noise.
 
 A term whose weight is 0 is not computed at all: that is how ablations run, and it is also why
 the engine asks for features only when the contrastive term is on.
@@ -101,13 +107,15 @@ class LogitL2Term(LossTerm):
 class PseudoLabelCETerm(LossTerm):
     """Cross-entropy against the pseudo-labels the generator was conditioned on.
 
-    ``of="logits"`` is the method as written. ``of="probabilities"`` reproduces the reference code,
+    ``gated``: only images the teacher assigns to their pseudo-label count (the others add zero to the
+    batch mean). ``of="logits"`` is the method as written. ``of="probabilities"`` reproduces the reference code,
     which applies it to softmax outputs: inputs in [0, 1] confine the loss to a range of width 1
     (``log(K - 1 + e) - 1`` to ``log(K - 1 + e)``) with small gradients, so its weight buys little there.
     """
 
-    def __init__(self, on: str, of: str = "logits"):
+    def __init__(self, on: str, of: str = "logits", gated: bool = False):
         super().__init__()
+        self.gated = gated
         if on not in ("teacher", "student"):
             raise ValueError(f"on must be 'teacher' or 'student', got {on!r}")
         if of not in ("logits", "probabilities"):
@@ -116,7 +124,16 @@ class PseudoLabelCETerm(LossTerm):
 
     def forward(self, batch: SynthBatch) -> Tensor:
         logits = (batch.teacher_logits if self.on == "teacher" else batch.student_logits).float()
-        return F.cross_entropy(logits.softmax(dim=1) if self.of == "probabilities" else logits, batch.labels)
+        inputs = logits.softmax(dim=1) if self.of == "probabilities" else logits
+        if not self.gated:
+            return F.cross_entropy(inputs, batch.labels)
+        # Per image, so a batch the teacher mostly disagrees with pulls the student little.
+        return (F.cross_entropy(inputs, batch.labels, reduction="none") * teacher_agrees(batch).float()).mean()
+
+
+def teacher_agrees(batch: SynthBatch) -> Tensor:
+    """Which images the teacher assigns to the class they were generated for."""
+    return batch.teacher_logits.argmax(1) == batch.labels
 
 
 Gather = Callable[[Tensor], Tensor]
@@ -126,24 +143,28 @@ class ContrastiveTerm(LossTerm):
     """Pseudo-supervised contrast: the teacher's and the student's features of one image are two views.
 
     ``gather`` (distributed runs) concatenates features and labels from every rank with autograd,
-    so positives and negatives come from the whole global batch.
+    so positives and negatives come from the whole global batch. ``gated``: an image the teacher does not
+    assign to its pseudo-label has no positive but its own other view.
     """
 
     needs_features = True
 
-    def __init__(self, temperature: float, base_temperature: float, gather: Gather | None = None):
+    def __init__(self, temperature: float, base_temperature: float, gather: Gather | None = None, gated: bool = False):
         super().__init__()
         self.temperature, self.base_temperature = temperature, base_temperature
         self.gather = gather
+        self.gated = gated
 
     def forward(self, batch: SynthBatch) -> Tensor:
         views = torch.stack(
             [F.normalize(batch.student_features.float(), dim=1), F.normalize(batch.teacher_features.float(), dim=1)],
             dim=1,
         )
-        labels = batch.labels
+        labels = torch.where(teacher_agrees(batch), batch.labels, -1) if self.gated else batch.labels
         if self.gather is not None:
             views, labels = self.gather(views), self.gather(labels)
+        if self.gated:  # each image marked -1 (on any rank) becomes a class of its own
+            labels = torch.where(labels < 0, -1 - torch.arange(len(labels), device=labels.device), labels)
         return supervised_contrastive(views, labels, self.temperature, self.base_temperature)
 
 
@@ -260,8 +281,15 @@ class WeightedSum(nn.Module):
 
     def __init__(self, terms: dict[str, tuple[float, LossTerm]]):
         super().__init__()
-        self.weights = {name: weight for name, (weight, _) in terms.items() if weight != 0}
+        self.base_weights = {name: weight for name, (weight, _) in terms.items() if weight != 0}
+        self.weights = dict(self.base_weights)
         self.terms = nn.ModuleDict({name: term for name, (weight, term) in terms.items() if weight != 0})
+
+    def scale(self, names: tuple[str, ...], factor: float) -> None:
+        """Weigh the named terms (those that are on) by ``factor`` times their configured weight."""
+        for name in names:
+            if name in self.weights:
+                self.weights[name] = factor * self.base_weights[name]
 
     @property
     def needs_features(self) -> bool:
@@ -273,14 +301,17 @@ class WeightedSum(nn.Module):
         return total, {name: value.detach() for name, value in values.items()}
 
 
+ADVERSARIAL_TERMS = ("kd", "ikd")  # the generator's terms that ramp in over loss.adversarial_warmup
+
+
 def generator_objective(
     cfg: LossConfig, bn_prior: BNStatisticsPrior | None, gather: Gather | None = None
 ) -> WeightedSum:
     ikd_form = "log_mse" if cfg.ikd_form == "log" else "mse"
     terms: dict[str, tuple[float, LossTerm]] = {
-        "kd": (-1.0, KDTerm(cfg.kd_temperature)),
-        "ikd": (-cfg.alpha, LogitL2Term(ikd_form)),
-        "scl": (cfg.gamma, ContrastiveTerm(cfg.temperature, cfg.base_temperature, gather)),
+        "kd": (-cfg.adversarial, KDTerm(cfg.kd_temperature)),
+        "ikd": (-cfg.adversarial * cfg.alpha, LogitL2Term(ikd_form)),
+        "scl": (cfg.gamma, ContrastiveTerm(cfg.temperature, cfg.base_temperature, gather, cfg.gate_contrast)),
         "ce": (cfg.eta, PseudoLabelCETerm("teacher", cfg.ce_on)),
     }
     if cfg.beta != 0:
@@ -296,6 +327,6 @@ def student_objective(cfg: LossConfig) -> WeightedSum:
         {
             "kd": (1.0, KDTerm(cfg.kd_temperature)),
             "ikd": (cfg.alpha, LogitL2Term(ikd_form)),
-            "ce": (cfg.eta, PseudoLabelCETerm("student", cfg.ce_on)),
+            "ce": (cfg.eta_student, PseudoLabelCETerm("student", cfg.ce_on, gated=cfg.gate_pseudo_labels)),
         }
     )

@@ -23,3 +23,8 @@ def warmup_cosine(progress: float, warmup_fraction: float) -> float:
 def multistep(progress: float, milestones: list[float], gamma: float) -> float:
     """Multiply by ``gamma`` at each milestone already passed."""
     return gamma ** bisect.bisect_right(sorted(milestones), progress)
+
+
+def ramp(progress: float, fraction: float) -> float:
+    """0 at the start, rising linearly to 1 at ``fraction`` of the run, 1 after (1 throughout when 0)."""
+    return min(1.0, progress / fraction) if fraction > 0 else 1.0

@@ -299,7 +299,7 @@ def _row(
 
 
 def cross_dataset(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset, pair and method (the paper's weights or a tuning method) the test accuracy of the
+    """Per dataset, pair and method (cpsc-ray's defaults or a tuning method) the test accuracy of the
     selected configuration. Among several experiments of one method the best selection metric wins."""
     eligible = summary[((summary.kind != "distill") | (summary.method == DEFAULTS)) & (summary.n > 0)]
     cells = []

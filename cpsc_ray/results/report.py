@@ -109,8 +109,9 @@ def compose(
         cross_table(summary, cross),
         Text(
             "Cells: test accuracy of the selected configuration (n runs) · compute of the whole method (search, "
-            "reruns). defaults: distill runs with the paper's loss weights. With several experiments of a method, "
-            "the one with the best selection metric is shown. † single run: the selected trial, no finalize rerun."
+            "reruns). defaults: distill runs with cpsc-ray's default loss settings. With several experiments of a "
+            "method, the one with the best selection metric is shown. † single run: the selected trial, no finalize "
+            "rerun."
         ),
     ]
     for key in summary[PAIR].drop_duplicates().sort_values(PAIR).itertuples(index=False):

@@ -68,8 +68,9 @@ EVAL_METRICS = ("val_acc", "proxy", "test_acc")
 MIN_COVERAGE = 0.5
 RUN_KEYS = {"name", "seed", "output_dir"}  # config keys that name a run and where it writes, not what it trains
 
-# Runs at the shipped loss weights are labelled "defaults" in the results and reports.
-DEFAULT_WEIGHTS = LossConfig().model_dump(include={"alpha", "beta", "gamma", "eta", "temperature"})
+# Runs at the shipped loss settings (every field of the loss section) are labelled "defaults" in the results
+# and reports.
+DEFAULT_LOSS = LossConfig().model_dump()
 
 
 def _arrow_type(annotation: Any) -> pa.DataType:
@@ -107,8 +108,7 @@ SCHEMA = pa.schema([pa.field(n, t) for n, t in {**IDENTITY, **PROGRESS, **config
 
 
 def method_label(cfg: RunConfig) -> str:
-    weights = cfg.loss.model_dump(include=set(DEFAULT_WEIGHTS))
-    return "defaults" if weights == DEFAULT_WEIGHTS else "manual"
+    return "defaults" if cfg.loss.model_dump() == DEFAULT_LOSS else "manual"
 
 
 def versions() -> dict[str, str | None]:

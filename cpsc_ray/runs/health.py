@@ -97,9 +97,8 @@ class HealthMonitor:
         return (
             f"the generator's images are not those of their pseudo-labels: the teacher assigns {accuracy:.1%} "
             f"of them to their class (chance {self.chance:.1%}), so the method's pseudo-supervision is not in "
-            f"effect; the student learns from BN-matched adversarial images alone. At the default loss.eta=0.07 "
-            f"the pseudo-label CE pulls weakly (the reference's effective weight); a larger loss.eta makes a small "
-            f"teacher's images class-conditional, at a cost to deep teachers' students (BENCHMARKS.md). For a "
-            f"deep teacher the BN prior can drown that CE (try loss.bn_form=standardized or a smaller loss.beta; "
-            f"eval.term_gradients=true shows each term's pull), or tune the run (cpsc-ray tune)"
+            f"effect; the student learns from BN-matched adversarial images alone. eval.term_gradients=true shows "
+            f"which generator term drowns the pseudo-label CE: try a larger loss.eta, a longer "
+            f"loss.adversarial_warmup, loss.bn_form=standardized (if raw) or a smaller loss.beta, or tune the run "
+            f"(cpsc-ray tune)"
         )

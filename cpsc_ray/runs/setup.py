@@ -80,7 +80,7 @@ class RunRole:
     kind: str = "distill"  # distill | tune | finalize
     experiment: str = ""
     trial_id: str = "run"
-    method: str | None = None  # default: "defaults" at the paper's weights, else "manual"
+    method: str | None = None  # default: "defaults" at the shipped loss settings, else "manual"
     selection: str | None = None  # default: val_acc with a validation split, else proxy
 
 

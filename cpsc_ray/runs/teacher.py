@@ -57,21 +57,29 @@ def card_path(weights: Path) -> Path:
 
 
 class FeatureTap(nn.Module):
-    """Gives a model without ``return_features`` the (logits, features) API: the named layer's output,
-    globally average-pooled when it is a feature map, is the penultimate feature."""
+    """Gives a model without ``return_features`` the (logits, features) API. The penultimate feature is
+    the named layer's output (globally average-pooled when it is a feature map) or, with no layer named,
+    the input of the last linear layer the forward pass calls: a classifier's head, whatever the family
+    names it (``fc``, ``classifier.1``, ``head``)."""
 
-    def __init__(self, model: nn.Module, layer: str):
+    def __init__(self, model: nn.Module, layer: str | None, probe: Tensor):
         super().__init__()
         self.model = model
+        self._features: Tensor | None = None
         modules = dict(model.named_modules())
+        if layer is None:
+            modules[last_linear(model, probe)].register_forward_pre_hook(self._keep_input)
+            return
         if layer not in modules:
             names = ", ".join(n for n in modules if n) or "(none)"
             raise ConfigError(f"teacher.feature_layer: the model has no layer {layer!r}; its layers are: {names}")
-        self._features: Tensor | None = None
         modules[layer].register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, inputs, output: Tensor) -> None:
         self._features = output
+
+    def _keep_input(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        self._features = inputs[0]
 
     def forward(self, x: Tensor, return_features: bool = False):
         logits = self.model(x)
@@ -81,6 +89,25 @@ class FeatureTap(nn.Module):
         if features.dim() == 4:
             features = F.adaptive_avg_pool2d(features, 1)
         return logits, torch.flatten(features, 1)
+
+
+def last_linear(model: nn.Module, probe: Tensor) -> str:
+    """The name of the last ``nn.Linear`` a forward pass of ``probe`` calls."""
+    names = {module: name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    called: list[str] = []
+    handles = [module.register_forward_pre_hook(lambda m, _: called.append(names[m])) for module in names]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not called:
+        raise ConfigError(
+            "teacher.feature_layer: this model has no return_features argument and no linear classifier layer "
+            "whose input could serve as its penultimate feature; name the layer (e.g. teacher.feature_layer=avgpool)"
+        )
+    return called[-1]
 
 
 # Builders that configs, run directories' config.yaml and experiments' setup.json name by the module paths
@@ -122,16 +149,11 @@ def build_teacher_model(cfg: TeacherConfig, num_classes: int, channels: int) -> 
     return model
 
 
-def with_features(model: nn.Module, cfg: TeacherConfig) -> nn.Module:
-    """The model itself when it has ``return_features``, else a ``FeatureTap`` on ``teacher.feature_layer``."""
-    if cfg.feature_layer is not None:
-        return FeatureTap(model, cfg.feature_layer)
-    if not _supports_features(model):
-        raise ConfigError(
-            "teacher.feature_layer: this model has no return_features argument; name the layer whose output is "
-            "its penultimate feature (e.g. teacher.feature_layer=avgpool)"
-        )
-    return model
+def with_features(model: nn.Module, cfg: TeacherConfig, info: DatasetInfo) -> nn.Module:
+    """The model itself when it has ``return_features`` and no layer is named, else a ``FeatureTap``."""
+    if cfg.feature_layer is None and _supports_features(model):
+        return model
+    return FeatureTap(model, cfg.feature_layer, torch.zeros(2, info.channels, info.image_size, info.image_size))
 
 
 def _gist(error: Exception) -> str:
@@ -227,7 +249,10 @@ def resolve_weights(cfg: RunConfig) -> str:
         [
             cfg.data.model_dump(exclude={"num_workers"}),
             cfg.teacher.model_dump(exclude={"weights"}),
-            cfg.teacher_training.model_dump(),
+            # Fields added later enter the key only when set, so teachers cached before them keep their slot.
+            cfg.teacher_training.model_dump(
+                exclude={"label_smoothing"} if not cfg.teacher_training.label_smoothing else None
+            ),
         ],
         sort_keys=True,
     )
@@ -297,7 +322,7 @@ def load_teacher(cfg: RunConfig) -> Teacher:
             f"zoo); the model's keys missing from the file: {_listed(missing) or 'none'}; the file's keys the "
             f"model lacks: {_listed(unexpected) or 'none'}; check teacher.arch/builder"
         )
-    model = with_features(model.eval().requires_grad_(False), cfg.teacher)
+    model = with_features(model.eval().requires_grad_(False), cfg.teacher, info)
     _check_classes(model, info)
     mean = tuple(cfg.teacher.mean or (card.mean if card else info.mean))
     std = tuple(cfg.teacher.std or (card.std if card else info.std))
@@ -341,7 +366,7 @@ def train_teacher(
     for _ in bar:
         model.train()
         for images, labels in loader:
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=tcfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
