@@ -36,8 +36,11 @@ if (($#)); then CONFIGS=("$@"); else CONFIGS=(
 ); fi
 
 job() {  # submit a cpsc-ray command and wait for it (riding out a dropped connection); fails unless it succeeded
-  "$CPSC_RAY" submit --address "$ADDRESS" --wait --timeout "$TIMEOUT" \
-    ${DRIVER_RESOURCE:+--driver-resource "$DRIVER_RESOURCE"} "$@" > /dev/null
+  # A driver that only orchestrates stays on the nodes that carry DRIVER_RESOURCE; one that trains (a teacher's,
+  # with --entrypoint-num-gpus) must go where the GPUs are.
+  local driver=()
+  [[ -n $DRIVER_RESOURCE && " $* " != *" --entrypoint-num-gpus "* ]] && driver=(--driver-resource "$DRIVER_RESOURCE")
+  "$CPSC_RAY" submit --address "$ADDRESS" --wait --timeout "$TIMEOUT" "${driver[@]}" "$@" > /dev/null
 }
 
 data_root() { case "$1" in tiny_imagenet_*) echo "$DATA/tiny-imagenet-200" ;; *) echo "$DATA" ;; esac; }
