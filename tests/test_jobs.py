@@ -134,3 +134,25 @@ def test_wait_gives_up_on_a_cluster_that_stays_away_or_forgot_the_job():
     )
     with pytest.raises(JobUnknown, match="no longer knows it .* --resume-or-start"):
         server_with(forgotten).wait("job-1", timeout=60, report=io.StringIO(), reconnect_s=30)
+
+
+def test_submit_wait_exits_4_when_the_cluster_stays_away(monkeypatch, capsys):
+    """The job was submitted, then its cluster stopped answering for longer than --reconnect-timeout: exit code 4,
+    neither 2 (bad input, nothing submitted) nor 1 (the job failed), since the job's outcome is unknown."""
+    import ray.job_submission
+
+    class Unreachable(FlakyClient):
+        def __init__(self, address: str, headers: dict | None = None):
+            super().__init__(drops=10**6, error=OSError("Connection refused"))
+
+        def submit_job(self, **job) -> str:
+            return job["submission_id"]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Unreachable)
+    monkeypatch.chdir(REPO)
+    wait = ["--submission-id", "job-1", "--wait", "--reconnect-timeout", "0.5"]
+    code = main(["submit", "--address", "http://head:8265", *wait, "--", "report", "/shared/runs", "-o", "/shared/r"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert err.count("lost contact with http://head:8265") == 1, err
+    assert err.splitlines()[-1].startswith("error: http://head:8265: no answer for 0.5 s while waiting for job-1")

@@ -103,7 +103,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             server.follow(job_id)
         if not (args.wait or args.follow):
             return 0
-        status = server.wait(job_id, args.timeout, reconnect_s=args.reconnect_timeout)
+        status = server.wait(job_id, args.timeout, report=sys.stderr, reconnect_s=args.reconnect_timeout)
     except JobUnknown as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
