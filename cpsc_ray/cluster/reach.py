@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cpsc_ray.config import ConfigError, RunConfig
 from cpsc_ray.storage import Storage
 
-MARKER_DIR = ".cpsc-ray-reach"  # dot-prefixed: listings of runs and results skip it
+MARKER_PREFIX = ".cpsc-ray-reach-"  # dot-prefixed, so listings of runs and results skip it while it is there
 ANSWER_S = 300.0  # a node starts a worker for the task first (and the job's runtime env, the first time)
 
 
@@ -56,7 +56,7 @@ def check_every_node_reads(storage: Storage, cfg: RunConfig) -> None:
     if len(nodes) < 2:
         return
     token = uuid.uuid4().hex
-    marker = f"{MARKER_DIR}/{token}"
+    marker = f"{MARKER_PREFIX}{token}"  # a file of its own beside the runs, deleted after: nothing is left behind
     storage.write_text(marker, token)
     look = ray.remote(num_cpus=0)(_unreadable)
     try:

@@ -31,6 +31,7 @@ from cpsc_ray.cluster.trial import TRAINABLE_CPUS, trainable
 from cpsc_ray.cluster.tune_setup import TuneSetup
 from cpsc_ray.cluster.tune_state import check_restorable
 from cpsc_ray.config import ConfigError, RunConfig, flatten
+from cpsc_ray.credentials import SECRET_NAME
 from cpsc_ray.results.schema import config_values
 from cpsc_ray.results.store import NothingToCollect, collect_experiment, read_results
 from cpsc_ray.runs.setup import check_model_names, ensure_teacher, new_run_name, with_absolute_paths
@@ -206,6 +207,7 @@ def run_tune(
     check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, request.how)
     cfg = with_absolute_paths(cfg)
     root = Storage(options.storage or cfg.output_dir)
+    _keep_credentials_out_of_trials()
     if resume or (or_start and tune.Tuner.can_restore(root.uri(options.name))):
         return _resume(root, options)
     space = load_search_space(options.space, cfg)
@@ -255,6 +257,16 @@ def run_tune(
     )
     with reporting_waits(request):
         return _collect(root, experiment, tuner.fit())
+
+
+def _keep_credentials_out_of_trials() -> None:
+    """Ray Tune copies the driver's AWS credentials into every trial's runtime env, which the dashboard shows and
+    each node's runtime env agent logs. Trials take them from their node's own environment instead, as every
+    cpsc-ray process does (``cpsc_ray.credentials``), so Tune is left to copy only variables that hold no secret."""
+    from ray.tune.execution import class_cache
+
+    propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = {name for name in propagated if not SECRET_NAME.search(name)}
 
 
 def _check_cluster(request: Request, options: TuneOptions) -> None:
