@@ -115,7 +115,8 @@ def test_no_secret_is_written_and_drivers_stay_on_the_driver_nodes(
     assert leaks == {}
 
     # The jobs' drivers, the tuning trial's own process and every Ray Train controller ran on the head, the node
-    # that carries the driver resource; the workers used both nodes.
+    # that carries the driver resource. Train's workers are not bound to it: the head, less the driver's 0.1 CPU,
+    # holds at most one of a run's two half-CPU workers (Ray packs them on either node), so the worker node held one.
     (head_id,) = [n["node_id"] for n in listed(cluster.head, "nodes") if n["is_head_node"]]
     actors = listed(cluster.head, "actors")
     controllers = [a["node_id"] for a in actors if a["class_name"] == "TrainController"]
@@ -124,4 +125,4 @@ def test_no_secret_is_written_and_drivers_stay_on_the_driver_nodes(
     assert len(controllers) == 2 and len(trials) == 1, [(a["class_name"], a["node_id"]) for a in actors]
     assert set(controllers + trials + drivers) == {head_id}
     workers = {a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"}
-    assert workers == {head_id, cluster.worker_id}
+    assert cluster.worker_id in workers and workers <= {head_id, cluster.worker_id}
