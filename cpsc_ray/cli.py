@@ -24,6 +24,7 @@ EXIT_CODES = """exit codes:
      experiment finished an epoch, a submitted job failed
   2  usage or input error (options, config, search space, paths, results, model names); nothing was written
   3  submit --wait: the job was still running at --timeout
+  4  submit --wait: the cluster stayed unreachable past --reconnect-timeout, or forgot the job; its outcome is unknown
 """
 
 

@@ -5,7 +5,8 @@
   an experiment's saved state (the search space and schedulers, before the cluster/tune/ package);
 - a Tune experiment's saved state that names a module this version lacks (``cpsc_ray.tune``, from before the
   package was layered): Ray would fail deep inside unpickling it, so it is refused in one line;
-- the results of a finalize rerun published before runs recorded their ``source_experiment``.
+- the results of a finalize rerun published before runs recorded their ``source_experiment``;
+- an experiment record (setup.json) written before one of its fields was renamed.
 
 One piece lives with the engine instead, since the method touches no files and imports nothing that does:
 ``method.device.device_rng_state`` reads the CUDA RNG state of checkpoints from before issue 11.
@@ -110,3 +111,10 @@ def finalize_source_by_name(final: str, tuned: list[str]) -> str | None:
     that name was taken; the longest such ``<EXP>``."""
     candidates = [e for e in tuned if final == f"{e}-final" or final.startswith(f"{e}-final-")]
     return max(candidates, key=len, default=None)
+
+
+def current_record_fields(stored: dict) -> dict:
+    """An experiment record as an earlier version wrote it, its renamed fields under their current names:
+    ``max_failures`` became ``max_restarts`` when Tune's own retries got the old name."""
+    stored.setdefault("max_restarts", stored.get("max_failures", 0))
+    return stored

@@ -6,6 +6,7 @@ writer and reader asks it; no other module spells one of these names or joins on
         config.yaml              the full config the run used
         metrics.parquet          one row per epoch (results.schema.SCHEMA)
         checkpoints/last/        a checkpoint (CheckpointDir) every train.checkpoint_every epochs
+        checkpoints/previous/    the one before, kept while last is rewritten
         checkpoint_*/            Ray Train's checkpoints of a distributed run, in the same format
         best/                    student.safetensors + student.json (finalize adds student.pt2)
         samples.png  summary.json  tensorboard/  report/
@@ -46,6 +47,7 @@ class RunDir(Storage):
     TENSORBOARD = "tensorboard"
     REPORT = "report"
     LAST_CHECKPOINT = "checkpoints/last"
+    PREVIOUS_CHECKPOINT = "checkpoints/previous"  # the last complete one, kept while ``LAST_CHECKPOINT`` is rewritten
     RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train names its checkpoint directories so
     BEST = "best"  # the student at the best selection metric: weights, card and (after finalize) a program
     BEST_FILES = ("student.safetensors", "student.json", "student.pt2")
@@ -60,10 +62,14 @@ class RunDir(Storage):
         """The rows of ``metrics.parquet``; none before the run has finished an epoch."""
         return self.read_parquet(self.METRICS).to_pylist() if self.exists(self.METRICS) else []
 
+    def ray_checkpoints(self) -> list[str]:
+        """The checkpoint directories Ray Train wrote into it (relative to it)."""
+        return [d for d in self.list_dirs() if d.startswith(self.RAY_CHECKPOINT_PREFIX)]
+
     def checkpoints(self) -> list[str]:
-        """Its checkpoint directories (relative to it), whichever mode wrote them: Ray Train's and an in-process
-        run's ``checkpoints/last``."""
-        return [d for d in self.list_dirs() if d.startswith(self.RAY_CHECKPOINT_PREFIX)] + [self.LAST_CHECKPOINT]
+        """Its checkpoint directories (relative to it), whichever mode wrote them: Ray Train's, and an in-process
+        run's ``checkpoints/last`` with the ``checkpoints/previous`` it keeps while ``last`` is rewritten."""
+        return self.ray_checkpoints() + [self.LAST_CHECKPOINT, self.PREVIOUS_CHECKPOINT]
 
 
 def trial_dir(trials: str, trial_id: str) -> RunDir:

@@ -124,6 +124,13 @@ def test_teacher_command_writes_weights_and_card(tmp_path, capsys):
     weights = load_file(tmp_path / "t/teacher.safetensors")
     build_model("digits_teacher", 10, 1).load_state_dict(weights)
 
+    # A job that may run again (the grid's) trains a teacher only where there is none yet.
+    written = (tmp_path / "t/teacher.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["teacher", "--if-missing", "--out", str(tmp_path / "t"), "teacher_training.epochs=1"]) == 0
+    assert capsys.readouterr().out.startswith(f"teacher already trained: {tmp_path / 't/teacher.safetensors'}")
+    assert (tmp_path / "t/teacher.safetensors").stat().st_mtime_ns == written
+
 
 def test_config_command_prints_overrides(capsys):
     assert main(["config", "loss.alpha=2.5"]) == 0
@@ -300,7 +307,7 @@ def test_a_diverged_run_ends_in_one_line_with_exit_1_and_keeps_its_metrics(digit
 
 def test_main_maps_each_kind_of_failure_to_its_exit_code(monkeypatch, capsys):
     """Commands raise; cli.main alone turns an input error into exit 2 and a failed run into exit 1."""
-    from cpsc_ray.cluster.submit import JobFailed, SubmitError
+    from cpsc_ray.cluster.submit import JobFailed, JobUnknown, SubmitError
     from cpsc_ray.cluster.train import DistributedRunError
     from cpsc_ray.commands import config
     from cpsc_ray.errors import InputError, RunFailed
@@ -315,6 +322,7 @@ def test_main_maps_each_kind_of_failure_to_its_exit_code(monkeypatch, capsys):
         (DistributedRunError, 1),
         (NothingToCollect, 1),
         (JobFailed, 1),
+        (JobUnknown, 4),
     ]:
 
         def fail(args, error=error):

@@ -220,3 +220,31 @@ def test_a_lineage_written_before_the_typed_record_reads_as_clones(tmp_path):
     row = clone.row("exp", "digits", "t_00000")
     assert set(row) == set(LINEAGE_SCHEMA.names)
     assert json.loads(row["config_after"]) == {"loss.alpha": 1.2} and row["epoch"] == 2
+
+
+def test_an_experiment_record_from_before_train_restarts_had_their_name_reads_its_retries_as_them(tmp_path):
+    """setup.json of an experiment from before issue 21 holds ``max_failures`` (Ray Train's restarts of a
+    multi-worker trial then): it reads as ``max_restarts``, and the fields added since take their defaults."""
+    from cpsc_ray.cluster.recovery import START_TIMEOUT_S
+
+    old = {
+        "base": {},
+        "experiment": "old-exp",
+        "method": "pbt",
+        "metric": "val_acc",
+        "trials": "t",
+        "rounds": "r",
+        "workers": 2,
+        "gpus_per_worker": 0.0,
+        "cpus_per_worker": 1.0,
+        "max_failures": 2,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 3,
+        "population_based": True,
+        "searched_keys": [],
+        "options": {},
+    }
+    Storage(str(tmp_path)).write_json("old-exp/cpsc/setup.json", old)
+    record = ExperimentRecord.read(RootDir(str(tmp_path)), "old-exp")
+    assert record.recovery.max_restarts == 2 and record.start_timeout_s == START_TIMEOUT_S
+    assert record.driver_resource is None

@@ -267,7 +267,22 @@ def _tuned_experiment(root, base: dict) -> None:
     from cpsc_ray.cluster.tune.record import ExperimentRecord
     from cpsc_ray.layout import RootDir
 
-    record = ExperimentRecord(base, "exp", "random+fifo", "val_acc", "", "", 1, 0.0, 1.0, 0, 1, 3, False, [], {})
+    record = ExperimentRecord(
+        base=base,
+        experiment="exp",
+        method="random+fifo",
+        metric="val_acc",
+        trials="",
+        rounds="",
+        workers=1,
+        gpus_per_worker=0.0,
+        cpus_per_worker=1.0,
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        population_based=False,
+        searched_keys=[],
+        options={},
+    )
     record.write(RootDir(str(root)))
 
 

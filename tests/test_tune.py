@@ -266,6 +266,24 @@ def test_finalize_replays_the_winners_schedule_over_seeds_and_exports_it(pbt_exp
     assert torch.allclose(exported(images), model(images), atol=1e-5)
 
 
+def test_finalize_run_again_continues_its_seeds_under_its_one_name(pbt_experiment):
+    """``finalize --resume-or-start``, as the grid runs it again: the seeds' reruns continue where they stopped
+    (here: finished, so nothing trains) under ``<experiment>-final``, never a suffixed copy."""
+    from cpsc_ray.cluster.finalize import finalize
+
+    before = {p.name for p in pbt_experiment.iterdir()}
+    first = finalize("pbt", seeds=2, storage=str(pbt_experiment), resume_or_start=True)
+    again = finalize("pbt", seeds=2, storage=str(pbt_experiment), resume_or_start=True)
+    assert first["final"] == again["final"] == "pbt-final"
+    assert {p.name for p in pbt_experiment.iterdir()} - before <= {"pbt-final"}
+    assert again["test_at_best"] == first["test_at_best"]
+    final = read_results([str(pbt_experiment)], experiments=["pbt-final"])
+    assert {seed: sorted(rows.epoch) for seed, rows in final.epochs.groupby("trial_id")} == {
+        "seed0": [1, 2, 3, 4],
+        "seed1": [1, 2, 3, 4],
+    }
+
+
 def assert_one_row_per_trained_epoch(epochs: pd.DataFrame, total: int) -> None:
     """A trial's rows continue from a cloned epoch: no epoch twice, and a gap only after an epoch it
     diverged in (it trains no more until PBT clones a better trial into it)."""

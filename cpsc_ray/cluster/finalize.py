@@ -18,6 +18,7 @@ import ray
 import torch
 from safetensors.torch import load
 
+from cpsc_ray.cluster.reach import check_every_node_reads
 from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.config import Config, validate_tree, with_values
 from cpsc_ray.errors import InputError
@@ -45,13 +46,21 @@ def _configs(base: Config, phases: Phases, seed: int, name: str, output_dir: str
     return [(epoch, with_values(base, {**values, **fixed})) for epoch, values in phases]
 
 
-def _finalize_seed(configs: list[tuple[int, Config]], outputs: str, role: RunRole):
-    """One seed's rerun; a diverged seed returns no summary but keeps its rows (compute was spent)."""
+def _finalize_seed(configs: list[tuple[int, Config]], outputs: str, role: RunRole, resume: bool):
+    """One seed's rerun (with ``resume``, continued from its newest checkpoint, or started over when it has
+    none); a diverged seed returns no summary but keeps its rows (compute was spent)."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     run = RunDir(outputs)
     try:
         summary, history = train_into(
-            configs[0][1], run, role.experiment, progress=False, phases=dict(configs[1:]), role=role
+            configs[0][1],
+            run,
+            role.experiment,
+            resume=resume,
+            or_start=resume,
+            progress=False,
+            phases=dict(configs[1:]),
+            role=role,
         )
     except DivergenceError:
         return None, run.metric_rows()
@@ -73,16 +82,24 @@ def export_student(run: RunDir) -> None:
 
 
 def finalize(
-    experiment: str, seeds: int, storage: str | None = None, gpus: float = 0.0, cpus: float = 1.0
+    experiment: str,
+    seeds: int,
+    storage: str | None = None,
+    gpus: float = 0.0,
+    cpus: float = 1.0,
+    resume_or_start: bool = False,
 ) -> dict[str, Any]:
+    """Rerun the experiment's selection over ``seeds`` seeds as ``<experiment>-final`` (``resume_or_start``:
+    exactly that name, its seeds continued where they stopped; else a new name when it is taken)."""
     root = RootDir(storage or ".")
     record = ExperimentRecord.read(root, experiment)
     base = validate_tree(record.base, f"{experiment}'s base config")
     winner, phases = select(root, experiment)
-    final = root.free_name(f"{experiment}-final")
+    final = f"{experiment}-final" if resume_or_start else root.free_name(f"{experiment}-final")
     final_dir = root.experiment(final)
     if not ray.is_initialized():
         ray.init()
+    check_every_node_reads(root, base)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finalize_seed)
     roles = [
         RunRole(
@@ -95,6 +112,7 @@ def finalize(
             _configs(base, phases, base.seed + 1000 + k, role.trial_id, final_dir.uri()),
             final_dir.seed_run(role.trial_id).uri(),
             role,
+            resume_or_start,
         )
         for k, role in enumerate(roles)
     ]

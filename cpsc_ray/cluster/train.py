@@ -20,9 +20,11 @@ import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from cpsc_ray.cluster.metrics import ray_metrics, tune_metrics
+from cpsc_ray.cluster.reach import check_every_node_reads
+from cpsc_ray.cluster.recovery import Fault, Recovery
 from cpsc_ray.cluster.resources import Request, announcing_waits, check_fits
 from cpsc_ray.config import Config
 from cpsc_ray.errors import InputError, RunFailed
@@ -39,19 +41,26 @@ from cpsc_ray.runs.run import DistillRun
 from cpsc_ray.runs.teacher import ensure_teacher, load_teacher
 from cpsc_ray.storage import Storage
 
+HANG_S = 24 * 3600
+# Ray Train reads it in its controller, which it starts with this process's environment.
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
 
 class DistributedRunError(RunFailed):
     """A distributed run that failed for good; the message says what is kept and how to resume."""
 
 
-def inject_fault_once(outputs: RunDir, epoch: int, fault_epoch: int | None, rank: int) -> None:
-    """Kill this worker process the first time any run reaches ``fault_epoch`` on rank 1 (rank 0 when
-    alone), to rehearse recovery. The marker in the run's storage makes it fire once across restarts."""
-    if fault_epoch is None or epoch != fault_epoch or rank != min(1, ray.train.get_context().get_world_size() - 1):
+def inject_fault_once(outputs: RunDir, epoch: int, fault: Fault | None, rank: int) -> None:
+    """Inject ``fault`` the first time any run reaches its epoch, on rank 1 (rank 0 when alone). The marker in
+    the run's storage makes it fire once across restarts."""
+    if fault is None or epoch != fault.epoch or rank != min(1, ray.train.get_context().get_world_size() - 1):
         return
     if outputs.exists(RunDir.FAULT_MARKER):
         return
-    outputs.write_text(RunDir.FAULT_MARKER, f"worker {rank} killed at the start of epoch {epoch}\n")
+    what = "hung" if fault.kind == "hang" else "killed"
+    outputs.write_text(RunDir.FAULT_MARKER, f"worker {rank} {what} at the start of epoch {epoch}\n")
+    if fault.kind == "hang":
+        time.sleep(HANG_S)  # until the restart that the peers' collective timeout causes ends this process
     os._exit(1)
 
 
@@ -64,7 +73,7 @@ class WorkerLoop:
     config: dict[str, Any]
     outputs: str
     role: RunRole
-    fault_epoch: int | None = None
+    fault: Fault | None = None
     start_state: str | None = None
     exploit: Exploit | None = None
     stop_epoch: int | None = None
@@ -81,7 +90,7 @@ class TrainHooks(EpochHooks):
         self.loop, self.outputs, self.rank = loop, outputs, rank
 
     def before_epoch(self, run: DistillRun, epoch: int) -> None:
-        inject_fault_once(self.outputs, epoch, self.loop.fault_epoch, self.rank)
+        inject_fault_once(self.outputs, epoch, self.loop.fault, self.rank)
 
     def epoch_done(self, run: DistillRun, row: dict[str, Any], checkpoint_due: bool) -> None:
         role = self.loop.role
@@ -98,6 +107,16 @@ class TrainHooks(EpochHooks):
 
     def diverged(self, run: DistillRun, row: dict[str, Any], error: DivergenceError) -> None:
         """Rank 0 has recorded the diverged epoch; the driver reads it from the metrics."""
+
+
+def waited_for_resources() -> float:
+    """Seconds this worker's group waited for its resources before Ray placed it: its placement group's
+    end-to-end creation latency (Ray's record of it, from the request to the last bundle placed)."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return 0.0
+    stats = ray.util.placement_group_table(group).get("stats") or {}
+    return stats.get("end_to_end_creation_latency_ms", 0.0) / 1000
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -117,6 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=device,
         keep_best=loop.keep_best,
         started_at=loop.launched_at or time.time(),
+        queued_s=waited_for_resources(),
         start=_worker_start(loop, outputs),
         stop_epoch=loop.stop_epoch,
         checkpoint_every=loop.checkpoint_every,
@@ -136,6 +156,16 @@ def _worker_start(loop: WorkerLoop, outputs: RunDir) -> StartState | None:
         state, meta = read_checkpoint(Storage(loop.start_state))
         starts.append(StartState(state, meta, where=loop.start_state, exploit=loop.exploit))
     return max(starts, key=lambda s: s.epoch) if starts else None
+
+
+def registered_checkpoints(run: RunDir) -> set[str] | None:
+    """The checkpoint directories Ray Train took in for this run (its checkpoint manager's record); None when
+    Ray Train never recorded one there (an in-process run)."""
+    try:
+        result = ray.train.Result.from_path(run.root, storage_filesystem=run.fs)
+    except RuntimeError:  # no record of a Train run in that directory
+        return None
+    return {Path(checkpoint.path).name for checkpoint, _ in result.best_checkpoints}
 
 
 def prepare_teacher(cfg: Config) -> Config:
@@ -168,9 +198,58 @@ def scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Sca
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
 
 
+def build_trainer(
+    loop: WorkerLoop,
+    shape: ScalingConfig,
+    name: str,
+    storage: Storage,
+    recovery: Recovery,
+    keep: int,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of a run (a distillation, a tuning trial, a round of one) named ``name`` under
+    ``storage``, keeping its last ``keep`` checkpoints and recovering as ``recovery`` says. A worker group's start
+    that waits past the start timeout (or fails) counts as a restart: Ray Train would otherwise retry it forever."""
+    os.environ[START_TIMEOUT_VAR] = str(recovery.start_timeout_s)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=shape,
+        torch_config=TorchConfig(timeout_s=int(recovery.collective_timeout_s)),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage.uri(),
+            failure_config=FailureConfig(recovery.max_restarts, controller_failure_limit=recovery.max_restarts),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def failure_reason(err: ray.train.TrainingFailedError, recovery: Recovery, workers: str) -> str:
+    """Why a Train run failed for good, in a line: a worker group that never got its resources, or workers that
+    failed more often than allowed."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # the one public class wraps it
+
+    if isinstance(err, ray.train.ControllerError) and isinstance(
+        err.controller_failure, WorkerGroupStartupTimeoutError
+    ):
+        return (
+            f"to start: its {workers} did not get their resources within --start-timeout {recovery.start_timeout_s:g} "
+            f"s (other jobs hold them, or the autoscaler could not add nodes); free them or raise --start-timeout"
+        )
+    return f"after {recovery.max_restarts} allowed worker-group restart(s): {str(err).splitlines()[0]}"
+
+
 def check_gpus_per_worker(workers: int, gpus_per_worker: float, how: str) -> None:
-    """Two NCCL ranks on one GPU are refused by NCCL: a DDP worker gets whole GPUs. ``how`` names the
-    options that set the share, for the message. Fractional GPUs stay allowed for a single worker."""
+    """A DDP worker uses one GPU: more would sit idle (model parallelism is out of scope), and two NCCL ranks on
+    one GPU are refused by NCCL. ``how`` names the options that set the share, for the message. Fractional GPUs
+    stay allowed for a single worker."""
+    if gpus_per_worker > 1:
+        raise InputError(
+            f"{how} gives each worker {gpus_per_worker:g} GPUs, and cpsc-ray runs one GPU per worker (data parallel; "
+            f"model parallelism is out of scope), so the rest would sit idle: ask for one worker per GPU instead"
+        )
     if workers > 1 and gpus_per_worker % 1:
         whole = max(1, round(gpus_per_worker))
         raise InputError(
@@ -185,14 +264,16 @@ def run_distributed(
     gpus_per_worker: float = 0.0,
     cpus_per_worker: float = 1.0,
     storage: str | None = None,
-    max_failures: int = 0,
+    recovery: Recovery | None = None,
     resume: str | None = None,
-    fault_epoch: int | None = None,
+    fault: Fault | None = None,
     autoscaling: bool = False,
+    or_start: bool = False,
 ) -> dict[str, Any]:
     """One distillation over ``workers`` Ray Train workers (or with ``resume`` the named run, continued from its
-    newest checkpoint); returns its summary."""
+    newest complete checkpoint; ``or_start``: started over when it has none); returns its summary."""
     request = _worker_request(cfg, workers, gpus_per_worker, cpus_per_worker)
+    recovery = recovery or Recovery()
     if storage:
         cfg = cfg.model_copy(update={"output_dir": storage})
     cfg = with_absolute_paths(cfg)  # before Ray starts: its workers inherit the absolute CPSC_RAY_CACHE
@@ -202,30 +283,23 @@ def run_distributed(
     if resume:  # the resumed run's own config
         cfg, outputs, name = open_run(cfg, resume)
     cfg = on_worker_resources(gpus_per_worker, prepare_teacher, cfg)
-    if not resume:  # a new run directory only once its teacher is known to load
+    root = RootDir(cfg.output_dir)
+    check_every_node_reads(root, cfg)
+    if not resume:  # a new run directory only once its teacher is known to load and every node reads it
         cfg, outputs, name = open_run(cfg, None)
-    newest = resume_point(outputs, name) if resume else None
+    newest = resume_point(outputs, name, registered_checkpoints(outputs), or_start) if resume else None
     loop = WorkerLoop(
         config=cfg.model_dump(),
         outputs=outputs.uri(),
         role=RunRole(kind="distill", experiment=name),
-        fault_epoch=fault_epoch,
+        fault=fault,
         start_state=outputs.uri(newest) if newest else None,
         launched_at=time.time(),
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"loop": loop},
-        scaling_config=scaling(workers, gpus_per_worker, cpus_per_worker),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=RootDir(cfg.output_dir).uri(),  # Ray Train's run directory is the run's: <root>/<name>
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    _fit(trainer, request, outputs, name, max_failures)
-    return _finished(RootDir(cfg.output_dir), outputs, name)
+    shape = scaling(workers, gpus_per_worker, cpus_per_worker)
+    # Ray Train's run directory is the run's: <root>/<name>.
+    _fit(build_trainer(loop, shape, name, root, recovery, keep=2), request, recovery, outputs, name)
+    return _finished(root, outputs, name)
 
 
 def _worker_request(cfg: Config, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Request:
@@ -238,15 +312,16 @@ def _worker_request(cfg: Config, workers: int, gpus_per_worker: float, cpus_per_
     return Request(workers, cpus_per_worker, gpus_per_worker, how)
 
 
-def _fit(trainer: TorchTrainer, request: Request, outputs: RunDir, name: str, max_failures: int) -> None:
+def _fit(trainer: TorchTrainer, request: Request, recovery: Recovery, outputs: RunDir, name: str) -> None:
+    """Run the trainer, saying what it waits for; a run that fails for good raises a DistributedRunError."""
     try:
         with announcing_waits(request):
             trainer.fit()
     except ray.train.TrainingFailedError as err:
         kept = "its checkpoints are kept there" if newest_checkpoint(outputs) else "it wrote no checkpoint yet"
         raise DistributedRunError(
-            f"run {name} failed after {max_failures} allowed worker failure(s): {str(err).splitlines()[0]}; "
-            f"{kept} ({outputs.uri()}): continue it with --resume {name}, or allow restarts with --max-failures"
+            f"run {name} failed {failure_reason(err, recovery, request.describe())}; {kept} ({outputs.uri()}): "
+            f"continue it with --resume {name}"
         ) from None
 
 

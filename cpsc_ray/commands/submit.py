@@ -18,14 +18,15 @@ logger = logging.getLogger(__name__)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from cpsc_ray.cluster.submit import DEFAULT_RUNTIME_ENV, DRIVER_CPUS, default_address
+    from cpsc_ray.cluster.submit import DEFAULT_RUNTIME_ENV, DRIVER_CPUS, RECONNECT_S, default_address
 
     submit = commands.add_parser(
         "submit",
         help="run a cpsc-ray command on a Ray cluster as a job (uploads this checkout)",
         description="cpsc-ray submit [options] -- COMMAND ARGS  |  --logs ID [--follow]  |  --status ID  |  --stop ID. "
         "Exit codes: 0 submitted or succeeded, 1 the job failed or was stopped, 2 bad input or cluster unreachable "
-        "or refused, 3 still running at --timeout.",
+        "or refused, 3 still running at --timeout, 4 --wait lost the cluster for longer than --reconnect-timeout "
+        "(or it forgot the job): the job's outcome is unknown.",
     )
     submit.add_argument(
         "--address",
@@ -53,9 +54,22 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="GPUs the driver reserves (default: none; trials, seeds and Train workers hold theirs; "
         "teacher and distill without --workers train in the driver and need 1)",
     )
+    submit.add_argument(
+        "--driver-resource",
+        metavar="NAME",
+        help="run the job's driver on a node that carries this custom resource (the head or an on-demand node), "
+        "not where its CPUs happen to be free: a preempted spot node would end the whole job",
+    )
     submit.add_argument("--submission-id", help="job id (default: cpsc-ray-<command>-<time>)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     submit.add_argument("--timeout", type=float, default=24 * 3600, help="seconds --wait waits (default: a day)")
+    submit.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=RECONNECT_S,
+        metavar="SECONDS",
+        help="how long --wait retries a dropped connection (a head restarting) before it gives up (exit code 4)",
+    )
     submit.add_argument("--follow", action="store_true", help="stream the job's output until it ends")
     existing = submit.add_mutually_exclusive_group()
     existing.add_argument("--logs", metavar="ID", help="print a job's output (with --follow: stream it)")
@@ -66,7 +80,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cpsc_ray.cluster.submit import JobServer
+    from cpsc_ray.cluster.submit import Driver, JobServer
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     job_id = args.logs or args.stop or args.status
@@ -76,7 +90,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _show_job(server, args)
         return 0
     if not job_id:
-        job_id = server.submit(command, env, args.entrypoint_num_cpus, args.entrypoint_num_gpus, args.submission_id)
+        driver = Driver(args.entrypoint_num_cpus, args.entrypoint_num_gpus, args.driver_resource)
+        job_id = server.submit(command, env, driver, args.submission_id)
         print(job_id)
         print(
             f"follow: cpsc-ray submit --address {server.address} --logs {job_id} --follow\n"
@@ -87,7 +102,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         server.follow(job_id)
     if not (args.wait or args.follow):
         return 0
-    return _exit_code(server, job_id, server.wait(job_id, args.timeout), args)
+    status = server.wait(job_id, args.timeout, report=sys.stderr, reconnect_s=args.reconnect_timeout)
+    return _exit_code(server, job_id, status, args)
 
 
 def _job_env(command: list[str], args: argparse.Namespace) -> dict:

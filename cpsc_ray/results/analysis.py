@@ -53,6 +53,7 @@ SUMMARY_COLUMNS = [
     "device_s",
     "search_device_s",
     "device_hours",
+    "queued_hours",
     "images",
     "hyperparameters",
 ]
@@ -271,6 +272,7 @@ def _row(
         compute_unit=compute_unit(devices),
         device_s=device_s,
         device_hours=device_s / 3600,
+        queued_hours=float(spent.queued_s.fillna(0).sum()) / 3600,
         images=int(spent.images.sum()),
         hyperparameters=json.dumps({k: config.get(k) for k in keys} if config else {}),
     )

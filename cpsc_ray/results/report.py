@@ -66,8 +66,9 @@ NOTES = (
     "experiment's selected trial without a rerun, marked †). Accuracies in %, mean ± sample s.d. over those runs; "
     "test accuracy is read at the epoch of the best selection metric (validation accuracy, or the data-free proxy) "
     "and never used to choose. Compute counts every trial and seed, early-stopped and diverged ones included: "
-    "device-hours are hours per worker summed over workers (CPU-h count worker processes, not cores). An empty "
-    "cell had no runs."
+    "device-hours are hours per worker summed over workers (CPU-h count worker processes, not cores). Queued: "
+    "wall-clock hours the runs' worker groups waited for resources (other jobs, nodes still booting), which "
+    "compute does not count. An empty cell had no runs."
 )
 
 
@@ -154,6 +155,7 @@ PAIR_HEADERS = [
     "runs in compute",
     "diverged",
     "compute",
+    "queued",
     "hyperparameters",
 ]
 
@@ -173,6 +175,7 @@ def pair_row(row: dict[str, Any]) -> list[str | Link]:
         str(row["diverged"]),
         hours(row["device_hours"], row["compute_unit"])
         + (f" ({row['device']})" if row["compute_unit"] != "CPU" else ""),
+        f"{row['queued_hours']:.3g} h",
         hyperparameter_text(row["hyperparameters"]),
     ]
 

@@ -51,6 +51,9 @@ PROGRESS = {
     # Device-seconds beyond this epoch's own: the set-up of a start (or round, or restart) and the epochs
     # it lost, times the workers; charged to the first epoch after it.
     "overhead_s": pa.float64(),
+    # Seconds that start waited for its worker group's resources (other jobs, nodes still booting), on the same
+    # row: no device worked for the run then, so no device-seconds are charged for it.
+    "queued_s": pa.float64(),
     "lr_student": pa.float64(),
     "lr_generator": pa.float64(),
     **{name: pa.float64() for name in LOSS_METRICS + SYNTHESIS_METRICS + TERM_GRADIENT_METRICS},
@@ -164,6 +167,7 @@ TRIAL_SUMMARY = {
     "epochs": pa.int64(),
     "images": pa.int64(),  # synthesized by this trial itself (not what a PBT clone inherited), re-runs included
     "device_s": pa.float64(),  # spent by this trial itself: its epochs' seconds times its workers, set-up included
+    "queued_s": pa.float64(),  # seconds its starts waited for resources, not in device_s
     "wall_s": pa.float64(),
     "diverged": pa.bool_(),
     "best_val_acc": pa.float64(),

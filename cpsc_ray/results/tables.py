@@ -74,6 +74,7 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
         epochs=last["epoch"],
         images=charged_images(rows),
         device_s=charged_device_s(rows),
+        queued_s=sum(r.get("queued_s") or 0.0 for r in rows),
         wall_s=last.get("wall_s"),
         diverged=any(bool(r.get("diverged")) for r in rows),
         best_val_acc=extreme("val_acc"),

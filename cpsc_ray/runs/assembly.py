@@ -140,6 +140,7 @@ def run_distillation(
     device: torch.device | None = None,
     keep_best: bool = True,
     started_at: float | None = None,
+    queued_s: float = 0.0,
     start: StartState | None = None,
     stop_epoch: int | None = None,
     checkpoint_every: int | None = None,
@@ -149,9 +150,9 @@ def run_distillation(
     """Assemble the run (its engine and the bookkeeping that writes ``outputs``: None on ranks other than 0) and
     train it through the one loop (``run_epochs``: ``start``, ``stop_epoch``, ``checkpoint_every``, ``phases``,
     ``finish``). ``started_at`` (``time.time()``) is when this start began: the set-up until its first epoch is
-    charged to that epoch."""
+    charged to that epoch, less ``queued_s``, the part of it spent waiting for resources."""
     prepared = prepare_engine(cfg, device, role, teacher)
-    run = DistillRun(prepared.engine, prepared.identity, outputs, keep_best, started_at=started_at)
+    run = DistillRun(prepared.engine, prepared.identity, outputs, keep_best, started_at=started_at, queued_s=queued_s)
     end = run_epochs(
         run,
         hooks,

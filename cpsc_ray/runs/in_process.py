@@ -44,6 +44,7 @@ def train_into(
     *,
     teacher: Teacher | None = None,
     resume: bool = False,
+    or_start: bool = False,
     progress: bool = True,
     phases: dict[int, Config] | None = None,
     role: RunRole | None = None,
@@ -54,7 +55,7 @@ def train_into(
     ``phases`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
     started_at = started_at or time.time()
     start = None
-    newest = resume_point(outputs, name) if resume else None
+    newest = resume_point(outputs, name, or_start=or_start) if resume else None
     if newest is not None:  # an in-process run's checkpoints/last, or a Ray Train run's newest
         start = StartState(*read_checkpoint(outputs, newest), where=outputs.uri(newest))
     with tqdm(total=cfg.train.epochs, initial=start.epoch if start else 0, desc=name, disable=not progress) as bar:
@@ -71,9 +72,10 @@ def train_into(
     return RunSummary(**end.summary, run_dir=outputs.uri()), run.history
 
 
-def run_in_process(cfg: Config, resume: str | None = None, progress: bool = True) -> RunSummary:
+def run_in_process(cfg: Config, resume: str | None = None, progress: bool = True, or_start: bool = False) -> RunSummary:
     """The CLI's ``distill`` without ``--workers``: a new run directory under ``output_dir`` (or, with ``resume``,
-    the named run with its own config), the run trained into it, and its rows published to the results."""
+    the named run with its own config, continued; ``or_start``: started over when it has no complete checkpoint),
+    the run trained into it, and its rows published to the results."""
     if resume:
         cfg, outputs, name = open_run(cfg, resume)
     check_model_names(cfg)
@@ -83,7 +85,14 @@ def run_in_process(cfg: Config, resume: str | None = None, progress: bool = True
     if not resume:
         cfg, outputs, name = open_run(cfg, None)
     summary, history = train_into(
-        resolved, outputs, name, teacher=teacher, resume=bool(resume), progress=progress, started_at=started_at
+        resolved,
+        outputs,
+        name,
+        teacher=teacher,
+        resume=bool(resume),
+        or_start=or_start,
+        progress=progress,
+        started_at=started_at,
     )
     publish(RootDir(cfg.output_dir), name, history, [])
     return summary

@@ -8,7 +8,9 @@ scalars (``runs.tensorboard``; not tuning trials).
 
 Compute is charged to the run that spent it: epochs lost to a restart (and run again) and each start's
 set-up are added to the first epoch after it (``lost_images``, ``overhead_s``), so a trial's totals hold
-all the work it did, not only the work its surviving rows show.
+all the work it did, not only the work its surviving rows show. The time a start waited for its worker
+group's resources (other jobs' GPUs, a node still booting) is no work: it is recorded as ``queued_s``,
+never charged.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from cpsc_ray.method.engine import DistillEngine, DivergenceError
 from cpsc_ray.results.plots import sample_grid
 from cpsc_ray.results.schema import EVAL_METRICS, config_row, epoch_table, versions
 from cpsc_ray.results.tables import charged_device_s, charged_images, latest, run_name
-from cpsc_ray.runs.checkpoints import checkpoint_files
+from cpsc_ray.runs.checkpoints import checkpoint_files, write_last_checkpoint
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor
 from cpsc_ray.runs.tensorboard import EpochScalars
@@ -93,9 +95,10 @@ class DistillRun:
         outputs: RunDir | None,
         keep_best: bool = True,
         started_at: float | None = None,
+        queued_s: float = 0.0,
     ):
         """``started_at`` (``time.time()``) is when this start began: its set-up up to the first epoch is
-        charged to that epoch. Default: now."""
+        charged to that epoch, less ``queued_s``, the part of it spent waiting for resources. Default: now."""
         self.engine = engine
         self.identity = identity
         self.outputs = outputs  # None on ranks other than 0
@@ -112,6 +115,7 @@ class DistillRun:
         # (``resume_from``) they were lost with it, and their work is charged to the next epoch.
         self._written = self._read_rows()
         self._setup_from = max([started_at or time.time(), *self._written_at()])
+        self._queued_s = queued_s
         self._lost = self._written
 
     def _read_rows(self) -> list[dict[str, Any]]:
@@ -138,11 +142,15 @@ class DistillRun:
 
     def _charges(self) -> dict[str, Any]:
         """What the next row carries beyond its own epoch: the lost epochs' work (their own charges
-        included) and this start's set-up, once."""
+        included) and this start's set-up, less its wait for resources, which it records, once."""
         if self._setup_from is None:
-            return {"lost_images": 0, "overhead_s": 0.0}
-        setup_s = max(0.0, time.time() - self._setup_from) * self.identity.workers
-        charges = {"lost_images": charged_images(self._lost), "overhead_s": charged_device_s(self._lost) + setup_s}
+            return {"lost_images": 0, "overhead_s": 0.0, "queued_s": 0.0}
+        setup_s = max(0.0, time.time() - self._setup_from - self._queued_s) * self.identity.workers
+        charges = {
+            "lost_images": charged_images(self._lost),
+            "overhead_s": charged_device_s(self._lost) + setup_s,
+            "queued_s": self._queued_s,
+        }
         self._setup_from, self._lost = None, []
         return charges
 
@@ -253,10 +261,8 @@ class DistillRun:
         return checkpoint_files(self.engine, self.meta(), self._best_student)
 
     def write_last_checkpoint(self) -> None:
-        if self.outputs is None:
-            return
-        for name, data in self.checkpoint_files().items():
-            self.outputs.write_bytes(f"{RunDir.LAST_CHECKPOINT}/{name}", data)
+        if self.outputs is not None:
+            write_last_checkpoint(self.outputs, self.checkpoint_files())
 
     def finish(self) -> RunSummary:
         """Summary and config; returns the summary."""

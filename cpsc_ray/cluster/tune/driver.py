@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
 from ray import tune
 
-from cpsc_ray.cluster.resources import Request, announcing_waits, check_fits
+from cpsc_ray.cluster.reach import check_every_node_reads
+from cpsc_ray.cluster.recovery import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S
+from cpsc_ray.cluster.resources import Capacity, Request, announcing_waits, check_fits, check_resource_exists
 from cpsc_ray.cluster.train import check_gpus_per_worker, on_worker_resources, prepare_teacher
 from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.cluster.tune.search_space import SearchSpace, load_search_space
 from cpsc_ray.cluster.tune.trial import TRAINABLE_CPUS, trainable
 from cpsc_ray.compat import alias_moved_modules, check_restorable
 from cpsc_ray.config import Config, flatten
+from cpsc_ray.credentials import SECRET_NAME
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import ExperimentDir, RootDir
 from cpsc_ray.results.schema import config_values
@@ -50,9 +53,13 @@ class TuneOptions:
     storage: str | None = None
     name: str | None = None
     keep_checkpoints: int | None = 3  # per trial; None keeps all
-    max_failures: int = 0
+    max_failures: int = 0  # Tune's retries of a failed trial
+    max_restarts: int = 0  # Ray Train's restarts of a multi-worker trial's worker group, within one try
+    start_timeout_s: float = START_TIMEOUT_S  # how long a multi-worker trial's worker group waits for resources
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+    driver_resource: str | None = None  # keep multi-worker trials' own processes on nodes that carry it
     search_seed: int = 0
-    autoscaling: bool = False  # the cluster adds nodes on demand: a request larger than it is now may wait
+    autoscaling: bool = False  # nodes come on demand though no autoscaler reported its node types
 
     @property
     def method(self) -> str:
@@ -182,23 +189,29 @@ def defaults_point(cfg: Config, space: SearchSpace) -> dict[str, Any]:
     return {key: values[key] for key in space.params}
 
 
-def run_tune(cfg: Config, options: TuneOptions, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary.
+def run_tune(
+    cfg: Config, options: TuneOptions, resume: bool = False, callbacks: list | None = None, or_start: bool = False
+) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) a tuning experiment; returns its collected summary. ``or_start``:
+    continue the experiment ``options.name`` when Tune can restore it, else start it under exactly that name.
     ``callbacks`` are Ray Tune callbacks, for programmatic use."""
     request = trial_request(options)
     check_gpus_per_worker(options.workers_per_trial, options.gpus_per_worker, request.how)
     cfg = with_absolute_paths(cfg)
     root = RootDir(options.storage or cfg.output_dir)
-    if resume:
+    _keep_credentials_out_of_trials()
+    if resume or (or_start and tune.Tuner.can_restore(root.uri(options.name))):
         return _resume(root, options)
     space = load_search_space(options.space, cfg)
     metric = _checked(cfg, options, space)
     seeds = seed_configs(root, options.seed_from, space, options.num_samples) if options.seed_from else None
-    experiment = root.free_name(options.name or f"{cfg.name}-{options.method.replace('+', '-')}")
+    named = options.name or f"{cfg.name}-{options.method.replace('+', '-')}"
+    experiment = named if or_start else root.free_name(named)
     if not ray.is_initialized():  # only once the request is known to be valid
         ray.init()
-    check_fits(request, options.autoscaling)
+    _check_cluster(request, options)
     cfg = on_worker_resources(options.gpus_per_worker, prepare_teacher, cfg)  # once, before trials start
+    check_every_node_reads(root, cfg)
     record = _new_record(root, cfg, options, space, experiment, metric)
     record.write(root)
     if options.seed_defaults:  # a search that starts where the shipped defaults are cannot end below them
@@ -262,6 +275,32 @@ def _tuner(
     )
 
 
+def _keep_credentials_out_of_trials() -> None:
+    """Ray Tune copies the driver's AWS credentials into every trial's runtime env, which the dashboard shows and
+    each node's runtime env agent logs. Trials take them from their node's own environment instead, as every
+    cpsc-ray process does (``cpsc_ray.credentials``), so Tune is left to copy only variables that hold no secret."""
+    from ray.tune.execution import class_cache
+
+    propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = {name for name in propagated if not SECRET_NAME.search(name)}
+
+
+def _check_cluster(request: Request, options: TuneOptions) -> None:
+    """Refuse trials the cluster can never hold, or a driver resource no node carries; warn when rounds of a
+    population larger than the cluster will take turns, each waiting up to the start timeout."""
+    check_fits(request, options.autoscaling)
+    if options.workers_per_trial == 1:
+        return
+    if options.driver_resource:
+        check_resource_exists(options.driver_resource, "--driver-resource", options.autoscaling)
+    at_once = _fitting_concurrency(options)
+    if options.population_based and at_once < options.num_samples:
+        logger.warning(
+            f"{options.num_samples} trials, {at_once} at a time: their rounds take turns for workers, and a round "
+            f"fails after waiting --start-timeout {options.start_timeout_s:g} s; set it above a round's length"
+        )
+
+
 def trial_request(options: TuneOptions) -> Request:
     """What the trials ask of the cluster: one trial's workers, times the trials asked to run at once."""
     gpus_per_trial = options.gpus_per_worker * options.workers_per_trial
@@ -290,6 +329,7 @@ def _resume(root: RootDir, options: TuneOptions) -> dict[str, Any]:
     if not ray.is_initialized():  # only once there is an experiment to continue
         ray.init()
     record = ExperimentRecord.read(root, options.name)
+    check_every_node_reads(root, Config.model_validate(record.base))  # the cluster may have changed meanwhile
     tuner = tune.Tuner.restore(path, trainable=trainable(record), resume_errored=True)
     with announcing_waits(trial_request(TuneOptions(**record.options))):
         return _collect(root, options.name, tuner.fit())  # finished trials are not rerun
@@ -309,7 +349,10 @@ def _new_record(
         workers=options.workers_per_trial,
         gpus_per_worker=options.gpus_per_worker,
         cpus_per_worker=options.cpus_per_worker,
-        max_failures=options.max_failures,
+        max_restarts=options.max_restarts,
+        start_timeout_s=options.start_timeout_s,
+        collective_timeout_s=options.collective_timeout_s,
+        driver_resource=options.driver_resource,
         # Population-based trials checkpoint at every perturbation boundary: PBT clones those states.
         checkpoint_every=options.perturbation_interval if options.population_based else cfg.train.checkpoint_every,
         keep_checkpoints=options.keep_checkpoints,
@@ -338,8 +381,9 @@ def _collect(root: RootDir, experiment: str, grid) -> dict[str, Any]:
 
 
 def _fitting_concurrency(options: TuneOptions) -> int:
-    """As many trials at once as the cluster can hold whole, so no worker group waits on a timeout."""
-    available = ray.cluster_resources()
-    per_trial = trial_request(options).per_group
-    fits = [int(available.get(k, 0) // v) for k, v in per_trial.items() if v > 0]
-    return max(1, min(fits)) if fits else 1
+    """As many trials at once as the cluster can hold whole at its largest (with the nodes its autoscaler may
+    add), so trials queue for nodes that can come and no worker group waits for ones that cannot."""
+    request = replace(trial_request(options), groups=1)
+    if not request.per_worker:
+        return options.num_samples
+    return max(1, Capacity.of_cluster().groups(request, most=options.num_samples))

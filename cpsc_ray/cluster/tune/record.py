@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from cpsc_ray.cluster.recovery import COLLECTIVE_TIMEOUT_S, START_TIMEOUT_S, Recovery
+from cpsc_ray.compat import current_record_fields
 from cpsc_ray.errors import InputError
 from cpsc_ray.layout import ExperimentDir, RootDir
 
@@ -21,12 +23,20 @@ class ExperimentRecord:
     workers: int
     gpus_per_worker: float
     cpus_per_worker: float
-    max_failures: int
     checkpoint_every: int  # the PBT perturbation interval for population-based trials
     keep_checkpoints: int | None
     population_based: bool
     searched_keys: list[str]
     options: dict[str, Any]  # the TuneOptions, as given
+    # How a multi-worker trial's Train runs recover and wait (absent from experiments older than these fields).
+    max_restarts: int = 0
+    start_timeout_s: float = START_TIMEOUT_S
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+    driver_resource: str | None = None  # a custom resource that multi-worker trials' own processes hold a sliver of
+
+    @property
+    def recovery(self) -> Recovery:
+        return Recovery(self.max_restarts, self.start_timeout_s, self.collective_timeout_s)
 
     def write(self, root: RootDir) -> None:
         root.experiment(self.experiment).write_json(ExperimentDir.RECORD, asdict(self))
@@ -36,6 +46,6 @@ class ExperimentRecord:
         directory = root.experiment(experiment)
         if not directory.exists(ExperimentDir.RECORD):
             raise InputError(f"{experiment}: no tuning experiment of that name under {root.uri()} (give --storage)")
-        stored = directory.read_json(ExperimentDir.RECORD)
+        stored = current_record_fields(directory.read_json(ExperimentDir.RECORD))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in stored.items() if k in known})

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 from ray.tune import Checkpoint
 
 from cpsc_ray.cluster.metrics import tune_metrics
-from cpsc_ray.cluster.train import WorkerLoop, scaling, train_loop_per_worker
+from cpsc_ray.cluster.recovery import DRIVER_RESOURCE_SHARE
+from cpsc_ray.cluster.train import WorkerLoop, build_trainer, scaling
 from cpsc_ray.cluster.tune.record import ExperimentRecord
 from cpsc_ray.config import Config, flatten, with_values
 from cpsc_ray.layout import CheckpointDir, RunDir, trial_dir, trial_rounds
@@ -144,24 +143,8 @@ def send_diverged_to_tune(
 def _trainer(
     record: ExperimentRecord, loop: WorkerLoop, storage: Storage, name: str, keep: int, callbacks: list | None = None
 ):
-    from ray.train import CheckpointConfig, FailureConfig
-    from ray.train.torch import TorchTrainer
-
-    # Worker groups of several trials can be ready at once; one then waits for its turn instead of
-    # failing at Train's 60 s start timeout (the variable reaches Train's controller).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(24 * 3600))
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"loop": loop},
-        scaling_config=scaling(record.workers, record.gpus_per_worker, record.cpus_per_worker),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage.uri(),
-            failure_config=FailureConfig(max_failures=record.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep),
-            callbacks=callbacks,
-        ),
-    )
+    shape = scaling(record.workers, record.gpus_per_worker, record.cpus_per_worker)
+    return build_trainer(loop, shape, name, storage, record.recovery, keep, callbacks)
 
 
 def _trial_as_one_train_run(cfg: Config, record: ExperimentRecord, trial_id: str, outputs: RunDir) -> None:
@@ -240,6 +223,8 @@ def _drop_old_rounds(rounds: Storage, keep: int) -> None:
 def trainable(record: ExperimentRecord):
     """``tune_trial`` with the experiment's record bound and each trial's resources."""
     per_worker = {"CPU": record.cpus_per_worker, "GPU": record.gpus_per_worker}
-    # Multi-worker trials hold their workers through Ray Train; the trainable itself only waits on them.
-    resources = per_worker if record.workers == 1 else {"CPU": TRAINABLE_CPUS}
+    # Multi-worker trials hold their workers through Ray Train; the trainable itself only waits on them, on a node
+    # that carries the driver resource when one is named (Train's controller follows it there).
+    driver = {record.driver_resource: DRIVER_RESOURCE_SHARE} if record.driver_resource else {}
+    resources = per_worker if record.workers == 1 else {"CPU": TRAINABLE_CPUS, **driver}
     return tune.with_resources(tune.with_parameters(tune_trial, record=record), resources)

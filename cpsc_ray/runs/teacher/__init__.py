@@ -11,7 +11,7 @@ from cpsc_ray.runs.teacher.card import (
     write_teacher,
 )
 from cpsc_ray.runs.teacher.load import Teacher, build_teacher_model, load_teacher
-from cpsc_ray.runs.teacher.train import ensure_teacher, train_teacher
+from cpsc_ray.runs.teacher.train import ensure_teacher, teacher_path, train_teacher
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -22,6 +22,7 @@ __all__ = [
     "ensure_teacher",
     "load_teacher",
     "resolve_weights",
+    "teacher_path",
     "train_teacher",
     "weights_exist",
     "write_teacher",

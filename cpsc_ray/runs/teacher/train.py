@@ -20,13 +20,18 @@ from cpsc_ray.runs.teacher.card import WEIGHTS_NAME, TeacherCard, resolve_weight
 from cpsc_ray.runs.teacher.load import build_teacher_model, check_classes
 
 
+def teacher_path(cfg: Config, out: Path | None = None) -> Path:
+    """Where ``train_teacher`` writes the configured teacher: under ``out``, else in its cache slot."""
+    auto = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": "auto"})})
+    return out / WEIGHTS_NAME if out else Path(resolve_weights(auto))
+
+
 def train_teacher(
     cfg: Config, out: Path | None = None, device: torch.device | None = None, progress: bool = True
 ) -> Path:
     """Train the configured teacher (registry arch or builder) on real data (SGD, cosine, standard augmentation)
     and write ``teacher.safetensors`` plus its JSON card; the val hold-out is excluded from training."""
-    auto = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"weights": "auto"})})
-    target = out / WEIGHTS_NAME if out else Path(resolve_weights(auto))
+    target = teacher_path(cfg, out)
     device = device or pick_device(cfg.train.device)
     tcfg = cfg.teacher_training
     torch.manual_seed(tcfg.seed)
