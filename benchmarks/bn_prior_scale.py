@@ -37,7 +37,9 @@ def measure(name: str, storage: Path, seed: int) -> dict:
     teacher = load_teacher(cfg)
     info, g = teacher.info, cfg.generator
     torch.manual_seed(seed)
-    generator = build_generator(g.arch, g.kind, g.nz, g.ngf, info.channels, info.image_size, info.num_classes)
+    generator = build_generator(
+        g.arch, g.nz, g.ngf, info.channels, info.image_size, info.num_classes, conditional=g.kind == "conditional"
+    )
     labels = torch.randint(0, info.num_classes, (cfg.train.batch_size,))
     images = generator(torch.randn(cfg.train.batch_size, g.nz), labels)
     params = list(generator.parameters())

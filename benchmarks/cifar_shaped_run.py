@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from cpsc_ray.cli import main as cpsc_ray_cli
 from cpsc_ray.config import load_config
 from cpsc_ray.method.models import build_model
-from cpsc_ray.results.store import read_results
+from cpsc_ray.results.tables import read_results
 
 CONFIG = "cifar100_resnet34_resnet18"
 NAME = "cifar-shaped"

@@ -16,7 +16,7 @@ import time
 import pyarrow.fs as pafs
 from moto.server import ThreadedMotoServer
 
-from cpsc_ray.results import store
+from cpsc_ray.results import tables
 from cpsc_ray.storage import Storage
 
 BUCKET = "runs"
@@ -27,7 +27,7 @@ def publish_experiments(root: Storage, count: int, epochs: int) -> None:
         experiment = f"exp-{index:04d}"
         identity = {"experiment": experiment, "dataset": "digits", "trial_id": "run", "selection": "val_acc"}
         rows = [{**identity, "epoch": e, "val_acc": e / epochs} for e in range(1, epochs + 1)]
-        store.publish(root, experiment, rows, [])
+        tables.publish(root, experiment, rows, [])
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--experiments", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--round-trip-ms", type=float, default=30.0, help="added to every read; 0 for moto's own")
-    parser.add_argument("--threads", type=int, nargs="+", default=[store.READ_THREADS, 1])
+    parser.add_argument("--threads", type=int, nargs="+", default=[tables.READ_THREADS, 1])
     args = parser.parse_args()
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -59,9 +59,9 @@ def main() -> None:
         Storage.read_bytes = remote_read
         seconds = {}
         for threads in args.threads:
-            store.READ_THREADS = threads
+            tables.READ_THREADS = threads
             start = time.perf_counter()
-            results = store.read_results([uri])
+            results = tables.read_results([uri])
             seconds[threads] = round(time.perf_counter() - start, 2)
             assert len(results.trials) == args.experiments
         print(json.dumps({**vars(args), "files": 3 * args.experiments, "seconds_by_threads": seconds}, indent=2))

@@ -42,8 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.method.losses import supervised_contrastive
+from cpsc_ray.method.metric_names import SYNTHESIS_METRICS
 from cpsc_ray.method.models import build_model
-from cpsc_ray.method.terms import SYNTHESIS_METRICS
 
 # DistributedDataParallel's defaults: the first bucket is capped at 1 MiB so that the all-reduce starts
 # early, the others at bucket_cap_mb = 25 MiB; a bucket closes once it reaches its cap.
@@ -88,7 +88,8 @@ def traffic(engine: DistillEngine, world_size: int, local_batch: int) -> list[Me
     each. ``engine`` may be a single-process one: only its models and config are read."""
     if world_size == 1:
         return []
-    objective, messages = engine.generator_loss, []
+    synthesizer = engine.synthesizer
+    objective, messages = synthesizer.objective, []
     if "scl" in objective.terms:
         views = world_size * local_batch * 2 * feature_width(engine) * FP32
         labels = world_size * local_batch * INT64
@@ -96,12 +97,14 @@ def traffic(engine: DistillEngine, world_size: int, local_batch: int) -> list[Me
             Message("SupCon features and labels", collective, nbytes, "generator")
             for collective, nbytes in (("all_gather", views), ("all_gather", labels), ("reduce_scatter", views))
         ]
-        if engine.head is not None and engine.cfg.loss.train_projection_head:
-            messages += [Message("head gradients", "all_reduce", b, "generator") for b in ddp_buckets(engine.head)]
+        if synthesizer.head is not None and engine.cfg.loss.train_projection_head:
+            messages += [Message("head gradients", "all_reduce", b, "generator") for b in ddp_buckets(synthesizer.head)]
     if "bn" in objective.terms:
-        moments = 2 * sum(layer.num_features for layer in engine.bn_prior.layers) * FP32
+        moments = 2 * sum(layer.num_features for layer in synthesizer.bn_prior.layers) * FP32
         messages += [Message("BN statistics", "all_reduce", moments, "generator")] * 2  # forward, backward
-    messages += [Message("generator gradients", "all_reduce", b, "generator") for b in ddp_buckets(engine.generator)]
+    messages += [
+        Message("generator gradients", "all_reduce", b, "generator") for b in ddp_buckets(synthesizer.generator)
+    ]
     buffers = list(engine.student.buffers())
     buffer_bytes = sum(b.numel() * b.element_size() for b in buffers)
     if buffers:

@@ -34,8 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from cpsc_ray.config import RunConfig, with_values
-from cpsc_ray.method.engine import DistillEngine, ImageSpec
+from cpsc_ray.config import Config, with_values
+from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
     BNStatisticsPrior,
@@ -44,15 +44,16 @@ from cpsc_ray.method.losses import (
     student_objective,
 )
 from cpsc_ray.method.models import build_model
+from cpsc_ray.method.spec import ImageSpec
 
 PAIRS = {"resnet34-resnet18": ("resnet34", "resnet18"), "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2")}
 CLASSES, SIZE = 100, 32
 SPEC = ImageSpec(CLASSES, 3, SIZE, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 
-def run_config(teacher: str, student: str, args: argparse.Namespace, **train) -> RunConfig:
+def run_config(teacher: str, student: str, args: argparse.Namespace, **train) -> Config:
     return with_values(
-        RunConfig(),
+        Config(),
         {
             "teacher.arch": teacher,
             "student.arch": student,
@@ -97,9 +98,7 @@ def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.
     cfg = run_config(teacher_name, student_name, args)
     teacher = build_model(teacher_name, CLASSES).to(device).eval()  # parameters still require grad
     student = build_model(student_name, CLASSES).to(device).train()
-    generator = build_generator("upsample", "conditional", cfg.generator.nz, cfg.generator.ngf, 3, SIZE, CLASSES).to(
-        device
-    )
+    generator = build_generator("upsample", cfg.generator.nz, cfg.generator.ngf, 3, SIZE, CLASSES).to(device)
     head = None
     if student.feature_dim != teacher.feature_dim:
         head = nn.Sequential(

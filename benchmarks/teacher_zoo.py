@@ -37,7 +37,7 @@ import glyphs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
-from cpsc_ray.config import RunConfig, load_config, with_values  # noqa: E402
+from cpsc_ray.config import Config, load_config, with_values  # noqa: E402
 from cpsc_ray.method.engine import DivergenceError  # noqa: E402
 from cpsc_ray.runs.in_process import run_in_process  # noqa: E402
 from cpsc_ray.runs.teacher import WEIGHTS_NAME, card_path, train_teacher  # noqa: E402
@@ -69,7 +69,7 @@ TEACHERS: dict[str, dict] = {
 }
 
 
-def base_config(name: str, storage: Path, overrides: list[str] = ()) -> RunConfig:
+def base_config(name: str, storage: Path, overrides: list[str] = ()) -> Config:
     """The shipped digits defaults with the teacher's fields (and, for the glyphs row, its data) set."""
     fields = dict(TEACHERS[name])
     if fields.get("data.dataset") == "imagefolder":
@@ -101,7 +101,7 @@ def commit() -> str:
     return head + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def config_hash(cfg: RunConfig, weights: Path) -> str:
+def config_hash(cfg: Config, weights: Path) -> str:
     """What decides a run's numbers: the resolved config without its name and location, the teacher named
     by the digest of its weights."""
     tree = cfg.model_dump(exclude={"name", "output_dir"})
@@ -110,7 +110,7 @@ def config_hash(cfg: RunConfig, weights: Path) -> str:
     return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_config(name: str, seed: int, storage: Path, label: str, overrides: list[str]) -> RunConfig:
+def run_config(name: str, seed: int, storage: Path, label: str, overrides: list[str]) -> Config:
     cfg = with_values(
         base_config(name, storage, overrides),
         {"teacher.weights": str(teacher_weights(name, storage)), "seed": seed, "output_dir": str(storage / "runs")},

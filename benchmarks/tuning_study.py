@@ -29,7 +29,7 @@ import torch
 from cpsc_ray.cluster.finalize import finalize, select
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import load_config
-from cpsc_ray.results.store import ResultsError, read_results
+from cpsc_ray.results.tables import ResultsError, read_results
 from cpsc_ray.runs.in_process import run_in_process
 from cpsc_ray.storage import Storage
 

@@ -14,16 +14,17 @@ import logging
 import sys
 
 from cpsc_ray import __version__
-from cpsc_ray.commands import HelpFormatter, distill, report, show, submit, tune
-from cpsc_ray.config import ConfigError
+from cpsc_ray.commands import HelpFormatter, config, distill, report, submit, tune
+from cpsc_ray.errors import CommandError
 
-COMMAND_GROUPS = (show, distill, tune, report, submit)
+COMMAND_GROUPS = (config, distill, tune, report, submit)
 EXIT_CODES = """exit codes:
   0  done
   1  the run failed: a distillation diverged, a distributed run ran out of restarts, no trial of a tuning
      experiment finished an epoch, a submitted job failed
   2  usage or input error (options, config, search space, paths, results, model names); nothing was written
   3  submit --wait: the job was still running at --timeout
+  4  submit --wait: the cluster stayed unreachable past --reconnect-timeout, or forgot the job; its outcome is unknown
 """
 
 
@@ -78,6 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     show_warnings()
     try:
         return args.func(args)
-    except ConfigError as err:
+    except CommandError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code

@@ -13,9 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config, override or file that cannot be used; the message names the field and the fix."""
+from cpsc_ray.errors import InputError
 
 
 class Section(BaseModel):
@@ -83,8 +81,9 @@ class StudentConfig(Section):
 class GeneratorConfig(Section):
     kind: Literal["conditional", "unconditional"] = Field(
         "conditional",
-        description="conditional: per-class batch-norm modulation (CPSC-DFKD's generator); unconditional: plain "
-        "batch norm, for ablations",
+        description="the synthesizer that makes the student's images (cpsc-ray models lists them): conditional: a "
+        "generator with per-class batch-norm modulation (CPSC-DFKD's); unconditional: its plain batch-norm twin, for "
+        "ablations",
     )
     arch: Literal["auto", "upsample", "dcgan"] = Field(
         "auto",
@@ -232,7 +231,7 @@ def reference_dynamics(dataset: str) -> dict[tuple[str, str], Any]:
 REFERENCE_FIELDS = tuple(reference_dynamics("digits"))
 
 
-class RunConfig(Section):
+class Config(Section):
     name: str = Field("run", description="run name: its directory under output_dir (a taken name gets a suffix)")
     dynamics: Literal["fixed", "reference"] = Field(
         "fixed",
@@ -284,7 +283,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+            raise InputError(f"{dotted}: {part!r} is a value, not a section")
         node = child
     node[leaf] = value
 
@@ -294,21 +293,21 @@ def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
     if not path.suffix and not path.exists():
         shipped = SHIPPED_CONFIGS / f"{source}.yaml"
         if not shipped.is_file():
-            raise ConfigError(
+            raise InputError(
                 f"config {source!r}: no such file and no shipped config of that name; "
                 f"give a YAML path or one of: {', '.join(shipped_config_names())}"
             )
         return yaml.safe_load(shipped.read_text()) or {}, f"shipped config {source!r}"
     if not path.is_file():
-        raise ConfigError(f"config {source!r}: file not found; give a YAML path or a shipped config name")
+        raise InputError(f"config {source!r}: file not found; give a YAML path or a shipped config name")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config {source}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+        raise InputError(f"config {source}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"config {source}: expected a mapping of sections at the top level")
+        raise InputError(f"config {source}: expected a mapping of sections at the top level")
     return tree, str(path)
 
 
@@ -326,25 +325,25 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     return f"{where}: " + "; ".join(lines)
 
 
-def validate_tree(tree: dict[str, Any], where: str) -> RunConfig:
+def validate_tree(tree: dict[str, Any], where: str) -> Config:
     try:
-        return RunConfig.model_validate(tree)
+        return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, where)) from None
+        raise InputError(describe_validation_error(err, where)) from None
 
 
-def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a run config from a YAML path or a shipped config name, then apply `a.b=value` overrides."""
     tree, where = _read_yaml(source) if source else ({}, "defaults")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. loss.alpha=2")
+            raise InputError(f"override {item!r}: expected dotted.key=value, e.g. loss.alpha=2")
         set_dotted(tree, key.strip(), parse_scalar(text))
     return validate_tree(tree, where if not overrides else f"{where} with overrides")
 
 
-def flatten(config: RunConfig) -> dict[str, Any]:
+def flatten(config: Config) -> dict[str, Any]:
     """Dotted key -> value for every field of every section (list and dict values stay whole)."""
     out: dict[str, Any] = {}
 
@@ -359,7 +358,7 @@ def flatten(config: RunConfig) -> dict[str, Any]:
     return out
 
 
-def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+def with_values(config: Config, values: dict[str, Any]) -> Config:
     """A copy of `config` with dotted keys replaced, validated as a whole."""
     tree = config.model_dump()
     if "dynamics" in values:  # a changed preset fills its fields afresh, as in a new config
@@ -370,5 +369,5 @@ def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
     return validate_tree(tree, "config with " + ", ".join(sorted(values)))
 
 
-def to_yaml(config: RunConfig) -> str:
+def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(), sort_keys=False)

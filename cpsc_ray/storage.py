@@ -21,15 +21,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.credentials import redacted, refuse_credentials
+from cpsc_ray.errors import InputError
 
 OBJECT_READ_ATTEMPTS = 10  # a replaced object's prefix is read again; a file this often unparseable is broken
 
 
 def _around_path(uri: str, path: str) -> tuple[str, str]:
     """What a URI holds besides its filesystem path, and another process needs to reach the same store: what
-    comes before the path (the scheme; credentials, s3://KEY:SECRET@bucket; a host, hdfs://namenode:8020) and
-    the options after it (an S3-compatible store's ?endpoint_override=HOST:PORT&scheme=http)."""
+    comes before the path (the scheme; a host, hdfs://namenode:8020) and the options after it (an S3-compatible
+    store's ?endpoint_override=HOST:PORT&scheme=http). Credentials never travel in it (``cpsc_ray.credentials``)."""
     address = urlsplit(uri)
     located = (address.netloc + address.path).rstrip("/")
     # A path with %-escapes, which pyarrow decodes, is not found in the URI: only its scheme is kept.
@@ -40,11 +41,12 @@ def _around_path(uri: str, path: str) -> tuple[str, str]:
 class Storage:
     def __init__(self, root: str):
         if "://" in root:
+            refuse_credentials(root, "location")
             try:
                 self.fs, path = pafs.FileSystem.from_uri(root)
             except pa.ArrowInvalid as err:
-                raise ConfigError(
-                    f"{root}: not a location pyarrow can open ({err}); give a local path or a URI such as "
+                raise InputError(
+                    f"{redacted(root)}: not a location pyarrow can open ({err}); give a local path or a URI such as "
                     "s3://bucket/prefix"
                 ) from None
         else:
@@ -139,6 +141,17 @@ class Storage:
         source = Storage(source_uri)
         self.makedirs(relative)
         pafs.copy_files(source.root, self.path(relative), source_filesystem=source.fs, destination_filesystem=self.fs)
+
+    def move_dir(self, relative: str, to: str) -> None:
+        """Move a directory over ``to`` (replacing it): one rename on a local filesystem; on an object store,
+        which has none, a copy of every object and then a delete."""
+        self.delete_dir(to)
+        if self.is_local:
+            os.replace(self.path(relative), self.path(to))
+            return
+        self.makedirs(to)
+        pafs.copy_files(self.path(relative), self.path(to), source_filesystem=self.fs, destination_filesystem=self.fs)
+        self.delete_dir(relative)
 
     def delete_dir(self, relative: str) -> None:
         if self.exists(relative):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cpsc_ray.method.terms import LOSS_METRICS
+from cpsc_ray.method.metric_names import LOSS_METRICS
 
 torch.set_num_threads(2)
 
@@ -41,7 +41,7 @@ def session_cache(tmp_path_factory) -> Path:
 def digits_cfg(session_cache):
     """The digits default with tiny budgets and its teacher trained (once per session) and resolved."""
     from cpsc_ray.config import load_config
-    from cpsc_ray.runs.setup import ensure_teacher
+    from cpsc_ray.runs.teacher import ensure_teacher
 
     return ensure_teacher(load_config("digits", TINY), progress=False)
 
@@ -52,8 +52,48 @@ def tiny_cfg(digits_cfg, tmp_path):
     return digits_cfg.model_copy(update={"output_dir": str(tmp_path / "runs")})
 
 
+# moto's S3 server accepts any key pair; these are the session's, in the environment as on a cluster's nodes.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "cpsc-test-key",
+    "AWS_SECRET_ACCESS_KEY": "cpsc-test-secret-4c7d0e1f",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-role lookup on a machine that has none
+}
+
+
 @pytest.fixture(scope="session")
-def ray_local(session_cache):
+def s3_credentials() -> dict[str, str]:
+    """S3 credentials in this process's environment, before any Ray instance of the session starts, so its
+    workers inherit them as a cluster's processes inherit their nodes' environment."""
+    os.environ.update(S3_CREDENTIALS)
+    return S3_CREDENTIALS
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_credentials) -> str:
+    """moto's S3 server on the loopback, for the session: its HOST:PORT."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+def s3_bucket(endpoint: str, bucket: str) -> str:
+    """A new bucket on the server, as a URI a user of MinIO or Ceph would give: its options, no credential."""
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}?endpoint_override={endpoint}&scheme=http"
+
+
+@pytest.fixture(scope="session")
+def ray_local(session_cache, s3_credentials):
     """One local Ray instance (2 CPUs, with the dashboard) shared by the tests that need Ray."""
     import socket
 

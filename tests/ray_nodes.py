@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -106,13 +107,15 @@ class Head:
     node: Node
 
 
-def start_node(env: dict[str, str], *args: str) -> Node:
-    """``ray start --block`` with ``args``, its own temp dir and free ports, not waited for. Ray resolves
-    127.0.0.1 to the machine's address, so the nodes find each other as on a real network."""
+def start_node(env: dict[str, str], *args: str, wrapper: Sequence[str] = ()) -> Node:
+    """``ray start --block`` with ``args``, its own temp dir and free ports, not waited for; ``wrapper`` runs it
+    (and so the node's every process), e.g. in a mount namespace of its own. Ray resolves 127.0.0.1 to the
+    machine's address, so the nodes find each other as on a real network."""
     agent, agent_grpc, runtime_env_agent, metrics, node_manager, objects = free_ports(6)
     workers = free_port_window(WORKER_PORTS)
     temp = Path(tempfile.mkdtemp(prefix="cpsc-ray-node-"))  # short: Ray's socket paths live under it
     command = [
+        *wrapper,
         RAY,
         "start",
         "--block",
@@ -162,9 +165,10 @@ def stop_node(node: Node) -> list[int]:
 
 def kill_node(node: Node) -> None:
     """SIGKILL every process of the node, as if its machine were lost; returns once they are gone. Its
-    whole session, not its process group: Ray's workers lead process groups of their own."""
+    whole session, not its process group: Ray's workers lead process groups of their own; and a job's driver,
+    which runs in a session of its own, in the job's working dir under the node's temp dir."""
     deadline = time.monotonic() + 20
-    while members := session_members(node.proc.pid):
+    while members := sorted(set(session_members(node.proc.pid)) | set(working_in(node.temp))):
         assert time.monotonic() < deadline, f"processes of the killed node live on: {members}"
         for pid in members:
             try:
@@ -199,11 +203,14 @@ def alive_worker_nodes(head: Head) -> set[str]:
 
 
 @contextmanager
-def running_head(num_cpus: int) -> Iterator[Head]:
-    """A head with the dashboard and its job server, stopped on exit; fails if a process outlives it."""
+def running_head(num_cpus: int, *args: str, env: dict[str, str] | None = None) -> Iterator[Head]:
+    """A head with the dashboard and its job server, stopped on exit; fails if a process outlives it. ``args``
+    go to its ``ray start``; ``env`` is added to the environment of its processes, its worker nodes' and clients'."""
     gcs, dashboard, client = free_ports(3)
     token = secrets.token_hex(16)
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(extra)
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
@@ -219,6 +226,7 @@ def running_head(num_cpus: int) -> Iterator[Head]:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}",
+        *args,
     )
     head = Head(f"http://127.0.0.1:{dashboard}", token, gcs, env, node)
     try:
@@ -237,13 +245,25 @@ def running_head(num_cpus: int) -> Iterator[Head]:
     assert not leftovers, f"processes of the head outlived it: {leftovers}"
 
 
-def start_worker_node(head: Head, num_cpus: int) -> tuple[Node, str]:
-    """A worker node joined to ``head``, and its node id once the head lists it alive."""
-    before = alive_worker_nodes(head)
-    node = start_node(head.env, f"--address=127.0.0.1:{head.gcs_port}", f"--num-cpus={num_cpus}")
+def alive_worker_nodes_once_answered(head: Head, deadline: float) -> set[str]:
+    """alive_worker_nodes, asked again while the head's state API drops the connection: it starts in a process
+    of its own after the dashboard answers, later on a busy machine."""
+    while True:
+        try:
+            return alive_worker_nodes(head)
+        except OSError:
+            assert time.monotonic() < deadline, f"the head's state API does not answer:\n{head.node.log}"
+            time.sleep(1)
+
+
+def start_worker_node(head: Head, num_cpus: int, wrapper: Sequence[str] = ()) -> tuple[Node, str]:
+    """A worker node joined to ``head`` (run by ``wrapper``, see start_node), and its node id once the head
+    lists it alive."""
     deadline = time.monotonic() + NODE_START_S
+    before = alive_worker_nodes_once_answered(head, deadline)
+    node = start_node(head.env, f"--address=127.0.0.1:{head.gcs_port}", f"--num-cpus={num_cpus}", wrapper=wrapper)
     try:
-        while not (joined := alive_worker_nodes(head) - before):
+        while not (joined := alive_worker_nodes_once_answered(head, deadline) - before):
             assert node.proc.poll() is None, f"ray start exited ({node.proc.returncode}):\n{node.log}"
             assert time.monotonic() < deadline, f"worker node not up after {NODE_START_S} s:\n{node.log}"
             time.sleep(0.5)
@@ -253,9 +273,71 @@ def start_worker_node(head: Head, num_cpus: int) -> tuple[Node, str]:
     return node, joined.pop()
 
 
+def with_a_directory_of_its_own(directory: Path) -> list[str] | None:
+    """A wrapper for start_node: the node's processes see an empty tmpfs at ``directory`` (a mount namespace of
+    their own), as a node would that has a local disk where the others mount shared storage. Needs root, or
+    user namespaces (the node's processes are then root in one of their own); None where neither is allowed."""
+    unshare = ["unshare", *([] if os.geteuid() == 0 else ["--map-root-user"]), "--mount", "--propagation", "private"]
+    wrapper = [*unshare, "sh", "-c", 'mount -t tmpfs cpsc-ray-elsewhere "$0" && exec "$@"', str(directory)]
+    allowed = subprocess.run([*wrapper, "true"], capture_output=True, check=False).returncode == 0
+    return wrapper if allowed else None
+
+
 def copy_of_the_code(root: Path) -> Path:
     """``root`` holding a copy of the repository's code, for a job to upload as its working dir."""
     for name in ("cpsc_ray", "search_spaces", "launch"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", root)
     return root
+
+
+class Proxy:
+    """A TCP forwarder on the loopback to a local port, which ``drop`` takes down (its listener and every
+    connection through it) for a while and brings back on the same port, as a lost network path would."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._sockets: list[socket.socket] = []
+        self._open()
+
+    def _open(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the port comes back at once
+        self._sockets = [listener]
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def drop(self, seconds: float) -> None:
+        """Refuse every connection for ``seconds``, then forward again."""
+        self.close()
+        time.sleep(seconds)
+        self._open()

@@ -79,7 +79,7 @@ def test_a_second_run_of_the_same_name_gets_a_new_directory(digits_cfg, tmp_path
     assert distill(tmp_path, "train.epochs=1") == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "results")
     assert len(runs) == 2 and runs[0] == "e2e" and runs[1].startswith("e2e-")
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     trials = read_results([str(tmp_path / "runs")]).trials
     assert sorted(trials["experiment"]) == runs and set(trials["kind"]) == {"distill"}
@@ -124,6 +124,13 @@ def test_teacher_command_writes_weights_and_card(tmp_path, capsys):
     weights = load_file(tmp_path / "t/teacher.safetensors")
     build_model("digits_teacher", 10, 1).load_state_dict(weights)
 
+    # A job that may run again (the grid's) trains a teacher only where there is none yet.
+    written = (tmp_path / "t/teacher.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["teacher", "--if-missing", "--out", str(tmp_path / "t"), "teacher_training.epochs=1"]) == 0
+    assert capsys.readouterr().out.startswith(f"teacher already trained: {tmp_path / 't/teacher.safetensors'}")
+    assert (tmp_path / "t/teacher.safetensors").stat().st_mtime_ns == written
+
 
 def test_config_command_prints_overrides(capsys):
     assert main(["config", "loss.alpha=2.5"]) == 0
@@ -144,9 +151,9 @@ def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
     """The GPU check runs where Ray is not installed: an in-process run must never import it."""
     code = (
         "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
-        "from cpsc_ray.config import RunConfig\n"
+        "from cpsc_ray.config import Config\n"
         "from cpsc_ray.runs.in_process import run_in_process\n"
-        "summary = run_in_process(RunConfig.model_validate_json(sys.argv[1]), progress=False)\n"
+        "summary = run_in_process(Config.model_validate_json(sys.argv[1]), progress=False)\n"
         "print(summary['selected_by']['epoch'] is not None)\n"
     )
     done = subprocess.run(
@@ -161,8 +168,10 @@ def test_an_in_process_run_needs_no_ray(tiny_cfg, tmp_path):
 
 
 def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, capsys):
-    from cpsc_ray.config import ConfigError, DataConfig
+    from cpsc_ray.commands.config import choices
+    from cpsc_ray.config import DataConfig, GeneratorConfig
     from cpsc_ray.data import dataset_info
+    from cpsc_ray.errors import InputError
     from cpsc_ray.method.generators import build_generator
     from cpsc_ray.method.models import MODELS
 
@@ -173,20 +182,24 @@ def test_models_lists_what_a_config_can_name_and_each_name_builds(tmp_path, caps
     }
     assert listed["models"] == MODELS.names() and {"resnet18", "digits_teacher", "wrn_40_2"} <= set(listed["models"])
     assert {"upsample", "dcgan"} <= set(listed["generators"]) and "digits" in listed["datasets"]
+    # The registries list what the config's types accept, no more and no less.
+    assert sorted(listed["generators"]) == sorted(choices(GeneratorConfig.model_fields["arch"]))
+    assert sorted(listed["datasets"]) == sorted(choices(DataConfig.model_fields["dataset"]))
+    assert sorted(listed["synthesizers"]) == sorted(choices(GeneratorConfig.model_fields["kind"]))
     for arch in listed["generators"]:
-        for kind in listed["generator kinds"]:
-            assert build_generator(arch, kind, nz=8, ngf=4, channels=1, image_size=16, num_classes=10) is not None
+        for conditional in (True, False):
+            assert build_generator(arch, 8, 4, channels=1, image_size=16, num_classes=10, conditional=conditional)
     for dataset in listed["datasets"]:  # each name reaches its loader: an error names the data, not the key
-        with contextlib.suppress(ConfigError):
+        with contextlib.suppress(InputError):
             dataset_info(DataConfig(dataset=dataset, root=str(tmp_path)))
 
 
 def test_config_show_describes_every_field_with_its_default(capsys):
-    from cpsc_ray.config import RunConfig, flatten
+    from cpsc_ray.config import Config, flatten
 
     assert main(["config", "--show"]) == 0
     out = capsys.readouterr().out
-    for key in flatten(RunConfig()):
+    for key in flatten(Config()):
         assert re.search(rf"^{re.escape(key)}: .*\n    \S", out, re.M), f"{key}: no line with a description"
     assert "loss.alpha: 5.0  (float, >= 0)\n    IKD (L2 logit) weight\n" in out
     assert "loss.bn_form: standardized  (raw | standardized)\n" in out
@@ -279,3 +292,42 @@ def test_name_and_resume_are_one_or_the_other(capsys):
         with pytest.raises(SystemExit) as done:
             main([command, "--name", "a", "--resume", "b"])
         assert done.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_diverged_run_ends_in_one_line_with_exit_1_and_keeps_its_metrics(digits_cfg, tmp_path, capsys):
+    code = distill(tmp_path, "student.lr=1e6", "student.warmup_fraction=0")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, err
+    assert err == (
+        "error: a loss became NaN or infinite in epoch 1; the run's metrics so far are kept: "
+        "lower student.lr, generator.lr or the loss weights"
+    )
+    assert pq.read_table(tmp_path / "runs/e2e/metrics.parquet").column("diverged").to_pylist() == [True]
+
+
+def test_main_maps_each_kind_of_failure_to_its_exit_code(monkeypatch, capsys):
+    """Commands raise; cli.main alone turns an input error into exit 2 and a failed run into exit 1."""
+    from cpsc_ray.cluster.submit import JobFailed, JobUnknown, SubmitError
+    from cpsc_ray.cluster.train import DistributedRunError
+    from cpsc_ray.commands import config
+    from cpsc_ray.errors import InputError, RunFailed
+    from cpsc_ray.method.engine import DivergenceError
+    from cpsc_ray.results.tables import NothingToCollect
+
+    for error, code in [
+        (InputError, 2),
+        (SubmitError, 2),
+        (RunFailed, 1),
+        (DivergenceError, 1),
+        (DistributedRunError, 1),
+        (NothingToCollect, 1),
+        (JobFailed, 1),
+        (JobUnknown, 4),
+    ]:
+
+        def fail(args, error=error):
+            raise error(f"{error.__name__} happened")
+
+        monkeypatch.setattr(config, "cmd_models", fail)
+        assert main(["models"]) == code, error
+        assert capsys.readouterr().err == f"error: {error.__name__} happened\n"

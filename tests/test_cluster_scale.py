@@ -16,7 +16,7 @@ from ray.tune import Callback
 from cpsc_ray.cli import main
 from cpsc_ray.cluster.train import check_gpus_per_worker, run_distributed
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
 
 @pytest.fixture
@@ -31,11 +31,11 @@ def nothing_starts(monkeypatch):
 
 
 def test_two_ddp_workers_never_share_a_gpu(tiny_cfg, nothing_starts):
-    with pytest.raises(ConfigError, match="--workers 2 --gpus-per-worker 0.5 .* NCCL refuses two ranks"):
+    with pytest.raises(InputError, match="--workers 2 --gpus-per-worker 0.5 .* NCCL refuses two ranks"):
         run_distributed(tiny_cfg, workers=2, gpus_per_worker=0.5)
     assert not Path(tiny_cfg.output_dir).exists(), "nothing is written for a refused request"
     options = TuneOptions(space="digits_pbt", scheduler="pbt", workers_per_trial=2, gpus_per_worker=0.5)
-    with pytest.raises(ConfigError, match="--gpus-per-trial 1 --workers-per-trial 2 .* whole number of GPUs"):
+    with pytest.raises(InputError, match="--gpus-per-trial 1 --workers-per-trial 2 .* whole number of GPUs"):
         run_tune(tiny_cfg, options)
 
 
@@ -43,8 +43,8 @@ def test_fractional_gpus_stay_allowed_for_one_worker():
     check_gpus_per_worker(1, 0.25, "--gpus-per-trial 0.25")
     check_gpus_per_worker(2, 1.0, "--workers 2 --gpus-per-worker 1")
     check_gpus_per_worker(4, 0.0, "--workers 4")  # CPU workers
-    with pytest.raises(ConfigError, match=r"whole number of GPUs \(2\)"):
-        check_gpus_per_worker(2, 1.5, "--workers 2 --gpus-per-worker 1.5")
+    with pytest.raises(InputError, match=r"whole number of GPUs \(1\)"):
+        check_gpus_per_worker(2, 0.75, "--workers 2 --gpus-per-worker 0.75")
 
 
 def test_pbt_explores_inside_the_search_space(digits_cfg):
@@ -52,8 +52,8 @@ def test_pbt_explores_inside_the_search_space(digits_cfg):
 
     from ray.tune.schedulers import pbt
 
-    from cpsc_ray.cluster.search_space import load_search_space
-    from cpsc_ray.cluster.tune import build_scheduler
+    from cpsc_ray.cluster.tune.driver import build_scheduler
+    from cpsc_ray.cluster.tune.search_space import load_search_space
 
     space = load_search_space("digits_pbt", digits_cfg)
     scheduler = build_scheduler(TuneOptions(space="digits_pbt", scheduler="pbt"), space, epochs=8)
@@ -80,7 +80,7 @@ def test_pbt_explores_inside_the_search_space(digits_cfg):
 
 def test_relative_paths_are_made_absolute_in_the_driver(digits_cfg, tmp_path, monkeypatch):
     from cpsc_ray.config import with_values
-    from cpsc_ray.runs.setup import with_absolute_paths
+    from cpsc_ray.runs.assembly import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CPSC_RAY_CACHE", "cache")
@@ -129,9 +129,9 @@ def test_a_relative_teacher_path_works_under_tune(ray_local, digits_cfg, tmp_pat
 
 
 def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, nothing_starts):
-    from cpsc_ray.cluster.reports import tune_metrics
-    from cpsc_ray.cluster.search_space import load_search_space
-    from cpsc_ray.cluster.tune import build_search
+    from cpsc_ray.cluster.metrics import tune_metrics
+    from cpsc_ray.cluster.tune.driver import build_search
+    from cpsc_ray.cluster.tune.search_space import load_search_space
 
     history = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.9}, {"epoch": 3, "val_acc": 0.6}]
     metrics = tune_metrics(history[-1], history, "val_acc", images_spent=10)
@@ -140,7 +140,7 @@ def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, n
     search = build_search(TuneOptions(space="digits_optuna", search="optuna"), space, ("best_score", "max"), None)
     assert search.metric == "best_score"
     options = TuneOptions(space="digits_optuna", search="optuna", scheduler="asha", minimize_device_seconds=True)
-    with pytest.raises(ConfigError, match="Pareto front"):
+    with pytest.raises(InputError, match="Pareto front"):
         run_tune(digits_cfg, options)
 
 
@@ -202,8 +202,9 @@ def test_a_resume_with_nothing_to_continue_from_is_refused(digits_cfg, tmp_path,
 
 
 def test_an_exploit_is_recorded_once(tiny_cfg, tmp_path):
-    from cpsc_ray.runs.lineage import Exploit, record_exploit
-    from cpsc_ray.runs.setup import prepare_engine
+    from cpsc_ray.results.lineage import Exploit
+    from cpsc_ray.runs.assembly import prepare_engine
+    from cpsc_ray.runs.exploit import record_exploit
     from cpsc_ray.storage import Storage
 
     engine = prepare_engine(tiny_cfg).engine
@@ -223,7 +224,7 @@ def test_lost_epochs_are_charged_and_never_give_the_best_student(digits_cfg, tmp
     from safetensors.torch import load_file
 
     from cpsc_ray.method.engine import DistillEngine
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     real_evaluate = DistillEngine.evaluate
     monkeypatch.setattr(DistillEngine, "evaluate", lambda self: {**real_evaluate(self), "val": self.epoch / 10})
@@ -316,44 +317,20 @@ def test_a_multi_worker_trial_without_pbt_is_one_train_run_that_resumes(ray_loca
 
 def test_a_request_the_cluster_can_never_hold_is_refused_naming_both(ray_local, tiny_cfg):
     runs = Path(tiny_cfg.output_dir)
-    with pytest.raises(ConfigError, match=r"--workers 4 .* asks for 4 worker\(s\) of 1 CPU, .* it has 2 CPU"):
+    with pytest.raises(InputError, match=r"--workers 4 .* asks for 4 worker\(s\) of 1 CPU, .* it has 2 CPU"):
         run_distributed(tiny_cfg, workers=4, cpus_per_worker=1)
-    with pytest.raises(ConfigError, match=r"of 1 CPU, 1 GPU, .* 0 GPU \(largest node 0\)"):
+    with pytest.raises(InputError, match=r"of 1 CPU, 1 GPU, .* 0 GPU \(largest node 0\)"):
         run_distributed(tiny_cfg, workers=1, gpus_per_worker=1)
     assert not runs.exists(), "a refused request writes nothing"
     options = TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1, max_concurrent=2)
     at_once = r"--max-concurrent 2 asks for 2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself x 2 trials"
-    with pytest.raises(ConfigError, match=at_once):
+    with pytest.raises(InputError, match=at_once):
         run_tune(tiny_cfg, options)
-    with pytest.raises(ConfigError, match=r"2 worker\(s\) of 1.5 CPU.*\(largest node 2\)"):
+    with pytest.raises(InputError, match=r"2 worker\(s\) of 1.5 CPU.*\(largest node 2\)"):
         run_tune(tiny_cfg, TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1.5))
     # Two 1-CPU workers fill the 2 CPUs, and the trial itself holds a sliver more: it would wait forever.
-    with pytest.raises(ConfigError, match=r"2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself"):
+    with pytest.raises(InputError, match=r"2 worker\(s\) of 1 CPU plus 0.01 CPU for the trial itself"):
         run_tune(tiny_cfg, TuneOptions(space="digits_pbt", workers_per_trial=2, cpus_per_worker=1))
-
-
-def test_a_request_that_waits_says_what_it_waits_for(ray_local, tiny_cfg, monkeypatch, capsys):
-    import threading
-    import time
-
-    from cpsc_ray.cluster import resources
-
-    monkeypatch.setattr(resources, "WAIT_REPORT_S", 2.0)
-    held = ray.util.placement_group([{"CPU": 0.5}])  # another job's half CPU...
-    ray.get(held.ready())
-
-    def release_once_waited() -> None:  # ...released once the run's worker group has waited 5 s
-        deadline = time.monotonic() + 300
-        while len(resources.pending_groups()) == 0 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(5)
-        ray.util.remove_placement_group(held)
-
-    threading.Thread(target=release_once_waited, daemon=True).start()
-    summary = run_distributed(tiny_cfg.model_copy(update={"name": "waited"}), workers=2, cpus_per_worker=1)
-    assert summary["epochs"] == 2
-    out = capsys.readouterr().out
-    assert "waiting for resources: 1 worker group(s) pending, for 2 worker(s) of 1 CPU; free now: 1.5 CPU" in out
 
 
 class RecordEpochs(Callback):
@@ -379,7 +356,7 @@ def test_a_resumed_pbt_experiment_perturbs_where_trials_checkpoint(ray_local, di
     """Interrupted after the perturbation at epoch 2 and resumed: a scheduler that forgot its state would
     perturb at epoch 3, between checkpoints, and the clone would report epoch 3 twice."""
     from cpsc_ray.config import with_values
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
     cfg = with_values(digits_cfg, {"train.epochs": 6})

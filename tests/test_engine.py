@@ -12,7 +12,7 @@ import torch
 from cpsc_ray.config import with_values
 from cpsc_ray.method.engine import DivergenceError
 from cpsc_ray.method.schedules import multistep, warmup_cosine
-from cpsc_ray.runs.setup import prepare_engine
+from cpsc_ray.runs.assembly import prepare_engine
 
 
 def roundtrip(state: dict) -> dict:
@@ -69,13 +69,13 @@ def test_teacher_is_frozen_and_never_saved(tiny_cfg):
 
 def test_projection_head_is_fixed_by_default_and_trained_on_request(tiny_cfg):
     fixed = prepare_engine(tiny_cfg).engine
-    head_before = {k: v.clone() for k, v in fixed.head.state_dict().items()}
+    head_before = {k: v.clone() for k, v in fixed.synthesizer.head.state_dict().items()}
     fixed.train_epoch()
-    assert_states_equal(fixed.head.state_dict(), head_before)
+    assert_states_equal(fixed.synthesizer.head.state_dict(), head_before)
 
     trained = prepare_engine(with_values(tiny_cfg, {"loss.train_projection_head": True})).engine
     trained.train_epoch()
-    assert any(not torch.equal(v, head_before[k]) for k, v in trained.head.state_dict().items())
+    assert any(not torch.equal(v, head_before[k]) for k, v in trained.synthesizer.head.state_dict().items())
 
 
 def test_hyperparameters_win_over_restored_optimizer_state(tiny_cfg):
@@ -91,9 +91,9 @@ def test_hyperparameters_win_over_restored_optimizer_state(tiny_cfg):
     expected_student = 0.37 * warmup_cosine(progress, tiny_cfg.student.warmup_fraction)
     expected_generator = 0.0021 * multistep(progress, tiny_cfg.generator.lr_milestones, tiny_cfg.generator.lr_gamma)
     assert math.isclose(clone.student_opt.param_groups[0]["lr"], expected_student)
-    assert math.isclose(clone.generator_opt.param_groups[0]["lr"], expected_generator)
-    assert clone.student_loss.weights["ikd"] == 1.5 and clone.generator_loss.weights["ikd"] == -1.5
-    assert clone.generator_loss.terms["scl"].temperature == 0.2
+    assert math.isclose(clone.synthesizer.optimizer.param_groups[0]["lr"], expected_generator)
+    assert clone.student_loss.weights["ikd"] == 1.5 and clone.synthesizer.objective.weights["ikd"] == -1.5
+    assert clone.synthesizer.objective.terms["scl"].temperature == 0.2
     assert_states_equal(clone.student.state_dict(), source.student.state_dict())
 
 
@@ -132,7 +132,7 @@ def test_ablation_weight_zero_leaves_term_out_of_metrics(tiny_cfg):
     engine = prepare_engine(with_values(tiny_cfg, {"loss.gamma": 0.0, "loss.beta": 0.0})).engine
     metrics = engine.train_epoch()
     assert metrics["g_scl"] is None and metrics["g_bn"] is None and metrics["g_kd"] is not None
-    assert engine.bn_prior is None
+    assert engine.synthesizer.bn_prior is None
 
 
 def test_schedules():
@@ -148,17 +148,18 @@ def test_schedules():
 
 def spy_on_generator_updates(engine) -> list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]:
     """(lr, gradients, parameter change) of every generator optimizer step."""
-    records, step = [], engine.generator_opt.step
+    optimizer = engine.synthesizer.optimizer
+    records, step = [], optimizer.step
 
     def spy(*args, **kwargs):
-        params = [p for group in engine.generator_opt.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         before = [p.detach().clone() for p in params]
-        lr = engine.generator_opt.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"]
         result = step(*args, **kwargs)
         records.append((lr, [p.grad.clone() for p in params], [p.detach() - b for p, b in zip(params, before)]))
         return result
 
-    engine.generator_opt.step = spy
+    optimizer.step = spy
     return records
 
 
@@ -226,7 +227,7 @@ def test_a_checkpoint_restores_where_fewer_gpus_are_visible(tiny_cfg, monkeypatc
 
 
 def test_only_the_engines_own_cuda_rng_state_is_restored():
-    from cpsc_ray.method.spec import device_rng_state
+    from cpsc_ray.method.device import device_rng_state
 
     states = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
     assert torch.equal(device_rng_state(states, torch.device("cuda", 2)), states[2])  # older, per-GPU checkpoints
@@ -240,7 +241,7 @@ def test_the_generator_turns_adversarial_over_its_warm_up(tiny_cfg):
     # Two epochs of two iterations: progress 0, 1/4, 1/2, 3/4 at each iteration's start, so with a warm-up
     # of half the run the adversarial terms weigh 0, 1/2, then all of their weight; two generator steps each.
     engine = prepare_engine(with_values(tiny_cfg, {"loss.adversarial_warmup": 0.5})).engine
-    objective, seen = engine.generator_loss, []
+    objective, seen = engine.synthesizer.objective, []
     forward = objective.forward
     objective.forward = lambda batch: seen.append(dict(objective.weights)) or forward(batch)
     engine.train_epoch()

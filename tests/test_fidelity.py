@@ -13,10 +13,10 @@ import torch
 import torchvision
 from torch import nn
 
-from cpsc_ray.config import ConfigError, RunConfig, load_config, with_values
+from cpsc_ray.config import Config, load_config, with_values
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, UpsampleGenerator, build_generator
 from cpsc_ray.method.models import ARCH_VERSIONS, build_model
-from cpsc_ray.runs import setup as run_setup
 from cpsc_ray.runs.teacher import (
     TeacherCard,
     card_path,
@@ -26,6 +26,7 @@ from cpsc_ray.runs.teacher import (
     weights_exist,
     write_teacher,
 )
+from cpsc_ray.runs.teacher import train as teacher_training
 
 
 def digits_resnet18(num_classes: int = 10) -> nn.Module:
@@ -48,7 +49,7 @@ def test_builder_teacher_trains_and_loads(tmp_path):
     assert teacher.card.arch == card["arch"] and teacher.model.model.fc.out_features == 10
 
 
-def digits_with(values: dict) -> RunConfig:
+def digits_with(values: dict) -> Config:
     return with_values(load_config("digits"), values)
 
 
@@ -65,11 +66,11 @@ def test_teacher_cached_under_an_older_arch_version_is_not_reused(tmp_path, monk
 
     assert resolve_weights(cfg) != str(stale) and not weights_exist(resolve_weights(cfg))
     trained = []
-    monkeypatch.setattr(run_setup, "train_teacher", lambda cfg, progress: trained.append(cfg))
-    run_setup.ensure_teacher(cfg, progress=False)
+    monkeypatch.setattr(teacher_training, "train_teacher", lambda cfg, progress: trained.append(cfg))
+    teacher_training.ensure_teacher(cfg, progress=False)
     assert trained, "teacher.weights=auto must train the current version, not reuse the stale one"
 
-    with pytest.raises(ConfigError, match="vgg11_bn version 1, but vgg11_bn is now version 2") as info:
+    with pytest.raises(InputError, match="vgg11_bn version 1, but vgg11_bn is now version 2") as info:
         load_teacher(with_values(cfg, {"teacher.weights": str(stale)}))
     assert "\n" not in str(info.value) and "retrain" in str(info.value)
 
@@ -114,7 +115,7 @@ def test_zoo_named_checkpoint_with_a_wrong_key_names_it(tmp_path):
     state["block1.layer.0.bn3.weight"] = state.pop("block1.layer.0.bn2.weight")
     del state["fc.bias"]
     torch.save(saved, tmp_path / "teacher.pt")
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InputError) as info:
         load_teacher(digits_with({"teacher.arch": "wrn_16_2", "teacher.weights": str(tmp_path / "teacher.pt")}))
     message = str(info.value)
     assert "\n" not in message
@@ -125,7 +126,7 @@ def test_zoo_named_checkpoint_with_a_wrong_key_names_it(tmp_path):
 def test_tiny_imagenet_runs_the_references_upsample_generator_at_64px():
     cfg = load_config("tiny_imagenet_resnet34_resnet18")
     assert cfg.generator.arch == "upsample"
-    g = build_generator(cfg.generator.arch, cfg.generator.kind, cfg.generator.nz, cfg.generator.ngf, 3, 64, 200)
+    g = build_generator(cfg.generator.arch, cfg.generator.nz, cfg.generator.ngf, 3, 64, 200)
     assert isinstance(g, UpsampleGenerator) and g.project.out_features == 2 * cfg.generator.ngf * 16 * 16
     assert isinstance(g.norm_out, ConditionalBatchNorm2d)
     assert g(torch.randn(2, cfg.generator.nz), torch.tensor([0, 199])).shape == (2, 3, 64, 64)

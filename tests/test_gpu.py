@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cpsc_ray.config import RunConfig, load_config, with_values
+from cpsc_ray.config import Config, load_config, with_values
 from cpsc_ray.method.engine import DistillEngine
+from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.spec import ImageSpec
-from cpsc_ray.method.terms import LOSS_METRICS
 
 # cuBLAS is deterministic only with this workspace setting, read at its first GPU matrix product: before any test.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -43,7 +43,7 @@ NOT_DETERMINISTIC = "does not have a deterministic implementation"
 
 def engine_for(amp: bool = False, channels_last: bool = True, **values) -> DistillEngine:
     cfg = with_values(
-        RunConfig(),
+        Config(),
         {
             "teacher.arch": TEACHER,
             "student.arch": STUDENT,
@@ -74,7 +74,7 @@ def test_an_epoch_in_fp32_and_bf16_with_and_without_channels_last_gives_finite_l
             engine = engine_for(amp=amp, channels_last=channels_last)
             assert engine.amp == (amp and ON_CUDA)  # bf16 is on exactly where asked for on CUDA
             if ON_CUDA:
-                assert engine.student_opt.defaults["fused"] and engine.generator_opt.defaults["fused"]
+                assert engine.student_opt.defaults["fused"] and engine.synthesizer.optimizer.defaults["fused"]
                 with engine.autocast():
                     logits = engine.student(torch.randn(2, 3, 32, 32, device=DEVICE))
                 assert logits.dtype == (torch.bfloat16 if amp else torch.float32)
@@ -192,7 +192,7 @@ def test_a_ray_train_run_on_a_gpu_worker_records_the_gpu(tmp_path):
     from conftest import TINY
 
     from cpsc_ray.cli import main
-    from cpsc_ray.results.store import read_results
+    from cpsc_ray.results.tables import read_results
 
     argv = ["distill", "--name", "gpu", "--workers", "1", "--gpus-per-worker", "1", "--storage", str(tmp_path)]
     try:

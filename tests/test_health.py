@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from cpsc_ray.config import with_values
+from cpsc_ray.layout import RootDir
 from cpsc_ray.runs.health import HealthMonitor
-from cpsc_ray.runs.in_process import execute
-from cpsc_ray.storage import Storage
+from cpsc_ray.runs.in_process import train_into
 
 
 def rows(**columns):
@@ -73,7 +73,7 @@ def test_a_run_that_learns_nothing_warns_in_its_summary(tiny_cfg, caplog):
     # images are noise to the teacher.
     cfg = with_values(tiny_cfg, {"train.epochs": 4, "student.lr": 1e-9, "generator.lr": 1e-9})
     with caplog.at_level(logging.WARNING, logger="cpsc_ray.runs.health"):
-        summary, history = execute(cfg, Storage(cfg.output_dir).child("stuck"), "stuck", progress=False)
+        summary, history = train_into(cfg, RootDir(cfg.output_dir).run("stuck"), "stuck", progress=False)
     assert len(summary["warnings"]) == 2, summary["warnings"]
     assert all(w in caplog.text for w in summary["warnings"])
     assert all(0 <= r["teacher_pseudo_acc"] <= 0.5 for r in history)
@@ -94,7 +94,7 @@ def test_a_healthy_run_stays_silent(tiny_cfg, caplog):
         },
     )
     with caplog.at_level(logging.WARNING, logger="cpsc_ray.runs.health"):
-        summary, history = execute(cfg, Storage(cfg.output_dir).child("healthy"), "healthy", progress=False)
+        summary, history = train_into(cfg, RootDir(cfg.output_dir).run("healthy"), "healthy", progress=False)
     # Five short epochs: the generator is still learning its classes, already well above the warning's 20%.
     assert summary["last"]["val_acc"] > 0.5 and history[-1]["teacher_pseudo_acc"] > 0.3
     assert summary["warnings"] == [] and "cpsc_ray.runs.health" not in caplog.text

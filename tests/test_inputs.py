@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from cpsc_ray.cli import main
-from cpsc_ray.config import ConfigError, flatten, load_config, with_values
+from cpsc_ray.config import flatten, load_config, with_values
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.models import build_model
+from cpsc_ray.runs.assembly import prepare_engine
 from cpsc_ray.runs.checkpoints import CheckpointError, read_checkpoint
-from cpsc_ray.runs.setup import prepare_engine
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.storage import Storage
 
 
 def error_of(fn, *args) -> str:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InputError) as info:
         fn(*args)
     message = str(info.value)
     assert "\n" not in message
@@ -214,13 +215,14 @@ def test_builder_teacher_distils_through_a_feature_tap(digits_cfg, tmp_path):
     cfg = byo(digits_cfg, tmp_path, "plain_cnn", **{"teacher.feature_layer": "4", "output_dir": str(tmp_path / "runs")})
     engine = prepare_engine(cfg).engine
     metrics = engine.train_epoch()
-    assert metrics["g_scl"] is not None and engine.head is not None  # 8-wide teacher feature vs 64-wide student
+    # An 8-wide teacher feature vs a 64-wide student's: the projection head maps between them.
+    assert metrics["g_scl"] is not None and engine.synthesizer.head is not None
 
 
 def test_teacher_without_bn_and_positive_beta(digits_cfg, tmp_path):
     cfg = byo(digits_cfg, tmp_path, "no_bn_cnn", **{"teacher.feature_layer": "3"})
     assert "loss.beta=0" in error_of(prepare_engine, cfg)
-    assert prepare_engine(with_values(cfg, {"loss.beta": 0.0})).engine.bn_prior is None
+    assert prepare_engine(with_values(cfg, {"loss.beta": 0.0})).engine.synthesizer.bn_prior is None
 
 
 def test_unimportable_builder(digits_cfg, tmp_path):
@@ -261,13 +263,27 @@ def test_a_location_pyarrow_cannot_open(capsys):
 
 
 def _tuned_experiment(root, base: dict) -> None:
-    """An experiment as tune leaves it before any trial reported: its setup, no results yet."""
-    from dataclasses import asdict
+    """An experiment as tune leaves it before any trial reported: its record, no results yet."""
+    from cpsc_ray.cluster.tune.record import ExperimentRecord
+    from cpsc_ray.layout import RootDir
 
-    from cpsc_ray.cluster.tune_setup import TuneSetup
-
-    setup = TuneSetup(base, "exp", "random+fifo", "val_acc", "", "", 1, 0.0, 1.0, 0, 1, 3, False, [], {})
-    Storage(str(root)).write_json(TuneSetup.path("exp"), asdict(setup))
+    record = ExperimentRecord(
+        base=base,
+        experiment="exp",
+        method="random+fifo",
+        metric="val_acc",
+        trials="",
+        rounds="",
+        workers=1,
+        gpus_per_worker=0.0,
+        cpus_per_worker=1.0,
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        population_based=False,
+        searched_keys=[],
+        options={},
+    )
+    record.write(RootDir(str(root)))
 
 
 def test_finalize_of_unusable_experiments(tmp_path, capsys):

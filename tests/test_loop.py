@@ -12,9 +12,9 @@ from cpsc_ray.runs.in_process import run_in_process
 
 PACKAGE = Path(cpsc_ray.__file__).parent
 ENTRY_POINTS = {  # module -> the functions that run a distillation there
-    "runs/in_process.py": {"execute"},
+    "runs/in_process.py": {"train_into"},
     "cluster/train.py": {"train_loop_per_worker"},
-    "cluster/trial.py": {"_trial_in_process"},
+    "cluster/tune/trial.py": {"_trial_in_process"},
 }
 
 
@@ -29,7 +29,7 @@ def calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
 
 
 def test_only_the_loop_runs_epochs_and_every_entry_point_calls_it():
-    callers = {"run_epoch": set(), "train_epoch": set(), "checkpoint_due": set()}
+    callers = {"run_epoch": set(), "train_epoch": set(), "checkpoint_due": set(), "run_epochs": set()}
     for path in PACKAGE.rglob("*.py"):
         for name, _ in calls(ast.parse(path.read_text())):
             if name in callers:
@@ -37,12 +37,13 @@ def test_only_the_loop_runs_epochs_and_every_entry_point_calls_it():
     assert callers["run_epoch"] == {"runs/loop.py"}, "an epoch is run only by the one loop"
     assert callers["checkpoint_due"] == {"runs/loop.py"}, "checkpoints (and PBT boundaries) are decided there"
     assert callers["train_epoch"] == {"runs/run.py"}, "the engine is stepped only through DistillRun"
+    assert callers["run_epochs"] == {"runs/assembly.py"}, "a run is assembled and looped in one place"
 
     for module, functions in ENTRY_POINTS.items():
         tree = ast.parse((PACKAGE / module).read_text())
         defined = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
         for function in functions:
-            assert any(name == "run_epochs" for name, _ in calls(defined[function])), f"{module}:{function}"
+            assert any(name == "run_distillation" for name, _ in calls(defined[function])), f"{module}:{function}"
 
 
 def test_an_in_process_run_goes_through_the_loop_and_checkpoints_where_it_decides(tiny_cfg, monkeypatch):

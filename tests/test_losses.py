@@ -226,7 +226,7 @@ def test_each_generator_term_reaches_the_generator_and_never_the_teacher(term):
     teacher = build_model("digits_teacher", 10, 1).eval().requires_grad_(False)
     student = build_model("digits_student", 10, 1).requires_grad_(False)
     head = nn.Linear(student.feature_dim, teacher.feature_dim).requires_grad_(False)
-    generator = build_generator("upsample", "conditional", 8, 4, 1, 16, 10)
+    generator = build_generator("upsample", 8, 4, 1, 16, 10)
     weights = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "eta": 0.0}
     weights.update(
         {"ikd": {"alpha": 1.0}, "bn": {"beta": 1.0}, "scl": {"gamma": 1.0}, "ce": {"eta": 1.0}}.get(term, {})

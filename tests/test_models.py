@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.generators import ConditionalBatchNorm2d, build_generator
 from cpsc_ray.method.models import MODELS, build_model
 
@@ -29,7 +29,7 @@ def test_registry_holds_every_model_of_the_issue():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ConfigError, match="resnet18"):
+    with pytest.raises(InputError, match="resnet18"):
         build_model("resnet19", 10)
 
 
@@ -85,24 +85,24 @@ def test_conditional_bn_starts_as_plain_normalisation():
 @pytest.mark.parametrize("arch, size", [("upsample", 32), ("upsample", 16), ("dcgan", 64)])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_generators_shapes(arch, size, channels):
-    generator = build_generator(arch, "conditional", nz=16, ngf=8, channels=channels, image_size=size, num_classes=5)
+    generator = build_generator(arch, nz=16, ngf=8, channels=channels, image_size=size, num_classes=5)
     assert generator(torch.randn(4, 16), torch.tensor([0, 1, 2, 3])).shape == (4, channels, size, size)
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_auto_is_the_reference_choice_upsample_at_every_size(size):
-    assert type(build_generator("auto", "conditional", 8, 4, 3, size, 10)).__name__ == "UpsampleGenerator"
+    assert type(build_generator("auto", 8, 4, 3, size, 10)).__name__ == "UpsampleGenerator"
 
 
 def test_unconditional_generator_ignores_labels():
-    generator = build_generator("upsample", "unconditional", 8, 4, 3, 32, 10).eval()
+    generator = build_generator("upsample", 8, 4, 3, 32, 10, conditional=False).eval()
     z = torch.randn(2, 8)
     assert torch.equal(generator(z, torch.tensor([0, 1])), generator(z, torch.tensor([5, 9])))
     assert not any(isinstance(m, ConditionalBatchNorm2d) for m in generator.modules())
 
 
 def test_conditional_generator_depends_on_labels():
-    generator = build_generator("upsample", "conditional", 8, 4, 3, 32, 10)
+    generator = build_generator("upsample", 8, 4, 3, 32, 10)
     for m in generator.modules():
         if isinstance(m, ConditionalBatchNorm2d):
             nn.init.normal_(m.scale.weight)
@@ -113,4 +113,19 @@ def test_conditional_generator_depends_on_labels():
 
 def test_generator_rejects_sizes_its_architecture_cannot_make():
     with pytest.raises(ValueError, match="divisible by 16"):
-        build_generator("dcgan", "conditional", 8, 4, 3, 40, 10)
+        build_generator("dcgan", 8, 4, 3, 40, 10)
+
+
+def test_a_registry_refuses_a_name_twice_and_names_the_field_of_an_unknown_one():
+    from cpsc_ray.data import DATASETS
+    from cpsc_ray.method.generators import GENERATORS, UpsampleGenerator
+    from cpsc_ray.registry import Registry
+
+    registry: Registry[int] = Registry("widget")
+    assert registry.register("a")(1) == 1 and registry.get("a") == 1 and "a" in registry
+    with pytest.raises(ValueError, match="widget 'a' is registered twice"):
+        registry.add("a", 2)
+    for entries, key in ((MODELS, "student.arch"), (GENERATORS, "generator.arch"), (DATASETS, "data.dataset")):
+        with pytest.raises(InputError, match=rf"^{key}: unknown .* 'nope'; choose one of: .*\(cpsc-ray models\)$"):
+            entries.get("nope", key)
+    assert GENERATORS.get("auto") is GENERATORS.get("upsample") is UpsampleGenerator

@@ -4,34 +4,31 @@ against a real S3 API, moto's server on the loopback, and everything it wrote re
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 import uuid
 
-import pyarrow.fs as pafs
 import pytest
-from moto.server import ThreadedMotoServer
+from conftest import s3_bucket
 from ray.tune import ExperimentAnalysis
 from test_tune import SPACES, assert_one_row_per_trained_epoch, check_exploits
 
 from cpsc_ray.cli import main
-from cpsc_ray.cluster.trial import load_trial_checkpoint
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
+from cpsc_ray.cluster.tune.trial import load_trial_checkpoint
 from cpsc_ray.config import with_values
+from cpsc_ray.errors import InputError
+from cpsc_ray.results.lineage import read_lineage
 from cpsc_ray.results.schema import epoch_table
-from cpsc_ray.results.store import publish, read_results
-from cpsc_ray.runs.lineage import read_lineage
+from cpsc_ray.results.tables import publish, read_results
 from cpsc_ray.storage import Storage
 
 BUCKET = "runs"
 
 
-def test_child_uris_keep_the_store_options_and_credentials():
+def test_child_uris_keep_the_store_options():
     options = "endpoint_override=h:1&scheme=http"
     assert Storage(f"s3://b/p?{options}").child("x").uri("y") == f"s3://b/p/x/y?{options}"
-    secret = Storage(f"s3://key:sec%2Fret@b/p/?{options}")
-    assert secret.uri() == f"s3://key:sec%2Fret@b/p?{options}"
-    assert secret.uri_of("b/other/checkpoint_0") == f"s3://key:sec%2Fret@b/other/checkpoint_0?{options}"
+    assert Storage(f"s3://b/p/?{options}").uri_of("b/other/checkpoint_0") == f"s3://b/other/checkpoint_0?{options}"
     assert Storage("gs://b/p").uri("x") == "gs://b/p/x"
     assert Storage("file:///tmp/p").uri("x") == "file:///tmp/p/x"
     assert Storage("/tmp/p/").uri("x") == Storage("/tmp/p").uri_of("/tmp/p/x") == "/tmp/p/x"
@@ -39,20 +36,22 @@ def test_child_uris_keep_the_store_options_and_credentials():
     assert (folder.uri(), name) == (f"s3://b/teachers?{options}", "t.pt")
 
 
+@pytest.mark.parametrize(
+    "uri", ["s3://KEY:s3cr3t@b/p?scheme=http", "s3://KEY@b/p", "abfs://c/p?sas_token=s3cr3t", "s3://b/p?secret=s3cr3t"]
+)
+def test_a_location_that_carries_a_credential_is_refused_without_repeating_it(uri):
+    with pytest.raises(InputError) as refused:
+        Storage(uri)
+    message = str(refused.value)
+    assert "AWS_SECRET_ACCESS_KEY" in message and "\n" not in message
+    assert "s3cr3t" not in message and "KEY@" not in message and "KEY:" not in message
+
+
 @pytest.fixture(scope="module")
-def s3_root():
-    """A bucket on moto's S3 server, as a URI a user of MinIO or Ceph would give. The credentials and region
-    travel in it: Ray's workers started with this test session's environment, before this fixture."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    credentials = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
-    pafs.S3FileSystem(
-        **credentials, endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True
-    ).create_dir(BUCKET)
-    yield f"s3://testing:testing@{BUCKET}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
+def s3_root(s3_server):
+    """A bucket on moto's S3 server; the credentials are in the environment (conftest's s3_credentials), which
+    Ray's workers inherited when the session's Ray started."""
+    return s3_bucket(s3_server, BUCKET)
 
 
 @pytest.mark.parametrize("store", ["local", "s3"])
@@ -119,11 +118,11 @@ def test_a_tuning_run_on_an_s3_compatible_store_reads_back_from_it(ray_local, di
     results = check_exploits(s3_root, experiment, epochs=2)
     assert len(results.trials) == 2 and set(results.epochs.workers) == {workers}
     assert_one_row_per_trained_epoch(results.epochs, total=2)
-    in_experiment = f"s3://testing:testing@{BUCKET}/{experiment}/"
+    in_experiment = f"s3://{BUCKET}/{experiment}/"
     trials = root.child(experiment, "cpsc", "trials")
     for trial_id in set(results.lineage.trial_id):
         for record in read_lineage(trials.child(trial_id)):
-            assert record["source_checkpoint"].startswith(in_experiment), record["source_checkpoint"]
+            assert record.source_checkpoint.startswith(in_experiment), record.source_checkpoint
 
     # Checkpoints: each trial's newest, as Tune holds it, is a last epoch's state (PBT's last round may have
     # cloned the other trial's into it).

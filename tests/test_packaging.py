@@ -42,12 +42,12 @@ IN_THE_VENV = """
 import json, sys
 import cpsc_ray
 from cpsc_ray import cli, config, registry, storage
-from cpsc_ray.commands import show
+import cpsc_ray.commands.config
 from cpsc_ray.data import dataset_info
 from cpsc_ray.method.engine import DistillEngine
 from cpsc_ray.runs.teacher import load_teacher
 from cpsc_ray.results.report import build_report
-from cpsc_ray.cluster.search_space import available_spaces, search_space_dirs
+from cpsc_ray.cluster.tune.search_space import available_spaces, search_space_dirs
 print(json.dumps({
     "package": cpsc_ray.__file__,
     "spaces": available_spaces(),

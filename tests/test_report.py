@@ -28,14 +28,14 @@ from cpsc_ray.cli import main
 from cpsc_ray.cluster.finalize import finalize
 from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import load_config, with_values
+from cpsc_ray.layout import RootDir
 from cpsc_ray.results import plots
-from cpsc_ray.results.lineage import clones
+from cpsc_ray.results.replay import clones
 from cpsc_ray.results.report import build_report
 from cpsc_ray.results.schema import LOSS_METRICS, epoch_table
-from cpsc_ray.results.store import ResultsError, read_results, run_directory, run_name
+from cpsc_ray.results.tables import ResultsError, read_results, run_name
 from cpsc_ray.runs.in_process import run_in_process
-from cpsc_ray.runs.setup import ensure_teacher
-from cpsc_ray.storage import Storage
+from cpsc_ray.runs.teacher import ensure_teacher
 
 CALM = str(Path(__file__).parent / "spaces" / "calm_pbt.yaml")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -105,6 +105,13 @@ def check_row(row: pd.Series, want: dict) -> None:
             assert pd.isna(row[key]), key
         else:
             assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_a_finalize_rerun_records_the_experiment_it_reran(storage):
+    trials = read_results([str(storage["root"])]).trials
+    sources = trials.groupby("kind").source_experiment.agg(lambda column: set(column.dropna()))
+    assert sources.to_dict() == {"distill": set(), "tune": set(), "finalize": {"pbt8"}}
+    assert storage["final"]["final"] == "pbt8-final"
 
 
 def test_the_tables_hold_what_the_parquet_rows_hold(storage, report):
@@ -225,18 +232,18 @@ def test_the_sample_grids_show_every_class_upscaled(storage, report):
     """Every run that ran to its last epoch wrote its grid, tuning trials included; the report shows
     those of the distill runs and of the selected runs, one row per class at 64 px or more per image."""
     results = read_results([str(storage["root"])])
-    root = Storage(str(storage["root"]))
+    root = RootDir(str(storage["root"]))
     finished = results.trials[~results.trials.diverged.astype(bool) & (results.trials.epochs == 2)]
     assert set(finished.kind) == {"distill", "tune", "finalize"}
     for trial in finished.itertuples():
-        grid = run_directory(root, trial.kind, trial.experiment, trial.trial_id).read_bytes("samples.png")
+        grid = root.run_of(trial.kind, trial.experiment, trial.trial_id).read_bytes("samples.png")
         with Image.open(io.BytesIO(grid)) as image:
             assert image.size[1] >= 10 * plots.TILE_PX  # digits: 10 classes, one row each
     page = (report / "report.html").read_text()
     shown = [(alt, png) for alt, png in images_of(page) if "synthetic images of" in alt]
     assert len(shown) == 2 + 1 + 1 + 3
     pbt = storage["final"]["winner"]
-    run = run_directory(root, "tune", "pbt8", pbt)
+    run = root.run_of("tune", "pbt8", pbt)
     assert (f"synthetic images of pbt8/{pbt} after its last epoch (2)", run.read_bytes("samples.png")) in [
         (alt.split(": ", 1)[1].split(", one row")[0], png) for alt, png in shown
     ]

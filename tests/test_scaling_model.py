@@ -76,7 +76,7 @@ def count_one_epoch(rank: int, init_file: str, out_dir: str) -> None:
         averaged = bucket.buffer().div_(WORLD)
         return all_reduce(averaged, async_op=True).get_future().then(lambda done: done.value()[0])
 
-    for module in (engine.student_ddp, engine.generator_ddp, engine.head_ddp):
+    for module in (engine.student_ddp, engine.synthesizer.generator_ddp, engine.synthesizer.head_ddp):
         module.register_comm_hook(None, gradient_bucket)
     engine.train_epoch()
     Path(out_dir, f"{rank}.json").write_text(json.dumps(sent))

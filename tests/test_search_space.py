@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpsc_ray.cluster.search_space import SearchSpaceError, available_spaces, load_search_space
+from cpsc_ray.cluster.tune.search_space import SearchSpaceError, available_spaces, load_search_space
 
 
 def write(tmp_path, text: str) -> str:
@@ -99,7 +99,7 @@ def test_missing_params_and_unknown_names(tmp_path):
 
 def test_seed_defaults_starts_the_first_trial_at_the_configs_own_values(digits_cfg):
     from cpsc_ray.cli import build_parser
-    from cpsc_ray.cluster import tune as tune_module
+    from cpsc_ray.cluster.tune import driver as tune_module
     from cpsc_ray.config import flatten
 
     space = load_search_space("digits_pbt", digits_cfg)

@@ -18,11 +18,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import TINY
-from ray_nodes import REPO, Head, copy_of_the_code, free_ports, running_head
+from ray_nodes import REPO, Head, Proxy, copy_of_the_code, free_ports, running_head
 
 from cpsc_ray.cluster.submit import JobServer
 from cpsc_ray.results.report import build_report
-from cpsc_ray.results.store import read_results
+from cpsc_ray.results.tables import read_results
 
 JOB_TIMEOUT_S = 480
 SPACE = """params:
@@ -77,35 +77,35 @@ def job_logs(head: Head, checkout: Path, job_id: str) -> str:
 
 
 def test_a_submitted_tuning_job_runs_the_uploaded_code(ray_head, checkout, digits_cfg, session_cache, tmp_path):
+    """... and ``--wait`` rides out 20 s without a connection to the job server (a proxy between them drops)."""
     storage = tmp_path / "runs"
     job_id = f"cpsc-ray-test-{uuid.uuid4().hex[:8]}"
-    result = submit(
-        ray_head,
-        checkout,
-        "--submission-id",
-        job_id,
-        "--env",
-        f"CPSC_RAY_CACHE={session_cache}",
-        "--wait",
-        "--timeout",
-        str(JOB_TIMEOUT_S),
-        "--",
-        "tune",
-        "--config",
-        "submitted_digits",
-        "--space",
-        "submitted_calm",
-        "--num-samples",
-        "2",
-        "--storage",
-        str(storage),
-        "--name",
-        "submitted",
-        *TINY,
-        timeout=JOB_TIMEOUT_S + 60,
+    proxy = Proxy(int(ray_head.url.rpartition(":")[2]))
+    # fmt: off
+    command = [
+        "--submission-id", job_id, "--env", f"CPSC_RAY_CACHE={session_cache}",
+        "--wait", "--timeout", str(JOB_TIMEOUT_S),
+        "--", "tune", "--config", "submitted_digits", "--space", "submitted_calm", "--num-samples", "2",
+        "--storage", str(storage), "--name", "submitted", *TINY,
+    ]
+    # fmt: on
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "cpsc_ray", "submit", "--address", proxy.url, *command],
+        cwd=checkout,
+        env={**ray_head.env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert result.returncode == 0, f"{result.stderr}\n--- job logs ---\n{job_logs(ray_head, checkout, job_id)}"
-    assert result.stdout.splitlines()[0] == job_id
+    try:
+        assert waiting.stdout.readline().strip() == job_id  # submitted; now waiting
+        proxy.drop(20)
+        _, err = waiting.communicate(timeout=JOB_TIMEOUT_S + 60)
+    finally:
+        waiting.kill()
+        proxy.close()
+    assert waiting.returncode == 0, f"{err}\n--- job logs ---\n{job_logs(ray_head, checkout, job_id)}"
+    assert err.count("lost contact with") == 1, err
 
     info = JobServer(ray_head.url, token=ray_head.token).info(job_id)
     assert info.entrypoint.startswith("exec python -m cpsc_ray tune --config submitted_digits")

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tensorboard_scalars
 
-from cpsc_ray.method.terms import LOSS_METRICS
+from cpsc_ray.layout import RunDir
+from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.results.schema import EVAL_METRICS
 from cpsc_ray.runs.in_process import run_in_process
-from cpsc_ray.runs.tensorboard import TENSORBOARD_DIR, EpochScalars, scalars_of
+from cpsc_ray.runs.tensorboard import EpochScalars, scalars_of
 from cpsc_ray.storage import Storage
 
 
@@ -22,7 +23,7 @@ def test_an_in_process_run_writes_every_metric_of_every_epoch(tiny_cfg):
     run_in_process(tiny_cfg.model_copy(update={"name": "watched"}), progress=False)
     run = Path(tiny_cfg.output_dir) / "watched"
     rows = pq.read_table(run / "metrics.parquet").to_pylist()
-    scalars = tensorboard_scalars(run / TENSORBOARD_DIR)
+    scalars = tensorboard_scalars(run / RunDir.TENSORBOARD)
     assert set(scalars) >= {*LOSS_METRICS, *EVAL_METRICS, "class_coverage", "lr_student", "images_per_s"}
     for row in rows:  # TINY evaluates every epoch: accuracies included
         for name, value in scalars_of(row).items():
@@ -41,7 +42,7 @@ def test_epochs_a_restart_lost_show_once_with_their_rerun_values(tmp_path):
     for epoch in (3, 4):
         restart.write({"epoch": epoch, "s_total": 10.0 * epoch})
     restart.close()
-    assert tensorboard_scalars(tmp_path / TENSORBOARD_DIR)["s_total"] == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0}
+    assert tensorboard_scalars(tmp_path / RunDir.TENSORBOARD)["s_total"] == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0}
 
 
 def test_tuning_trials_other_ranks_and_remote_runs_write_none(tmp_path):

@@ -20,9 +20,9 @@ from cpsc_ray.cluster.tune import TuneOptions, run_tune
 from cpsc_ray.config import with_values
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.schedules import multistep, warmup_cosine
-from cpsc_ray.results.store import NothingToCollect, read_results
+from cpsc_ray.results.tables import NothingToCollect, read_results
 from cpsc_ray.runs.checkpoints import read_checkpoint
-from cpsc_ray.runs.lineage import state_digest
+from cpsc_ray.runs.exploit import state_digest
 from cpsc_ray.storage import Storage
 
 SPACES = Path(__file__).parent / "spaces"
@@ -264,6 +264,24 @@ def test_finalize_replays_the_winners_schedule_over_seeds_and_exports_it(pbt_exp
     model.load_state_dict(load_file(f"{student_dir}/student.safetensors"))
     exported = torch.export.load(f"{student_dir}/student.pt2").module()
     assert torch.allclose(exported(images), model(images), atol=1e-5)
+
+
+def test_finalize_run_again_continues_its_seeds_under_its_one_name(pbt_experiment):
+    """``finalize --resume-or-start``, as the grid runs it again: the seeds' reruns continue where they stopped
+    (here: finished, so nothing trains) under ``<experiment>-final``, never a suffixed copy."""
+    from cpsc_ray.cluster.finalize import finalize
+
+    before = {p.name for p in pbt_experiment.iterdir()}
+    first = finalize("pbt", seeds=2, storage=str(pbt_experiment), resume_or_start=True)
+    again = finalize("pbt", seeds=2, storage=str(pbt_experiment), resume_or_start=True)
+    assert first["final"] == again["final"] == "pbt-final"
+    assert {p.name for p in pbt_experiment.iterdir()} - before <= {"pbt-final"}
+    assert again["test_at_best"] == first["test_at_best"]
+    final = read_results([str(pbt_experiment)], experiments=["pbt-final"])
+    assert {seed: sorted(rows.epoch) for seed, rows in final.epochs.groupby("trial_id")} == {
+        "seed0": [1, 2, 3, 4],
+        "seed1": [1, 2, 3, 4],
+    }
 
 
 def assert_one_row_per_trained_epoch(epochs: pd.DataFrame, total: int) -> None:

@@ -13,9 +13,9 @@ from typing import Iterator
 
 import ray
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.errors import InputError
 
-WAIT_REPORT_S = float(os.environ.get("CPSC_RAY_WAIT_REPORT_S", 60))  # tests shorten it
+WAIT_NOTICE_S = float(os.environ.get("CPSC_RAY_WAIT_NOTICE_S", 60))  # tests shorten it
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,72 @@ class Request:
         return f"{self.workers} worker(s) of {each}{driver}{groups}"
 
 
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of node the cluster's autoscaler may start: its resources and how many at most (-1: no limit)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int
+
+    def count(self, needed: int) -> int:
+        """How many of them the cluster may hold, for a request that needs ``needed`` at most."""
+        return needed if self.max_count < 0 else self.max_count
+
+
+def autoscaler_node_types() -> list[NodeType] | None:
+    """The node types the cluster's autoscaler may start, as it reported them to the GCS: its ClusterConfig's
+    ``node_group_configs``, read with ``ray._private.state.state.get_cluster_config()``, the record Ray Train's
+    own worker-group check and Ray Data's autoscaler read. None when no autoscaler reported any."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is None:
+        return None
+    types = [
+        NodeType(group.name, dict(group.resources), group.max_count)
+        for group in config.node_group_configs
+        if group.resources and group.max_count != 0
+    ]
+    return types or None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The nodes a request can ever have: those alive now and those the autoscaler may add (``types``)."""
+
+    present: list[dict[str, float]]
+    types: list[NodeType] | None
+
+    @classmethod
+    def of_cluster(cls) -> Capacity:
+        return cls([node["Resources"] for node in ray.nodes() if node["Alive"]], autoscaler_node_types())
+
+    def groups(self, request: Request, most: int) -> int:
+        """How many of the request's worker groups (trials) the cluster holds whole at once at its largest, up
+        to ``most`` (what an autoscaler without a limit could hold)."""
+        needed = request.workers * most
+        nodes = self.present + [t.resources for t in self.types or [] for _ in range(t.count(needed))]
+        groups = worker_slots(request, nodes) // request.workers
+        if request.per_group["CPU"]:
+            groups = min(groups, int((sum(n.get("CPU", 0) for n in nodes) + 1e-9) // request.per_group["CPU"]))
+        return min(groups, most)
+
+    def describe(self, request: Request) -> str:
+        nodes = self.present + [t.resources for t in self.types or []]
+        have = ", ".join(
+            f"{sum(n.get(k, 0) for n in self.present):g} {k} (largest node{' or node type' if self.types else ''} "
+            f"{max((n.get(k, 0) for n in nodes), default=0):g})"
+            for k in request.per_worker
+        )
+        scaling = "; ".join(f"{t.name} ({_shape(t.resources)}) up to {t.max_count}" for t in self.types or [])
+        return f"{have} on {len(self.present)} node(s)" + (f", and its autoscaler may add {scaling}" if scaling else "")
+
+
+def _shape(resources: dict[str, float]) -> str:
+    return " ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU"))
+
+
 def worker_slots(request: Request, nodes: list[dict[str, float]]) -> int:
     """How many of the request's workers the nodes hold at once (a worker runs on one node)."""
     need = request.per_worker
@@ -56,22 +122,34 @@ def worker_slots(request: Request, nodes: list[dict[str, float]]) -> int:
 
 
 def check_fits(request: Request, autoscaling: bool = False) -> None:
-    """Refuse a request the cluster can never hold whole. ``autoscaling``: the cluster adds nodes on
-    demand, so a request larger than it is now may fit later and is let through."""
-    if autoscaling or not request.per_worker:
+    """Refuse a request the cluster can never hold whole: not the nodes present, nor those its autoscaler may
+    start. ``autoscaling``: the cluster adds nodes on demand though no autoscaler reported its node types, so
+    a request larger than it is now is let through (and waits, up to the start timeout)."""
+    if not request.per_worker:
         return
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    fits_cpus = request.groups * request.per_group["CPU"] <= sum(n.get("CPU", 0) for n in nodes) + 1e-9
-    if fits_cpus and worker_slots(request, nodes) >= request.workers * request.groups:
+    capacity = Capacity.of_cluster()
+    if capacity.types is None and autoscaling:
         return
-    have = ", ".join(
-        f"{sum(n.get(k, 0) for n in nodes):g} {k} (largest node {max((n.get(k, 0) for n in nodes), default=0):g})"
-        for k in request.per_worker
+    if capacity.groups(request, most=request.groups) >= request.groups:
+        return
+    hint = "" if capacity.types else ", or pass --autoscaling if the cluster adds nodes on demand"
+    raise InputError(
+        f"{request.how} asks for {request.describe()}, and this cluster can never hold that whole: it has "
+        f"{capacity.describe(request)}; ask for fewer or smaller workers (or trials at once){hint}"
     )
-    raise ConfigError(
-        f"{request.how} asks for {request.describe()}, and this cluster of {len(nodes)} node(s) can never hold "
-        f"that whole: it has {have}; ask for fewer or smaller workers (or trials at once), or pass --autoscaling "
-        f"if the cluster adds nodes on demand"
+
+
+def check_resource_exists(name: str, option: str, autoscaling: bool = False) -> None:
+    """Refuse a custom resource that no node has and no node type the autoscaler may start carries: whatever
+    asks for it would wait forever."""
+    capacity = Capacity.of_cluster()
+    nodes = capacity.present + [t.resources for t in capacity.types or []]
+    if any(node.get(name, 0) > 0 for node in nodes) or (capacity.types is None and autoscaling):
+        return
+    raise InputError(
+        f"{option} {name}: no node of this cluster carries that resource; give it to the nodes that should hold "
+        f"the trials' own processes (ray start --resources='{{\"{name}\": 1000}}', or the node type's resources in "
+        f"launch/cluster.yaml and launch/rayjob.yaml)"
     )
 
 
@@ -80,10 +158,10 @@ def pending_groups() -> list[dict]:
 
 
 @contextmanager
-def reporting_waits(request: Request) -> Iterator[None]:
-    """While the body runs, say once a minute (``WAIT_REPORT_S``) what it waits for when worker groups
+def announcing_waits(request: Request) -> Iterator[None]:
+    """While the body runs, say once a minute (``WAIT_NOTICE_S``) what it waits for when worker groups
     are pending for want of resources."""
-    every = WAIT_REPORT_S
+    every = WAIT_NOTICE_S
     done = threading.Event()
 
     def watch() -> None:
@@ -98,7 +176,7 @@ def reporting_waits(request: Request) -> Iterator[None]:
                     flush=True,
                 )
 
-    watcher = threading.Thread(target=watch, name="resource-wait-report", daemon=True)
+    watcher = threading.Thread(target=watch, name="resource-wait-notice", daemon=True)
     watcher.start()
     try:
         yield

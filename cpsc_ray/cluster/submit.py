@@ -16,16 +16,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 import shlex
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
+
+from cpsc_ray.cluster.recovery import DRIVER_RESOURCE_SHARE
+from cpsc_ray.credentials import refuse_credentials, refuse_secret_variables
+from cpsc_ray.errors import CommandError, InputError, RunFailed
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobStatus
@@ -35,6 +41,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = "launch/runtime_env.yaml"
 DRIVER_CPUS = 0.1  # the driver only orchestrates; a whole CPU could keep a trial off a node
 POLL_S = 2.0
+RECONNECT_S = 600.0  # how long --wait retries a dropped connection: a head's restart, a port-forward's reconnect
 # Options and config keys that name paths: a job runs in a temporary copy of the working dir, so a
 # relative path would write into that copy (and be lost) or read from it.
 PATH_OPTIONS = ("--storage", "--out", "-o")
@@ -42,8 +49,37 @@ PATH_KEYS = ("output_dir", "data.root", "teacher.weights")
 STORING = ("distill", "tune", "finalize")
 
 
-class SubmitError(RuntimeError):
+@dataclass(frozen=True)
+class Driver:
+    """What a job's driver reserves, and the custom resource of the nodes it may run on (None: any node that has
+    the CPUs and GPUs free; Ray places a job that reserves nothing on the head)."""
+
+    cpus: float = DRIVER_CPUS
+    gpus: float = 0.0
+    resource: str | None = None
+
+
+class SubmitError(InputError):
     """A job that cannot be submitted or reached; the message names the cause and the fix."""
+
+
+class JobFailed(RunFailed):
+    """A submitted job that ended other than SUCCEEDED."""
+
+
+class JobUnknown(CommandError):
+    """A job whose outcome cannot be learnt: its cluster stayed unreachable past the reconnect bound, or no longer
+    knows it (a head that restarted without GCS fault tolerance). The job may still be running."""
+
+    exit_code = 4
+
+
+def transient(error: BaseException) -> bool:
+    """An error of the connection to the job server that a later request may not meet: the server unreachable
+    (requests' connection errors and timeouts are OSErrors), or a proxy or a restarting head answering 5xx."""
+    if isinstance(error, OSError):
+        return True
+    return isinstance(error, RuntimeError) and re.search(r"status code 5\d\d", str(error)) is not None
 
 
 def default_address() -> str:
@@ -85,6 +121,10 @@ def entrypoint(command: list[str]) -> str:
             paths[option] = value
         elif sep and option in PATH_KEYS and value != "auto":
             paths[option] = value
+    for arg in command:  # the entrypoint is shown by `ray job list`: no location in it may carry a credential
+        value = arg.partition("=")[2] if "=" in arg.partition("://")[0] else arg
+        if "://" in value:
+            refuse_credentials(value, arg.partition("=")[0] if value != arg else "location")
     for name, value in paths.items():
         if "://" not in value and not os.path.isabs(value):
             raise SubmitError(
@@ -121,6 +161,7 @@ def runtime_env(path: str | Path, working_dir: str | None = None, env: dict[str,
         )
     spec["working_dir"] = str(root)
     spec["env_vars"] = {k: str(v) for k, v in {**(spec.get("env_vars") or {}), **(env or {})}.items()}
+    refuse_secret_variables(list(spec["env_vars"]), "job variable")
     return spec
 
 
@@ -166,21 +207,15 @@ class JobServer:
             where = f"job {job_id}" if job_id else self.address
             raise SubmitError(f"{where}: {reason}") from None
 
-    def submit(
-        self,
-        command: list[str],
-        env: dict[str, Any],
-        driver_cpus: float = DRIVER_CPUS,
-        driver_gpus: float = 0.0,
-        job_id: str | None = None,
-    ) -> str:
+    def submit(self, command: list[str], env: dict[str, Any], driver: Driver, job_id: str | None = None) -> str:
         with self._reaching():
             return self.client.submit_job(
                 entrypoint=entrypoint(command),
                 runtime_env=env,
                 submission_id=job_id or submission_id(command[0]),
-                entrypoint_num_cpus=driver_cpus,
-                entrypoint_num_gpus=driver_gpus or None,
+                entrypoint_num_cpus=driver.cpus,
+                entrypoint_num_gpus=driver.gpus or None,
+                entrypoint_resources={driver.resource: DRIVER_RESOURCE_SHARE} if driver.resource else None,
             )
 
     def info(self, job_id: str) -> JobDetails:
@@ -212,16 +247,55 @@ class JobServer:
         with self._reaching(job_id):
             return self.client.stop_job(job_id)
 
-    def wait(self, job_id: str, timeout: float, report: TextIO | None = sys.stderr) -> JobStatus:
-        """Poll until the job ends or ``timeout`` seconds pass; returns the last status seen."""
+    def wait(
+        self, job_id: str, timeout: float, report: TextIO | None = sys.stderr, reconnect_s: float = RECONNECT_S
+    ) -> JobStatus:
+        """Poll until the job ends or ``timeout`` seconds pass; returns the last status seen. A dropped connection
+        is retried with backoff for up to ``reconnect_s`` seconds, said once on ``report``; past that, or when
+        the cluster no longer knows the job, raises JobUnknown."""
         deadline = time.monotonic() + timeout
         last = None
         while True:
-            with self._reaching(job_id):
-                status = self.client.get_job_status(job_id)
+            status = self._status_riding_out_drops(job_id, reconnect_s, report)
             if status != last and report is not None:
                 print(f"{job_id}: {status.value}", file=report)
             last = status
             if status.is_terminal() or time.monotonic() >= deadline:
                 return status
             time.sleep(POLL_S)
+
+    def _status_riding_out_drops(self, job_id: str, reconnect_s: float, report: TextIO | None) -> JobStatus:
+        import tenacity
+
+        def say_once(attempt: tenacity.RetryCallState) -> None:
+            if attempt.attempt_number == 1 and report is not None:
+                reason = str(attempt.outcome.exception()).splitlines()[0][:200]
+                print(
+                    f"{job_id}: lost contact with {self.address} ({reason}); retrying for up to {reconnect_s:g} s "
+                    f"(--reconnect-timeout)",
+                    file=report,
+                )
+
+        try:
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(transient),
+                wait=tenacity.wait_exponential(multiplier=1, max=30),
+                stop=tenacity.stop_after_delay(reconnect_s),
+                before_sleep=say_once,
+                reraise=True,
+            ):
+                with attempt:
+                    return self.client.get_job_status(job_id)
+        except Exception as err:  # noqa: BLE001 - what the retries ended on decides the message
+            if transient(err):
+                raise JobUnknown(
+                    f"{self.address}: no answer for {reconnect_s:g} s while waiting for {job_id}, which may still be "
+                    f"running: check it with --status {job_id} once the cluster answers"
+                ) from None
+            if "does not exist" in str(err):
+                raise JobUnknown(
+                    f"job {job_id}: the cluster no longer knows it (its head restarted without GCS fault tolerance, "
+                    f"launch/rayjob.yaml); resubmit the command with --resume-or-start to continue its run"
+                ) from None
+            with self._reaching(job_id):
+                raise

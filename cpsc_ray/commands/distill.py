@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import sys
 from pathlib import Path
 
-from cpsc_ray.commands import add_config_args, add_run_args, percent
+from cpsc_ray.commands import add_config_args, add_recovery_args, add_run_args, percent, recovery
 from cpsc_ray.config import load_config
+from cpsc_ray.layout import RootDir, RunDir
 from cpsc_ray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     teacher = commands.add_parser("teacher", help="train a teacher on real data and save it with its card")
     add_config_args(teacher)
     teacher.add_argument("--out", help="output directory (default: the cache slot teacher.weights=auto reads)")
+    teacher.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="train only when that slot holds no teacher yet (a job that may run again, such as the grid's)",
+    )
     teacher.set_defaults(func=cmd_teacher)
 
     distill = commands.add_parser("distill", help="distil a student data-free")
@@ -31,68 +36,72 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     cluster.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0: CPU, gloo)")
     cluster.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker")
-    cluster.add_argument("--max-failures", type=int, default=0, help="worker-group restarts allowed")
-    cluster.add_argument(
-        "--autoscaling",
-        action="store_true",
-        help="the cluster adds nodes on demand: do not refuse workers larger than the cluster is now",
-    )
+    add_recovery_args(cluster, "worker-group restarts after a worker fails (--max-failures: its older name)")
+    cluster.add_argument("--max-failures", type=int, dest="max_restarts", help=argparse.SUPPRESS)
     cluster.add_argument(
         "--inject-fault-at-epoch",
         type=int,
         metavar="EPOCH",
-        help="kill one worker once at EPOCH, to rehearse recovery on your cluster",
+        help="make one worker fail once at EPOCH (see --inject-fault), to rehearse recovery on your cluster",
+    )
+    cluster.add_argument(
+        "--inject-fault",
+        choices=["crash", "hang"],
+        default="crash",
+        help="crash: the worker's process dies; hang: it stops answering, and --collective-timeout ends the wait",
     )
     distill.set_defaults(func=cmd_distill)
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from cpsc_ray.runs.teacher import card_path, train_teacher
+    from cpsc_ray.runs.teacher import card_path, teacher_path, train_teacher
 
     cfg = load_config(args.config, args.overrides)
-    path = train_teacher(cfg, out=Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else None
+    if args.if_missing and teacher_path(cfg, out).is_file():
+        print(f"teacher already trained: {teacher_path(cfg, out)} (--if-missing)")
+        return 0
+    path = train_teacher(cfg, out=out)
     print(f"teacher written to {path}\n{card_path(path).read_text()}")
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"name={args.name}"] if args.name else [])
-    cfg = load_config(args.config, overrides)
+    name = args.name or args.resume_or_start
+    cfg = load_config(args.config, list(args.overrides) + ([f"name={name}"] if name else []))
+    resume = args.resume or existing_run(args.resume_or_start, args.storage or cfg.output_dir)
+    or_start = bool(args.resume_or_start)
     if args.workers:
-        from cpsc_ray.cluster.train import DistributedRunError, run_distributed
+        from cpsc_ray.cluster.recovery import Fault
+        from cpsc_ray.cluster.train import run_distributed
 
-        try:
-            summary = run_distributed(
-                cfg,
-                args.workers,
-                args.gpus_per_worker,
-                args.cpus_per_worker,
-                args.storage,
-                args.max_failures,
-                args.resume,
-                args.inject_fault_at_epoch,
-                args.autoscaling,
-            )
-        except DistributedRunError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+        fault = Fault(args.inject_fault_at_epoch, args.inject_fault) if args.inject_fault_at_epoch else None
+        summary = run_distributed(
+            cfg,
+            args.workers,
+            args.gpus_per_worker,
+            args.cpus_per_worker,
+            args.storage,
+            recovery(args),
+            resume,
+            fault,
+            args.autoscaling,
+            or_start,
+        )
     else:
-        from cpsc_ray.method.engine import DivergenceError
         from cpsc_ray.runs.in_process import run_in_process
 
         if args.storage:
             cfg = cfg.model_copy(update={"output_dir": args.storage})
-        try:
-            summary = run_in_process(cfg, resume=args.resume)
-        except DivergenceError as err:
-            print(
-                f"error: {err}; the run's metrics so far are kept: lower student.lr, generator.lr or the loss weights",
-                file=sys.stderr,
-            )
-            return 1
+        summary = run_in_process(cfg, resume=resume, or_start=or_start)
     print_summary(summary)
     report_run(summary)
     return 0
+
+
+def existing_run(name: str | None, storage: str) -> str | None:
+    """``name`` when a run of that name is under ``storage`` (--resume-or-start continues it), else None."""
+    return name if name and RootDir(storage).exists(name) else None
 
 
 def print_summary(summary: dict) -> None:
@@ -115,7 +124,7 @@ def print_summary(summary: dict) -> None:
 def report_run(summary: dict) -> None:
     """The report of the run just finished, in its run directory when that is local."""
     from cpsc_ray.results.report import build_report
-    from cpsc_ray.results.store import ResultsError
+    from cpsc_ray.results.tables import ResultsError
 
     run_dir = summary["run_dir"]
     parent, _ = Storage.of_file(run_dir)
@@ -124,7 +133,7 @@ def report_run(summary: dict) -> None:
         print(f"  report: cpsc-ray report {shlex.quote(storage)} --experiments {summary['run']} -o REPORT_DIR")
         return
     try:
-        page = build_report([storage], Path(run_dir) / "report", [summary["run"]])
+        page = build_report([storage], Path(run_dir) / RunDir.REPORT, [summary["run"]])
     except ResultsError as err:
         logger.warning("no report for this run: %s", err)
         return

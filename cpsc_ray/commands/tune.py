@@ -4,10 +4,11 @@ configuration over seeds and export the students."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cpsc_ray.commands import DEFAULT_STORAGE, add_config_args, add_run_args, percent
-from cpsc_ray.config import ConfigError, load_config
+from cpsc_ray.commands import DEFAULT_STORAGE, add_config_args, add_recovery_args, add_run_args, percent
+from cpsc_ray.config import load_config
+from cpsc_ray.errors import InputError
+from cpsc_ray.layout import RunDir
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -24,6 +25,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     final.add_argument("--gpus-per-seed", type=float, default=0.0, help="GPUs of each seed's rerun (0: CPU)")
     final.add_argument("--cpus-per-seed", type=float, default=1.0, help="CPUs of each seed's rerun")
+    final.add_argument(
+        "--resume-or-start",
+        action="store_true",
+        help="continue EXPERIMENT-final if it exists (each seed from its newest checkpoint), else start it under "
+        "exactly that name, as a job that may run again should (default: a taken name gets a suffix)",
+    )
     final.set_defaults(func=cmd_finalize)
 
 
@@ -62,19 +69,7 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
     tuning.add_argument(
         "--seed-defaults", action="store_true", help="the first trial starts at the config's own values"
     )
-    tuning.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers in each trial (Ray Train)")
-    tuning.add_argument(
-        "--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers"
-    )
-    tuning.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of each trial's workers")
-    tuning.add_argument(
-        "--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds whole)"
-    )
-    tuning.add_argument(
-        "--autoscaling",
-        action="store_true",
-        help="the cluster adds nodes on demand: do not refuse trials larger than the cluster is now",
-    )
+    _add_trial_resources(tuning)
     tuning.add_argument("--perturbation-interval", type=int, default=1, help="epochs between PBT decisions")
     tuning.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     tuning.add_argument(
@@ -84,7 +79,7 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
         "images in all (compare search methods at equal compute)",
     )
     tuning.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept per trial (0 keeps all)")
-    tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
+    tuning.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial (Ray Tune)")
     tuning.add_argument(
         "--search-seed", type=int, default=0, help="seed of the search's sampling and of PBT's perturbations"
     )
@@ -92,12 +87,37 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
     tuning.set_defaults(func=cmd_tune)
 
 
+def _add_trial_resources(tuning: argparse.ArgumentParser) -> None:
+    """What each trial holds, where its own process runs, and how its Ray Train runs recover."""
+    tuning.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers in each trial (Ray Train)")
+    tuning.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial, split across its workers"
+    )
+    tuning.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of each trial's workers")
+    tuning.add_argument(
+        "--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds whole)"
+    )
+    tuning.add_argument(
+        "--driver-resource",
+        metavar="NAME",
+        help="keep each multi-worker trial's own process, and Ray Train's controller with it, on nodes that carry "
+        "this custom resource (the head or on-demand nodes: ray start --resources='{\"NAME\": 1000}'), so a "
+        "preempted spot node takes only workers, which Ray Train restarts",
+    )
+    add_recovery_args(
+        tuning.add_argument_group("multi-worker trials (Ray Train)"),
+        "restarts of a multi-worker trial's worker group within one try of the trial (Ray Train)",
+    )
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from cpsc_ray.cluster.tune import TuneOptions, run_tune
-    from cpsc_ray.results.store import NothingToCollect
 
     if not (args.space or args.resume):
-        raise ConfigError("tune: --space is required for a new experiment (a YAML path or a name in search_spaces/)")
+        raise InputError(
+            "tune: --space is required for a new experiment (a YAML path or a name in search_spaces/; also with "
+            "--resume-or-start, which may start one)"
+        )
     cfg = load_config(args.config, args.overrides)
     options = TuneOptions(
         space=args.space,
@@ -116,17 +136,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seed_from=args.seed_from,
         seed_defaults=args.seed_defaults,
         storage=args.storage,
-        name=args.resume or args.name,
+        name=args.resume or args.resume_or_start or args.name,
         keep_checkpoints=args.keep_checkpoints or None,
         max_failures=args.max_failures,
+        max_restarts=args.max_restarts,
+        start_timeout_s=args.start_timeout,
+        collective_timeout_s=args.collective_timeout,
+        driver_resource=args.driver_resource,
         search_seed=args.search_seed,
         autoscaling=args.autoscaling,
     )
-    try:
-        summary = run_tune(cfg, options, resume=bool(args.resume))
-    except NothingToCollect as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    summary = run_tune(cfg, options, resume=bool(args.resume), or_start=bool(args.resume_or_start))
     print(f"\nexperiment {summary['experiment']}: {len(summary['trials'])} trials; results in {summary['results']}")
     print(f"  {'trial':18s} {'score':>7s} {'test@best':>9s} {'epochs':>6s} {'images':>10s} {'device-s':>9s}")
     for trial in summary["trials"][:10]:
@@ -142,7 +162,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_finalize(args: argparse.Namespace) -> int:
     from cpsc_ray.cluster.finalize import finalize
 
-    result = finalize(args.experiment, args.seeds, args.storage, args.gpus_per_seed, args.cpus_per_seed)
+    result = finalize(
+        args.experiment, args.seeds, args.storage, args.gpus_per_seed, args.cpus_per_seed, args.resume_or_start
+    )
     print(
         f"\n{args.experiment}: trial {result['winner']} selected (score {percent(result['winner_score'])}); "
         f"{len(result['schedule'])} hyperparameter phase(s) replayed over {result['seeds']} seeds"
@@ -152,6 +174,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
         f"{100 * result['test_std']:.2f} over {len(result['test_at_best'])} seeds"
         + (f" ({result['diverged']} seed(s) diverged)" if result["diverged"] else "")
     )
+    weights, card, program = RunDir.BEST_FILES
     for path in result["students"]:
-        print(f"  student: {path}/student.safetensors (+ student.json, student.pt2)")
+        print(f"  student: {path}/{weights} (+ {card}, {program})")
     return 0

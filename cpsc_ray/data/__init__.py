@@ -7,26 +7,17 @@ Every item is ``(float32 image [C, H, W] normalised, int label)``. The validatio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 
 from cpsc_ray.config import DataConfig
-from cpsc_ray.data import cifar, digits, imagefolder, tiny_imagenet
-from cpsc_ray.data.common import DataError, DatasetInfo, Splits
+from cpsc_ray.data import cifar, digits, imagefolder, tiny_imagenet  # noqa: F401  (they register their datasets)
+from cpsc_ray.data.common import DATASETS, DataError, DatasetInfo, Splits
 
-__all__ = ["DataError", "DatasetInfo", "Splits", "dataset_info", "load_splits"]
-
-_FAMILIES: dict[str, ModuleType] = {
-    "digits": digits,
-    "cifar10": cifar,
-    "cifar100": cifar,
-    "tiny_imagenet": tiny_imagenet,
-    "imagefolder": imagefolder,
-}
+__all__ = ["DATASETS", "DataError", "DatasetInfo", "Splits", "dataset_info", "load_splits"]
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
     """Classes, shape and default normalisation, without decoding images."""
-    return _FAMILIES[cfg.dataset].info(cfg)
+    return DATASETS.get(cfg.dataset, "data.dataset").info(cfg)
 
 
 def load_splits(
@@ -41,4 +32,4 @@ def load_splits(
             f"normalisation for {info.name}: mean and std need {info.channels} values each (std > 0), "
             f"got mean={list(mean)} std={list(std)}"
         )
-    return _FAMILIES[cfg.dataset].load(cfg, info, augment=augment, mean=mean, std=std)
+    return DATASETS.get(cfg.dataset, "data.dataset").load(cfg, info, augment=augment, mean=mean, std=std)

@@ -10,7 +10,9 @@ from torchvision.transforms import v2
 
 from cpsc_ray.config import DataConfig
 from cpsc_ray.data.common import (
+    DATASETS,
     DataError,
+    DatasetFamily,
     DatasetInfo,
     Splits,
     check_native_size,
@@ -66,3 +68,7 @@ def load(cfg: DataConfig, info: DatasetInfo, *, augment: bool, mean: Sequence[fl
         ) from None
     augmentation = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
     return official_splits(info, cfg, train, test, augmentation, mean, std, f"{label} training images")
+
+
+DATASETS.add("cifar10", DatasetFamily(info, load))
+DATASETS.add("cifar100", DatasetFamily(info, load))

@@ -10,7 +10,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.config import DataConfig
+from cpsc_ray.errors import InputError
+from cpsc_ray.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class DatasetInfo:
     std: tuple[float, ...]
 
 
-class DataError(ConfigError):
+class DataError(InputError):
     """Dataset files or settings that cannot be used; the message names the config field and the fix."""
 
 
@@ -33,6 +35,19 @@ class Splits:
     train: Dataset
     val: Dataset | None
     test: Dataset
+
+
+@dataclass(frozen=True)
+class DatasetFamily:
+    """How a dataset is read: ``info`` (classes, shape, normalisation, without decoding images) and ``load`` (the
+    train / validation / test splits)."""
+
+    info: Callable[[DataConfig], DatasetInfo]
+    load: Callable[..., Splits]
+
+
+# data.dataset -> its family; each family's module adds the names it reads.
+DATASETS: Registry[DatasetFamily] = Registry("dataset")
 
 
 class SplitView(Dataset):

@@ -12,6 +12,8 @@ from torchvision.transforms import v2
 
 from cpsc_ray.config import DataConfig
 from cpsc_ray.data.common import (
+    DATASETS,
+    DatasetFamily,
     DatasetInfo,
     Splits,
     make_splits,
@@ -60,3 +62,6 @@ def load(cfg: DataConfig, info: DatasetInfo, *, augment: bool, mean: Sequence[fl
         to_normalised_tensor([], mean, std),
         f"digits training images (1797 minus the fixed {TEST_SIZE}-image test split)",
     )
+
+
+DATASETS.add("digits", DatasetFamily(info, load))

@@ -10,7 +10,7 @@ from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
 from cpsc_ray.config import DataConfig
-from cpsc_ray.data.common import DataError, DatasetInfo, Splits, official_splits
+from cpsc_ray.data.common import DATASETS, DataError, DatasetFamily, DatasetInfo, Splits, official_splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,3 +59,6 @@ def load(cfg: DataConfig, info: DatasetInfo, *, augment: bool, mean: Sequence[fl
     resize = [v2.Resize(size), v2.CenterCrop(size)]
     augmentation = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()] if augment else []
     return official_splits(info, cfg, train, test, augmentation, mean, std, "imagefolder training images", resize)
+
+
+DATASETS.add("imagefolder", DatasetFamily(info, load))

@@ -11,7 +11,9 @@ from torchvision.transforms import v2
 
 from cpsc_ray.config import DataConfig
 from cpsc_ray.data.common import (
+    DATASETS,
     DataError,
+    DatasetFamily,
     DatasetInfo,
     Splits,
     check_native_size,
@@ -102,3 +104,6 @@ def load(cfg: DataConfig, info: DatasetInfo, *, augment: bool, mean: Sequence[fl
     test = ImageFiles(_test_samples(cfg, directory, label_of))
     augmentation = [v2.RandomCrop(64, padding=8), v2.RandomHorizontalFlip()] if augment else []
     return official_splits(info, cfg, train, test, augmentation, mean, std, "Tiny-ImageNet training images")
+
+
+DATASETS.add("tiny_imagenet", DatasetFamily(info, load))

@@ -1,10 +1,10 @@
 """The CPSC-DFKD engine: pure PyTorch, steppable one epoch at a time, with its complete state in
 ``state_dict()``. It knows nothing of Ray; under ``torch.distributed`` it runs data-parallel.
 
-Per iteration: ``g_steps`` generator steps, then ``s_steps`` student steps, each on a fresh batch of
-noise ``z`` and pseudo-labels ``y`` (``z`` is never optimised). Work the method does not need is not
-done: the frozen teacher and, in generator steps, the student compute no weight gradients; student
-steps synthesise under ``no_grad``; each optimizer is built once.
+Per iteration: ``g_steps`` synthesis steps (``Synthesizer.synthesize``: for CPSC-DFKD, generator steps), then
+``s_steps`` student steps, each on a fresh batch from ``Synthesizer.sample``; the student's step does not know what
+made its images. Work the method does not need is not done: the frozen teacher and, in synthesis steps, the student
+compute no weight gradients; student steps synthesise under ``no_grad``; each optimizer is built once.
 """
 
 from __future__ import annotations
@@ -17,22 +17,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cpsc_ray.config import RunConfig, flatten
-from cpsc_ray.method.diagnostics import term_gradients
-from cpsc_ray.method.generators import build_generator
-from cpsc_ray.method.losses import (
-    ADVERSARIAL_TERMS,
-    BNStatisticsPrior,
-    SynthBatch,
-    WeightedSum,
-    generator_objective,
-    student_objective,
-)
+from cpsc_ray.config import Config, flatten
+from cpsc_ray.errors import RunFailed
+from cpsc_ray.method.device import device_rng_state, pick_device
+from cpsc_ray.method.losses import SynthBatch, WeightedSum, student_objective
+from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
-from cpsc_ray.method.parallel import average_with_grad, gather_with_grad, noise_seed, world
-from cpsc_ray.method.schedules import multistep, ramp, warmup_cosine
-from cpsc_ray.method.spec import DivergenceError, EvalSet, ImageSpec, device_rng_state, pick_device
-from cpsc_ray.method.terms import LOSS_METRICS
+from cpsc_ray.method.parallel import world
+from cpsc_ray.method.schedules import warmup_cosine
+from cpsc_ray.method.spec import EvalSet, ImageSpec
+from cpsc_ray.method.synthesis import SYNTHESIZERS, Setting, SynthesizerBuilder
 
 # Config keys that shape the models or decide the optimizers: an engine cannot take a new value mid-run.
 MODEL_SHAPING_KEYS = (
@@ -46,26 +40,24 @@ MODEL_SHAPING_KEYS = (
 )
 
 
-class ProjectionHead(nn.Module):
-    """Maps student features to the teacher's width for the contrastive loss (an MLP, as in the reference)."""
+class DivergenceError(RunFailed):
+    """A loss became NaN or infinite; the run cannot usefully continue."""
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+DIVERGENCE_FIX = "lower student.lr, generator.lr or the loss weights"
 
 
 class DistillEngine:
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: Config,
         teacher: nn.Module,
         spec: ImageSpec,
         eval_sets: dict[str, EvalSet] | None = None,
         device: torch.device | None = None,
+        synthesizer: SynthesizerBuilder | None = None,
     ):
+        """``synthesizer`` builds what makes the student's images; by default the one ``generator.kind`` names."""
         self.cfg = cfg
         self.spec = spec
         self.device = device or pick_device(cfg.train.device)
@@ -79,17 +71,17 @@ class DistillEngine:
         self.amp = cfg.train.amp and on_cuda
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
-        self.bn_prior: BNStatisticsPrior | None = None  # made by apply_hyperparameters once beta > 0
-        self._gather = gather_with_grad if self.world_size > 1 else None
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self._build_models(teacher)
-        self._build_optimizers()
-        self._wrap_models()
+        self._build_student(teacher)
+        # Built after the student and before its optimizer: the seeded draws that initialise the models are made in
+        # the order of every earlier version (student, generator, projection head).
+        build = synthesizer or SYNTHESIZERS.get(cfg.generator.kind, "generator.kind")
+        self.synthesizer = build(cfg, self._setting())
+        self._build_student_optimizer()
         self.eval_sets = {
             name: EvalSet(s.images.to(self.device, memory_format=self.memory_format), s.labels.to(self.device))
             for name, s in (eval_sets or {}).items()
         }
-        self.noise = torch.Generator(device=self.device)
         self.epoch = 0
         self.images_synthesized = 0  # over the state's whole history, inherited ones included after a clone
         self.device_seconds = 0.0
@@ -97,30 +89,30 @@ class DistillEngine:
         self.apply_hyperparameters(cfg)
 
     # ----- construction ----------------------------------------------------------------------
-    def _build_models(self, teacher: nn.Module) -> None:
+    def _build_student(self, teacher: nn.Module) -> None:
         cfg, spec = self.cfg, self.spec
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
         self.student = build_model(cfg.student.arch, spec.num_classes, spec.channels, **cfg.student.kwargs)
         self.student.to(self.device, memory_format=self.memory_format)
-        self.generator = build_generator(
-            cfg.generator.arch,
-            cfg.generator.kind,
-            cfg.generator.nz,
-            cfg.generator.ngf,
-            spec.channels,
-            spec.image_size,
-            spec.num_classes,
-        ).to(self.device, memory_format=self.memory_format)
-        teacher_dim = self._feature_dim(self.teacher)
-        self.head = (
-            ProjectionHead(self.student.feature_dim, teacher_dim).to(self.device)
-            if self.student.feature_dim != teacher_dim
-            else None
-        )
-        if self.head is not None and not cfg.loss.train_projection_head:
-            self.head.requires_grad_(False)
+        compiled = cfg.train.compile
+        self.teacher_fwd = torch.compile(self.teacher) if compiled else self.teacher
+        self.student_fwd = torch.compile(self.student) if compiled else self.student
 
-    def _build_optimizers(self) -> None:
+    def _setting(self) -> Setting:
+        return Setting(
+            self.teacher,
+            self.teacher_fwd,
+            self.student,
+            self.student_fwd,
+            self.spec,
+            self.local_batch,
+            self.device,
+            self.memory_format,
+            self.autocast,
+        )
+
+    def _build_student_optimizer(self) -> None:
+        """The student's SGD and, under torch.distributed, its DDP wrapper (compiled on request)."""
         cfg, on_cuda = self.cfg, self.device.type == "cuda"
         fused = {"fused": True} if on_cuda else {}
         self.student_opt = torch.optim.SGD(
@@ -130,37 +122,16 @@ class DistillEngine:
             weight_decay=cfg.student.weight_decay,
             **fused,
         )
-        generator_params = list(self.generator.parameters())
-        if self.head is not None and cfg.loss.train_projection_head:
-            generator_params += list(self.head.parameters())
-        self.generator_opt = torch.optim.Adam(
-            generator_params, lr=cfg.generator.lr, betas=(cfg.generator.beta1, cfg.generator.beta2), **fused
-        )
-
-    def _wrap_models(self) -> None:
-        """DDP wrappers for the trained modules under torch.distributed, then torch.compile on request."""
-        cfg, on_cuda = self.cfg, self.device.type == "cuda"
-        distributed = self.world_size > 1
         self.student_ddp: nn.Module = self.student
-        self.generator_ddp: nn.Module = self.generator
-        self.head_ddp: nn.Module | None = self.head
-        if distributed:
-            device_ids = [self.device.index] if on_cuda else None
-            self.student_ddp = DistributedDataParallel(self.student, device_ids=device_ids)
-            # The generator's running statistics are never used (it always generates in train mode).
-            self.generator_ddp = DistributedDataParallel(self.generator, device_ids=device_ids, broadcast_buffers=False)
-            if self.head is not None and cfg.loss.train_projection_head:
-                self.head_ddp = DistributedDataParallel(self.head, device_ids=device_ids)
+        if self.world_size > 1:
+            self.student_ddp = DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if on_cuda else None
+            )
         if cfg.train.compile:
-            self.teacher_fwd = torch.compile(self.teacher)
-            self.student_fwd = torch.compile(self.student)
             self.student_ddp = torch.compile(self.student_ddp)
-            self.generator_ddp = torch.compile(self.generator_ddp)
-        else:
-            self.teacher_fwd, self.student_fwd = self.teacher, self.student
 
     # ----- hyperparameters -------------------------------------------------------------------
-    def apply_hyperparameters(self, cfg: RunConfig) -> None:
+    def apply_hyperparameters(self, cfg: Config) -> None:
         """Put a (possibly perturbed) config in effect: loss weights and temperatures, base learning
         rates, step counts. Called after ``load_state_dict`` so restored optimizer state cannot win."""
         before, after = flatten(self.cfg), flatten(cfg)
@@ -168,16 +139,10 @@ class DistillEngine:
             if after[key] != before[key]:
                 raise ValueError(f"{key} cannot change during a run (it shapes the models or their optimizers)")
         self.cfg = cfg
-        if cfg.loss.beta and self.bn_prior is None:
-            self.bn_prior = BNStatisticsPrior(self.teacher, average_with_grad if self.world_size > 1 else None)
-        if self.bn_prior is not None:
-            self.bn_prior.form = cfg.loss.bn_form
-        self.generator_loss: WeightedSum = generator_objective(cfg.loss, self.bn_prior, self._gather)
+        self.synthesizer.apply_hyperparameters(cfg)
         self.student_loss: WeightedSum = student_objective(cfg.loss)
         for group in self.student_opt.param_groups:
             group["momentum"], group["weight_decay"] = cfg.student.momentum, cfg.student.weight_decay
-        for group in self.generator_opt.param_groups:
-            group["betas"] = (cfg.generator.beta1, cfg.generator.beta2)
         self._apply_schedules(self._progress(0))
 
     def _progress(self, iteration: int) -> float:
@@ -185,61 +150,24 @@ class DistillEngine:
         return (self.epoch * per_epoch + iteration) / (self.cfg.train.epochs * per_epoch)
 
     def _apply_schedules(self, progress: float) -> None:
-        """Learning rates and the generator's adversarial ramp at this point of the run."""
+        """Learning rates (and the synthesizer's loss scales) at this point of the run."""
         student_lr = self.cfg.student.lr * warmup_cosine(progress, self.cfg.student.warmup_fraction)
-        generator_lr = self.cfg.generator.lr * multistep(
-            progress, self.cfg.generator.lr_milestones, self.cfg.generator.lr_gamma
-        )
         for group in self.student_opt.param_groups:
             group["lr"] = student_lr
-        for group in self.generator_opt.param_groups:
-            group["lr"] = generator_lr
-        self.generator_loss.scale(ADVERSARIAL_TERMS, ramp(progress, self.cfg.loss.adversarial_warmup))
+        self.synthesizer.schedule(progress)
 
     # ----- training --------------------------------------------------------------------------
-    def _feature_dim(self, model: nn.Module) -> int:
-        probe = torch.zeros(2, self.spec.channels, self.spec.image_size, self.spec.image_size, device=self.device)
-        with torch.no_grad():
-            return model(probe, return_features=True)[1].shape[1]
-
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
-    def draw(self) -> tuple[Tensor, Tensor]:
-        """The next noise and pseudo-labels of this rank's stream (reseeded from seed, rank and epoch)."""
-        z = torch.randn(self.local_batch, self.cfg.generator.nz, device=self.device, generator=self.noise)
-        y = torch.randint(0, self.spec.num_classes, (self.local_batch,), device=self.device, generator=self.noise)
-        return z, y
-
-    def generator_batch(self, z: Tensor, y: Tensor, generator: nn.Module, head: nn.Module | None) -> SynthBatch:
-        """What the generator's objective looks at: ``G(z, y)`` through the teacher (its BN statistics
-        captured when the prior is on) and the student, with graphs back to the generator."""
-        objective = self.generator_loss
-        images = generator(z, y).contiguous(memory_format=self.memory_format)
-        capture = self.bn_prior.capture() if "bn" in objective.terms else contextlib.nullcontext()
-        with capture:
-            t_logits, t_features = self.teacher_fwd(images, return_features=True)
-        s_logits, s_features = self.student_fwd(images, return_features=True)
-        if objective.needs_features and head is not None:
-            s_features = head(s_features)
-        return SynthBatch(y, t_logits, s_logits, t_features, s_features)
-
-    def _generator_step(self, sums: dict[str, Tensor]) -> Tensor:
-        z, y = self.draw()
-        with self.autocast():
-            total, parts = self.generator_loss(self.generator_batch(z, y, self.generator_ddp, self.head_ddp))
-        self.generator_opt.zero_grad(set_to_none=True)
-        total.backward()
-        if self.cfg.generator.reset_optimizer:
-            self.generator_opt.state.clear()  # Adam starts afresh: its first, bias-corrected step
-        self.generator_opt.step()
-        self._accumulate(sums, {f"g_{name}": value for name, value in {**parts, "total": total}.items()})
-        return total
+    def _synthesis_step(self, sums: dict[str, Tensor]) -> Tensor:
+        parts = self.synthesizer.synthesize()
+        self._accumulate(sums, {f"g_{name}": value for name, value in parts.items()})
+        return parts["total"]
 
     def _student_step(self, sums: dict[str, Tensor]) -> Tensor:
-        z, y = self.draw()
         with torch.no_grad(), self.autocast():
-            images = self.generator(z, y).contiguous(memory_format=self.memory_format)
+            images, y = self.synthesizer.sample()
             t_logits = self.teacher_fwd(images)
         with self.autocast():
             s_logits = self.student_ddp(images)
@@ -269,8 +197,7 @@ class DistillEngine:
         cfg = self.cfg.train
         self.teacher.eval()
         self.student.train()
-        self.generator.train()
-        self.noise.manual_seed(noise_seed(self.cfg.seed, self.rank, self.epoch))
+        self.synthesizer.begin_epoch(self.epoch)
         sums: dict[str, list[Tensor]] = {}
         finite = torch.ones((), device=self.device)
         started = time.perf_counter()
@@ -278,7 +205,7 @@ class DistillEngine:
             self._apply_schedules(self._progress(iteration))
             self.student.requires_grad_(False)
             for _ in range(cfg.g_steps):
-                finite = finite * torch.isfinite(self._generator_step(sums))
+                finite = finite * torch.isfinite(self._synthesis_step(sums))
             self.student.requires_grad_(True)
             for _ in range(cfg.s_steps):
                 finite = finite * torch.isfinite(self._student_step(sums))
@@ -302,12 +229,11 @@ class DistillEngine:
             raise DivergenceError(f"a loss became NaN or infinite in epoch {self.epoch}")
         metrics = {name: None for name in LOSS_METRICS}
         metrics.update(dict(zip(names, means)))
-        if self.cfg.eval.term_gradients:
-            metrics.update(term_gradients(self))
+        metrics.update(self.synthesizer.diagnostics(self.epoch))
         metrics.update(
             epoch=self.epoch,
             lr_student=self.student_opt.param_groups[0]["lr"],
-            lr_generator=self.generator_opt.param_groups[0]["lr"],
+            lr_generator=self.synthesizer.optimizer.param_groups[0]["lr"],
             images=self.images_synthesized,
             epoch_images=images,
             images_per_s=images / seconds,
@@ -351,12 +277,10 @@ class DistillEngine:
         return results
 
     @torch.no_grad()
-    def sample(self, per_class: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    def preview(self, per_class: int, seed: int = 0) -> tuple[Tensor, Tensor]:
         """``per_class`` synthetic images of every class (class-major), in [0, 1] for viewing."""
-        labels = torch.arange(self.spec.num_classes, device=self.device).repeat_interleave(per_class)
-        rng = torch.Generator(device=self.device).manual_seed(seed)
-        z = torch.randn(len(labels), self.cfg.generator.nz, device=self.device, generator=rng)
-        images = self.generator(z, labels).float()
+        images, labels = self.synthesizer.preview(per_class, seed)
+        images = images.float()
         mean = torch.tensor(self.spec.mean, device=self.device)[:, None, None]
         std = torch.tensor(self.spec.std, device=self.device)[:, None, None]
         return (images * std + mean).clamp(0, 1).cpu(), labels.cpu()
@@ -366,10 +290,8 @@ class DistillEngine:
         """Everything needed to continue bit-identically; the frozen teacher is not included."""
         return {
             "student": self.student.state_dict(),
-            "generator": self.generator.state_dict(),
-            "head": self.head.state_dict() if self.head is not None else {},
+            **self.synthesizer.state_dict(),  # for CPSC-DFKD's: generator, head, generator_opt
             "student_opt": self.student_opt.state_dict(),
-            "generator_opt": self.generator_opt.state_dict(),
             "schedule": {"epoch": self.epoch},
             "counters": {"images_synthesized": self.images_synthesized, "device_seconds": self.device_seconds},
             # This engine's device only: a restart may see a different set of GPUs (issue #11).
@@ -381,11 +303,8 @@ class DistillEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
-        self.generator.load_state_dict(state["generator"])
-        if self.head is not None:
-            self.head.load_state_dict(state["head"])
+        self.synthesizer.load_state_dict(state)
         self.student_opt.load_state_dict(state["student_opt"])
-        self.generator_opt.load_state_dict(state["generator_opt"])
         self.epoch = int(state["schedule"]["epoch"])
         self.images_synthesized = int(state["counters"]["images_synthesized"])
         self.device_seconds = float(state["counters"]["device_seconds"])

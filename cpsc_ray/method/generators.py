@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpsc_ray.registry import Registry
+
 
 class ConditionalBatchNorm2d(nn.Module):
     """Batch norm without affine parameters, then a per-class scale and shift from two embedding tables.
@@ -53,6 +55,14 @@ class Generator(nn.Module):
         return ConditionalBatchNorm2d(self.num_classes, channels) if self.conditional else PlainBatchNorm2d(channels)
 
 
+# generator.arch -> the generator class. auto is the reference code's choice: the upsample generator at every size
+# (at Tiny-ImageNet's 64 px its linear layer maps to 16x16), never the DCGAN-like one the paper describes for 64 px,
+# which is used by name only.
+GENERATORS: Registry[type[Generator]] = Registry("generator architecture")
+
+
+@GENERATORS.register("auto")
+@GENERATORS.register("upsample")
 class UpsampleGenerator(Generator):
     """METHOD.md's 32x32 generator: linear, cond-BN, two (upsample, conv3x3, cond-BN, LeakyReLU) stages,
     conv3x3 to the image channels, tanh, then a cond-BN over the output channels."""
@@ -81,6 +91,7 @@ class UpsampleGenerator(Generator):
         return self.norm_out(torch.tanh(self.to_image(out)), labels)
 
 
+@GENERATORS.register("dcgan")
 class DCGANGenerator(Generator):
     """METHOD.md's 64x64 generator: linear to 8ngf x s/16 x s/16, cond-BN, four transposed convs
     (k4, s2) each followed by cond-BN and LeakyReLU(0.2), conv3x3 to the channels, tanh."""
@@ -113,14 +124,9 @@ class DCGANGenerator(Generator):
         return torch.tanh(self.to_image(out))
 
 
-ARCHITECTURES = {"upsample": UpsampleGenerator, "dcgan": DCGANGenerator}
-
-
 def build_generator(
-    arch: str, kind: str, nz: int, ngf: int, channels: int, image_size: int, num_classes: int
+    arch: str, nz: int, ngf: int, channels: int, image_size: int, num_classes: int, conditional: bool = True
 ) -> Generator:
-    # auto is the reference code's choice: the upsample generator at every size (at Tiny-ImageNet's 64 px its
-    # linear layer maps to 16x16), never the DCGAN-like one the paper describes for 64 px, which is used by name only.
-    if arch == "auto":
-        arch = "upsample"
-    return ARCHITECTURES[arch](nz, ngf, channels, image_size, num_classes, conditional=kind == "conditional")
+    """The ``generator.arch`` generator; ``conditional=False`` gives its unconditional twin (``generator.kind``'s
+    ablation, ``method.synthesis``)."""
+    return GENERATORS.get(arch, "generator.arch")(nz, ngf, channels, image_size, num_classes, conditional=conditional)

@@ -27,13 +27,21 @@ from cpsc_ray.config import LossConfig
 
 @dataclass
 class SynthBatch:
-    """What the loss terms look at for one synthetic batch ``x = G(z, y)``."""
+    """What the loss terms look at for one synthetic batch ``x`` (``G(z, y)``, or optimised images)."""
 
     labels: Tensor
     teacher_logits: Tensor
-    student_logits: Tensor
+    student_logits: Tensor | None = None
     teacher_features: Tensor | None = None
     student_features: Tensor | None = None  # already projected to the teacher's width
+    images: Tensor | None = None  # for priors on the images themselves
+
+
+def total_variation(images: Tensor) -> Tensor:
+    """Mean absolute difference between vertical, plus between horizontal, neighbours: a smoothness prior."""
+    return (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean() + (
+        images[:, :, :, 1:] - images[:, :, :, :-1]
+    ).abs().mean()
 
 
 def kd_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float | None = None) -> Tensor:
@@ -134,6 +142,11 @@ class PseudoLabelCETerm(LossTerm):
 def teacher_agrees(batch: SynthBatch) -> Tensor:
     """Which images the teacher assigns to the class they were generated for."""
     return batch.teacher_logits.argmax(1) == batch.labels
+
+
+class TotalVariationTerm(LossTerm):
+    def forward(self, batch: SynthBatch) -> Tensor:
+        return total_variation(batch.images)
 
 
 Gather = Callable[[Tensor], Tensor]

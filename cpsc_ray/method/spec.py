@@ -1,16 +1,10 @@
-"""What an engine runs on: the images' shape and normalisation, the labelled sets it evaluates on, the
-device, and the error that ends a diverged run."""
+"""What an engine runs on: the images' shape and normalisation, and the labelled sets it evaluates on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
-
-
-class DivergenceError(RuntimeError):
-    """A loss became NaN or infinite; the run cannot usefully continue."""
 
 
 @dataclass(frozen=True)
@@ -28,24 +22,3 @@ class EvalSet:
 
     images: Tensor
     labels: Tensor
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def device_rng_state(saved: Tensor | list[Tensor] | None, device: torch.device) -> Tensor | None:
-    """The CUDA RNG state a checkpoint holds for ``device``, or None. Checkpoints hold the state of
-    their engine's device; older ones hold one per GPU visible then (other workers' GPUs included),
-    of which only this device's index is ours, if the restart sees that many. Noise streams are
-    reseeded every epoch, so a state that does not carry over costs nothing the run needs."""
-    if device.type != "cuda" or saved is None:
-        return None
-    if isinstance(saved, list):
-        index = device.index or 0
-        return saved[index] if index < len(saved) else None
-    return saved

@@ -19,10 +19,9 @@ from typing import Any
 
 import pandas as pd
 
-from cpsc_ray.results.schema import RUN_KEYS, config_values
-from cpsc_ray.results.store import Results, best_trial
+from cpsc_ray.results.schema import PAIR, RUN_KEYS, config_values
+from cpsc_ray.results.tables import Results, best_trial
 
-PAIR = ["dataset", "teacher", "student"]
 TRIAL = ["experiment", "trial_id"]
 WEIGHTS = ("loss.alpha", "loss.beta", "loss.gamma", "loss.eta")
 ALWAYS_SHOWN = (*WEIGHTS, "loss.temperature")
@@ -54,6 +53,7 @@ SUMMARY_COLUMNS = [
     "device_s",
     "search_device_s",
     "device_hours",
+    "queued_hours",
     "images",
     "hyperparameters",
 ]
@@ -150,29 +150,19 @@ def _distill_entries(identity: dict[str, Any], runs: pd.DataFrame, keys: list[st
         )
 
 
-def source_experiment(final: str, method: str, tuned: pd.DataFrame) -> str | None:
-    """The tuning experiment a finalize experiment reran: finalize names its reruns ``<EXP>-final``, or
-    ``<EXP>-final-<timestamp>`` when that name is taken, and records the experiment's method."""
-    names = tuned[tuned.method == method].experiment.unique()
-    candidates = [e for e in names if final == f"{e}-final" or final.startswith(f"{e}-final-")]
-    return max(candidates, key=len, default=None)
-
-
 def _tuned_entries(
     identity: dict[str, Any], trials: pd.DataFrame, configs: pd.DataFrame, keys: list[str]
 ) -> Iterator[Entry]:
     """A row per tuning experiment, then one per finalize experiment whose tuning experiment is absent."""
     tuned = trials[trials.kind == "tune"]
     finals = trials[trials.kind == "finalize"]
-    owner = {
-        final: source_experiment(final, group.method.iloc[0], tuned) for final, group in finals.groupby("experiment")
-    }
+    owner = {final: group.source_experiment.iloc[0] for final, group in finals.groupby("experiment")}
     order = tuned[["method", "experiment"]].drop_duplicates().sort_values(["method", "experiment"])
     for method, experiment in order.itertuples(index=False):
         reruns = sorted(f for f, source in owner.items() if source == experiment)  # timestamped reruns sort later
         yield _search_entry(identity, method, tuned[tuned.experiment == experiment], finals, reruns, configs, keys)
     for final, source in sorted(owner.items()):
-        if source is None:
+        if source not in set(tuned.experiment):
             yield _orphan_rerun_entry(identity, finals[finals.experiment == final], configs, keys)
 
 
@@ -282,6 +272,7 @@ def _row(
         compute_unit=compute_unit(devices),
         device_s=device_s,
         device_hours=device_s / 3600,
+        queued_hours=float(spent.queued_s.fillna(0).sum()) / 3600,
         images=int(spent.images.sum()),
         hyperparameters=json.dumps({k: config.get(k) for k in keys} if config else {}),
     )

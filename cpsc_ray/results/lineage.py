@@ -1,55 +1,60 @@
-"""A PBT trial's lineage: the clones its state went through, the config schedule they add up to (what
-``finalize`` reruns, as Ray's ``PopulationBasedTrainingReplay`` does) and the keys the exploits changed."""
+"""A PBT trial's lineage: the clones its state went through, one typed record each, as the trial writes them
+(``lineage.json`` in its run directory, ``runs.exploit``) and as the results' lineage table holds them
+(``results.replay`` replays them into the configs a finalize rerun follows)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import pandas as pd
+from cpsc_ray.layout import RunDir
 
-from cpsc_ray.results.schema import RUN_KEYS, config_values
-
-Schedule = list[tuple[int, dict[str, Any]]]  # (first epoch it applies to, dotted config values)
+JSON_COLUMNS = ("loss_weights", "config_before", "config_after")  # mappings, stored in the table as JSON text
 
 
-def clones(lineage: pd.DataFrame, trial_id: str, until: int) -> list[tuple[int, str]]:
-    """The clones along the lineage of the state ``trial_id`` holds at ``until``, earliest first, as
-    (the source's epoch the state was copied at, the source trial)."""
-    records = lineage[(lineage.trial_id == trial_id) & (lineage.epoch < until)].sort_values("epoch")
-    if records.empty:
+@dataclass(frozen=True)
+class Exploit:
+    """A PBT clone: the trial copied, at which epoch, from which checkpoint, and the configs around it."""
+
+    source_trial_id: str
+    epoch: int
+    source_checkpoint: str
+    config_before: dict[str, Any] | None
+    config_after: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Clone(Exploit):
+    """A clone as recorded once its state was restored, with what was in effect right after: the state's digest
+    (to check the copy), the learning rates and the loss weights."""
+
+    state_digest: str
+    lr_student: float
+    lr_generator: float
+    loss_weights: dict[str, Any]
+
+    def row(self, experiment: str, dataset: str, trial_id: str) -> dict[str, Any]:
+        """The clone as a row of the results' lineage table (``schema.LINEAGE_SCHEMA``)."""
+        row = {"experiment": experiment, "dataset": dataset, "trial_id": trial_id, **asdict(self)}
+        return {k: json.dumps(v) if k in JSON_COLUMNS else v for k, v in row.items()}
+
+
+def read_lineage(trial: RunDir) -> list[Clone]:
+    if not trial.exists(RunDir.LINEAGE):
         return []
-    last = records.iloc[-1]
-    return [*clones(lineage, last.source_trial_id, int(last.epoch)), (int(last.epoch), last.source_trial_id)]
+    known = {f.name for f in fields(Clone)}
+    return [Clone(**{k: v for k, v in entry.items() if k in known}) for entry in trial.read_json(RunDir.LINEAGE)]
 
 
-def replay_schedule(epochs: pd.DataFrame, lineage: pd.DataFrame, trial_id: str, until: int) -> Schedule:
-    """The config in effect at every epoch 1..until of the state ``trial_id`` holds at ``until``: each
-    trial along its clones from the epoch after the previous clone through the epoch it was copied at."""
-    chain = clones(lineage, trial_id, until)
-    copied_at = [epoch for epoch, _ in chain]
-    segments = zip([0, *copied_at], [*copied_at, until], [*(source for _, source in chain), trial_id])
-    schedule: Schedule = []
-    for after, through, trial in segments:
-        own = epochs[(epochs.trial_id == trial) & (epochs.epoch > after) & (epochs.epoch <= through)]
-        for _, row in own.sort_values("epoch").iterrows():
-            config = config_values(row)
-            if not schedule or schedule[-1][1] != config:
-                schedule.append((int(row.epoch), config))
-    return schedule
+def last_clone_is(lineage: list[Clone], source_checkpoint: str) -> bool:
+    """Whether the trial's latest recorded clone came from this checkpoint: restoring it again (a paused trial, a
+    round restarted before its first checkpoint) is no new exploit."""
+    return bool(lineage) and lineage[-1].source_checkpoint == source_checkpoint
 
 
-def mutated_keys(epochs: pd.DataFrame, lineage: pd.DataFrame) -> list[str]:
-    """The numeric keys an exploit changed (the config a clone ran with against the one it had), or
-    without any exploit the numeric keys the population was sampled over."""
-    changed: set[str] = set()
-    for record in lineage.itertuples():
-        before, after = json.loads(record.config_before) or {}, json.loads(record.config_after)
-        changed |= {k for k, v in after.items() if before.get(k) != v and isinstance(v, (int, float))}
-    if not changed:
-        changed = {
-            c.removeprefix("config/")
-            for c in epochs.columns
-            if c.startswith("config/") and pd.api.types.is_numeric_dtype(epochs[c]) and epochs[c].nunique() > 1
-        }
-    return sorted(changed - RUN_KEYS)
+def append_clone(trial: RunDir, clone: Clone) -> None:
+    """Add a clone to the trial's lineage, unless it is the one last recorded."""
+    lineage = read_lineage(trial)
+    if not last_clone_is(lineage, clone.source_checkpoint):
+        trial.write_json(RunDir.LINEAGE, [asdict(c) for c in [*lineage, clone]])

@@ -124,8 +124,8 @@ def accuracy_vs_compute(curves: pd.DataFrame, outcomes: pd.DataFrame, unit: str,
     return _png(fig)
 
 
-def pbt_schedule(
-    schedule: list[tuple[int, dict[str, Any]]],
+def pbt_phases(
+    phases: list[tuple[int, dict[str, Any]]],
     keys: Sequence[str],
     until: int,
     clones: list[tuple[int, str]],
@@ -139,7 +139,7 @@ def pbt_schedule(
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     epochs = range(1, until + 1)
     for ax, key in zip(axes, keys):
-        values = [_in_effect(schedule, epoch).get(key) for epoch in epochs]
+        values = [_in_effect(phases, epoch).get(key) for epoch in epochs]
         numbers = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan for v in values]
         ax.stairs(numbers, range(0, until + 1), baseline=None, color="C0", lw=1.5)
         finite = [v for v in numbers if not math.isnan(v)]
@@ -159,9 +159,9 @@ def pbt_schedule(
     return _png(fig)
 
 
-def _in_effect(schedule: list[tuple[int, dict[str, Any]]], epoch: int) -> dict[str, Any]:
+def _in_effect(phases: list[tuple[int, dict[str, Any]]], epoch: int) -> dict[str, Any]:
     current: dict[str, Any] = {}
-    for start, config in schedule:
+    for start, config in phases:
         if start > epoch:
             break
         current = config

@@ -33,10 +33,10 @@ from cpsc_ray.results.analysis import (
     of_pair,
     summarize,
 )
-from cpsc_ray.results.lineage import clones, mutated_keys, replay_schedule
 from cpsc_ray.results.render import Block, Heading, Link, Plot, Table, Text, to_html, to_markdown
+from cpsc_ray.results.replay import clones, lineage_phases, mutated_keys
 from cpsc_ray.results.schema import LOSS_METRICS, MIN_COVERAGE
-from cpsc_ray.results.store import Results, read_for_report, run_name, samples_png
+from cpsc_ray.results.tables import Results, read_for_report, run_name, samples_png
 
 
 def build_report(locations: Sequence[str] | str, out_dir: str | Path, experiments: list[str] | None = None) -> Path:
@@ -66,8 +66,9 @@ NOTES = (
     "experiment's selected trial without a rerun, marked †). Accuracies in %, mean ± sample s.d. over those runs; "
     "test accuracy is read at the epoch of the best selection metric (validation accuracy, or the data-free proxy) "
     "and never used to choose. Compute counts every trial and seed, early-stopped and diverged ones included: "
-    "device-hours are hours per worker summed over workers (CPU-h count worker processes, not cores). An empty "
-    "cell had no runs."
+    "device-hours are hours per worker summed over workers (CPU-h count worker processes, not cores). Queued: "
+    "wall-clock hours the runs' worker groups waited for resources (other jobs, nodes still booting), which "
+    "compute does not count. An empty cell had no runs."
 )
 
 
@@ -154,6 +155,7 @@ PAIR_HEADERS = [
     "runs in compute",
     "diverged",
     "compute",
+    "queued",
     "hyperparameters",
 ]
 
@@ -173,6 +175,7 @@ def pair_row(row: dict[str, Any]) -> list[str | Link]:
         str(row["diverged"]),
         hours(row["device_hours"], row["compute_unit"])
         + (f" ({row['device']})" if row["compute_unit"] != "CPU" else ""),
+        f"{row['queued_hours']:.3g} h",
         hyperparameter_text(row["hyperparameters"]),
     ]
 
@@ -236,7 +239,7 @@ def _run_section(
     results: Results, epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, where: str
 ) -> list[Block]:
     """A table row's own section: what its accuracy rests on, its accuracy and loss terms per epoch,
-    the synthetic images of each run shown, and PBT's schedule of the selected trial."""
+    the synthetic images of each run shown, and the hyperparameter phases of PBT's selected trial."""
     row = entry.row
     anchor = run_anchor(row)
     shown = pd.concat([entry.search[entry.search.trial_id == entry.selected], entry.reruns])
@@ -279,7 +282,7 @@ def _run_section(
         caption = f"{where}: synthetic images of {name} after its last epoch ({trial.epochs}), one row per class"
         blocks.append(Plot(f"{anchor}-samples-{i}", caption, png))
     if entry.selected is not None and (not lineage.empty or row["method"] in ("pbt", "pb2")):
-        blocks += _schedule_plot(epochs, lineage, entry, f"{anchor}-schedule", where)
+        blocks += _phases_plot(epochs, lineage, entry, f"{anchor}-schedule", where)
     return blocks
 
 
@@ -296,7 +299,7 @@ def _rows_of(epochs: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     return epochs.merge(trials[TRIAL].drop_duplicates(), on=TRIAL)
 
 
-def _schedule_plot(epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, name: str, where: str) -> list[Block]:
+def _phases_plot(epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, name: str, where: str) -> list[Block]:
     experiment = entry.row["experiment"]
     own = epochs[epochs.experiment == experiment]
     winner = entry.search[entry.search.trial_id == entry.selected].iloc[0]
@@ -304,11 +307,9 @@ def _schedule_plot(epochs: pd.DataFrame, lineage: pd.DataFrame, entry: Entry, na
     mutated = mutated_keys(own, lineage)
     if not mutated:
         return []
-    schedule = replay_schedule(own, lineage, entry.selected, until)
+    phases = lineage_phases(own, lineage, entry.selected, until)
     title = f"{where}: {experiment}, hyperparameter schedule of the selected trial {entry.selected}"
-    return [
-        Plot(name, title, plots.pbt_schedule(schedule, mutated, until, clones(lineage, entry.selected, until), title))
-    ]
+    return [Plot(name, title, plots.pbt_phases(phases, mutated, until, clones(lineage, entry.selected, until), title))]
 
 
 def _sensitivity_plot(results: Results, identity: dict[str, Any], name: str, where: str) -> list[Block]:

@@ -20,8 +20,9 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 import cpsc_ray
-from cpsc_ray.config import LossConfig, RunConfig, flatten
-from cpsc_ray.method.terms import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
+from cpsc_ray.config import Config, LossConfig, flatten
+from cpsc_ray.layout import ResultsDir
+from cpsc_ray.method.metric_names import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 
 IDENTITY = {
     "experiment": pa.string(),
@@ -36,6 +37,7 @@ IDENTITY = {
     "teacher_test_acc": pa.float64(),
     "workers": pa.int64(),
     "device": pa.string(),
+    "source_experiment": pa.string(),  # finalize: the tuning experiment it reran; null for other kinds
 }
 PROGRESS = {
     "epoch": pa.int64(),
@@ -49,6 +51,9 @@ PROGRESS = {
     # Device-seconds beyond this epoch's own: the set-up of a start (or round, or restart) and the epochs
     # it lost, times the workers; charged to the first epoch after it.
     "overhead_s": pa.float64(),
+    # Seconds that start waited for its worker group's resources (other jobs, nodes still booting), on the same
+    # row: no device worked for the run then, so no device-seconds are charged for it.
+    "queued_s": pa.float64(),
     "lr_student": pa.float64(),
     "lr_generator": pa.float64(),
     **{name: pa.float64() for name in LOSS_METRICS + SYNTHESIS_METRICS + TERM_GRADIENT_METRICS},
@@ -58,6 +63,7 @@ PROGRESS = {
     "test_acc": pa.float64(),
     "diverged": pa.bool_(),
 }
+PAIR = ["dataset", "teacher", "student"]  # the identity columns a comparison is made within
 VERSIONS = {"cpsc_ray_version": pa.string(), "torch_version": pa.string(), "ray_version": pa.string()}
 EVAL_METRICS = ("val_acc", "proxy", "test_acc")
 # A student that predicts fewer than this fraction of the classes on a class-balanced set has collapsed:
@@ -97,14 +103,14 @@ def config_columns() -> dict[str, pa.DataType]:
             else:
                 columns[f"config/{key}"] = _arrow_type(field.annotation)
 
-    walk("", RunConfig)
+    walk("", Config)
     return columns
 
 
 SCHEMA = pa.schema([pa.field(n, t) for n, t in {**IDENTITY, **PROGRESS, **config_columns(), **VERSIONS}.items()])
 
 
-def method_label(cfg: RunConfig) -> str:
+def method_label(cfg: Config) -> str:
     return "defaults" if cfg.loss.model_dump() == DEFAULT_LOSS else "manual"
 
 
@@ -123,7 +129,7 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def config_row(cfg: RunConfig) -> dict[str, Any]:
+def config_row(cfg: Config) -> dict[str, Any]:
     """A config as ``config/<dotted key>`` columns; lists and dicts as JSON text (``config_values`` reverses it)."""
     row = {}
     for key, value in flatten(cfg).items():
@@ -161,6 +167,7 @@ TRIAL_SUMMARY = {
     "epochs": pa.int64(),
     "images": pa.int64(),  # synthesized by this trial itself (not what a PBT clone inherited), re-runs included
     "device_s": pa.float64(),  # spent by this trial itself: its epochs' seconds times its workers, set-up included
+    "queued_s": pa.float64(),  # seconds its starts waited for resources, not in device_s
     "wall_s": pa.float64(),
     "diverged": pa.bool_(),
     "best_val_acc": pa.float64(),
@@ -187,5 +194,4 @@ LINEAGE_SCHEMA = pa.schema(
         ("config_after", pa.string()),
     ]
 )
-TABLES = {"epochs": SCHEMA, "trials": TRIALS_SCHEMA, "lineage": LINEAGE_SCHEMA}
-PARTITIONS = ("dataset", "experiment")
+TABLES = {ResultsDir.EPOCHS: SCHEMA, ResultsDir.TRIALS: TRIALS_SCHEMA, ResultsDir.LINEAGE: LINEAGE_SCHEMA}

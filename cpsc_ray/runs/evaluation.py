@@ -1,4 +1,4 @@
-"""Evaluation sets and model selection.
+"""Measuring a model on labelled images, and which set selects the best checkpoint.
 
 ``test`` measures the student and is never used to choose anything. ``val`` is a hold-out of the real
 training data; ``proxy`` is agreement with the teacher on the teacher's probe set (data-free).
@@ -7,18 +7,10 @@ Best checkpoints are chosen by ``val``, or by ``proxy`` when there is no validat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cpsc_ray.config import RunConfig
-from cpsc_ray.data import load_splits
-from cpsc_ray.method.engine import EvalSet
-from cpsc_ray.runs.probe import load_or_make_probe
-
-if TYPE_CHECKING:
-    from cpsc_ray.runs.teacher import Teacher
+from cpsc_ray.method.spec import EvalSet
 
 METRIC_OF_SET = {"val": "val_acc", "proxy": "proxy", "test": "test_acc"}
 
@@ -29,16 +21,6 @@ def materialize(dataset: Dataset, batch_size: int = 1024, num_workers: int = 0) 
         images.append(x)
         labels.append(torch.as_tensor(y))
     return EvalSet(torch.cat(images), torch.cat(labels))
-
-
-def build_eval_sets(cfg: RunConfig, teacher: Teacher, device: torch.device) -> dict[str, EvalSet]:
-    splits = load_splits(cfg.data, augment=False, mean=teacher.mean, std=teacher.std)
-    sets = {"test": materialize(splits.test, num_workers=cfg.data.num_workers)}
-    if splits.val is not None:
-        sets["val"] = materialize(splits.val, num_workers=cfg.data.num_workers)
-    if cfg.eval.probe_per_class:
-        sets["proxy"] = EvalSet(*load_or_make_probe(teacher, cfg.eval, device))
-    return sets
 
 
 def selection_metric(eval_sets: dict[str, EvalSet]) -> str | None:

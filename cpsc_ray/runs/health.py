@@ -18,7 +18,7 @@ import logging
 import math
 from typing import Any
 
-from cpsc_ray.config import RunConfig
+from cpsc_ray.config import Config
 from cpsc_ray.results.schema import MIN_COVERAGE
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ NO_PSEUDO_SUPERVISION = "pseudo_supervision"
 class HealthMonitor:
     """Looks at each epoch's metric row; returns (and logs) the warnings that became due."""
 
-    def __init__(self, cfg: RunConfig, num_classes: int, selection: str | None):
+    def __init__(self, cfg: Config, num_classes: int, selection: str | None):
         self.chance = 1.0 / num_classes
         self.min_pseudo_acc = min(0.5, CHANCE_MULTIPLE * self.chance)
         self.selection = selection

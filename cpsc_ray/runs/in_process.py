@@ -1,28 +1,29 @@
-"""A distillation in this process: the CLI's ``distill`` without ``--workers``, ``finalize``'s reruns
-and the benchmarks. It drives the one epoch loop with a progress bar and writes the last checkpoint
-into the run directory."""
+"""A distillation in this process: the CLI's ``distill`` without ``--workers`` (``run_in_process``), each seed of
+``finalize`` and the benchmarks (``train_into`` a given run directory). Its epochs show on a progress bar; it
+writes the last checkpoint into the run directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from tqdm import tqdm
 
-from cpsc_ray.config import RunConfig
-from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.results.store import publish
+from cpsc_ray.config import Config
+from cpsc_ray.layout import RootDir, RunDir
+from cpsc_ray.method.engine import DIVERGENCE_FIX, DivergenceError
+from cpsc_ray.results.tables import publish
+from cpsc_ray.runs.assembly import RunRole, check_model_names, open_run, run_distillation
 from cpsc_ray.runs.checkpoints import read_checkpoint, resume_point
-from cpsc_ray.runs.loop import Reporter, StartState, run_epochs
+from cpsc_ray.runs.loop import EpochHooks, StartState
 from cpsc_ray.runs.run import DistillRun, RunSummary
-from cpsc_ray.runs.setup import RunRole, ensure_teacher, open_run, prepare_engine
-from cpsc_ray.runs.teacher import load_teacher
-from cpsc_ray.storage import Storage
+from cpsc_ray.runs.teacher import Teacher, ensure_teacher, load_teacher
 
 PROGRESS_METRICS = ("s_total", "teacher_pseudo_acc", "class_coverage", "val_acc", "proxy", "test_acc")
 
 
-class ProgressReporter(Reporter):
+class ProgressHooks(EpochHooks):
     def __init__(self, bar: tqdm):
         self.bar = bar
 
@@ -33,39 +34,65 @@ class ProgressReporter(Reporter):
         self.bar.set_postfix({k: f"{row[k]:.3f}" for k in PROGRESS_METRICS if row.get(k) is not None})
 
     def diverged(self, run: DistillRun, row: dict[str, Any], error: DivergenceError) -> None:
-        raise error
+        raise DivergenceError(f"{error}; the run's metrics so far are kept: {DIVERGENCE_FIX}") from error
 
 
-def execute(
-    cfg: RunConfig,
-    outputs: Storage,
+def train_into(
+    cfg: Config,
+    outputs: RunDir,
     name: str,
     *,
+    teacher: Teacher | None = None,
     resume: bool = False,
+    or_start: bool = False,
     progress: bool = True,
-    schedule: dict[int, RunConfig] | None = None,
+    phases: dict[int, Config] | None = None,
     role: RunRole | None = None,
+    started_at: float | None = None,
 ) -> tuple[RunSummary, list[dict[str, Any]]]:
-    """Run a distillation in this process into ``outputs``; returns the summary and the metric rows.
-    ``schedule`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
-    cfg = ensure_teacher(cfg, progress)
-    started_at = time.time()
-    role = role or RunRole()
-    prepared = prepare_engine(cfg, role=RunRole(role.kind, name, role.trial_id, role.method, role.selection))
-    run = DistillRun(prepared.engine, prepared.identity, outputs, started_at=started_at)
+    """Train a distillation in this process into the run directory ``outputs`` (with ``resume``, from its newest
+    checkpoint); returns the summary and the metric rows. ``cfg`` names the teacher's file (``ensure_teacher``).
+    ``phases`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
+    started_at = started_at or time.time()
     start = None
-    newest = resume_point(outputs, name) if resume else None
+    newest = resume_point(outputs, name, or_start=or_start) if resume else None
     if newest is not None:  # an in-process run's checkpoints/last, or a Ray Train run's newest
         start = StartState(*read_checkpoint(outputs, newest), where=outputs.uri(newest))
     with tqdm(total=cfg.train.epochs, initial=start.epoch if start else 0, desc=name, disable=not progress) as bar:
-        end = run_epochs(run, ProgressReporter(bar), start=start, schedule=schedule)
+        run, end = run_distillation(
+            cfg,
+            dataclasses.replace(role or RunRole(), experiment=name),
+            outputs,
+            ProgressHooks(bar),
+            teacher=teacher,
+            started_at=started_at,
+            start=start,
+            phases=phases,
+        )
     return RunSummary(**end.summary, run_dir=outputs.uri()), run.history
 
 
-def run_in_process(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> RunSummary:
+def run_in_process(cfg: Config, resume: str | None = None, progress: bool = True, or_start: bool = False) -> RunSummary:
+    """The CLI's ``distill`` without ``--workers``: a new run directory under ``output_dir`` (or, with ``resume``,
+    the named run with its own config, continued; ``or_start``: started over when it has no complete checkpoint),
+    the run trained into it, and its rows published to the results."""
+    if resume:
+        cfg, outputs, name = open_run(cfg, resume)
+    check_model_names(cfg)
+    resolved = ensure_teacher(cfg, progress)
+    started_at = time.time()
+    teacher = load_teacher(resolved)  # a teacher that does not fit fails before a new run's directory exists
     if not resume:
-        load_teacher(ensure_teacher(cfg, progress))  # a teacher that does not fit fails before a run dir exists
-    cfg, outputs, name = open_run(cfg, resume)
-    summary, history = execute(cfg, outputs, name, resume=bool(resume), progress=progress)
-    publish(Storage(cfg.output_dir), name, history, [])
+        cfg, outputs, name = open_run(cfg, None)
+    summary, history = train_into(
+        resolved,
+        outputs,
+        name,
+        teacher=teacher,
+        resume=bool(resume),
+        or_start=or_start,
+        progress=progress,
+        started_at=started_at,
+    )
+    publish(RootDir(cfg.output_dir), name, history, [])
     return summary

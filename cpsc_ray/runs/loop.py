@@ -1,17 +1,18 @@
-"""The one epoch loop. Every entry point runs a distillation through ``run_epochs``: an in-process
-run, each Ray Train worker, a Tune trial, one round of a multi-worker PBT trial. The loop restores,
-runs epochs, decides when a checkpoint is due, hands each epoch to a ``Reporter`` and finishes; how
-a run reports (a progress bar, ``ray.train.report``, ``tune.report``) is the reporter's business."""
+"""The one epoch loop. Every entry point runs a distillation through ``run_epochs`` (``runs.assembly``): an
+in-process run, each Ray Train worker, a Tune trial, one round of a multi-worker PBT trial. The loop restores,
+runs epochs, decides when a checkpoint is due, hands each epoch to the entry point's ``EpochHooks`` and finishes;
+what is done with an epoch (a progress bar, ``ray.train.report``, ``tune.report``) is the hooks' business."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from cpsc_ray.config import RunConfig
+from cpsc_ray.config import Config
 from cpsc_ray.method.engine import DivergenceError
+from cpsc_ray.results.lineage import Exploit
 from cpsc_ray.runs.checkpoints import BEST_STUDENT, restore_engine
-from cpsc_ray.runs.lineage import Exploit, record_exploit
+from cpsc_ray.runs.exploit import record_exploit
 from cpsc_ray.runs.run import DistillRun, RunSummary
 
 
@@ -34,8 +35,8 @@ class StartState:
         return self.meta["identity"]["trial_id"]
 
 
-class Reporter:
-    """How a run reports. The defaults do nothing; an entry point overrides what it needs."""
+class EpochHooks:
+    """What an entry point does around each epoch. The defaults do nothing; an entry point overrides what it needs."""
 
     def before_epoch(self, run: DistillRun, epoch: int) -> None:
         """Called before ``epoch`` (1-based) trains."""
@@ -62,16 +63,16 @@ class LoopEnd:
 
 def run_epochs(
     run: DistillRun,
-    reporter: Reporter,
+    hooks: EpochHooks,
     *,
     start: StartState | None = None,
     stop_epoch: int | None = None,
     checkpoint_every: int | None = None,
-    schedule: dict[int, RunConfig] | None = None,
+    phases: dict[int, Config] | None = None,
     finish: bool = True,
 ) -> LoopEnd:
     """Restore from ``start``, then train epochs until ``stop_epoch`` (default: the run's last).
-    ``schedule`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
+    ``phases`` replays hyperparameter changes: each config takes effect from the epoch it is keyed by."""
     engine = run.engine
     if start is not None:
         restore_engine(engine, start.state, start.where)
@@ -82,13 +83,13 @@ def run_epochs(
     every = checkpoint_every or run.cfg.train.checkpoint_every
     while engine.epoch < stop:
         epoch = engine.epoch + 1
-        if schedule and epoch in schedule:
-            engine.apply_hyperparameters(schedule[epoch])
-        reporter.before_epoch(run, epoch)
+        if phases and epoch in phases:
+            engine.apply_hyperparameters(phases[epoch])
+        hooks.before_epoch(run, epoch)
         try:
             row = run.run_epoch()
         except DivergenceError as error:
-            reporter.diverged(run, run.history[-1], error)
+            hooks.diverged(run, run.history[-1], error)
             return LoopEnd(diverged=True, summary=None)
-        reporter.epoch_done(run, row, checkpoint_due(engine.epoch, every, stop))
+        hooks.epoch_done(run, row, checkpoint_due(engine.epoch, every, stop))
     return LoopEnd(diverged=False, summary=run.finish() if finish and run.done else None)

@@ -1,9 +1,9 @@
 """The data-free proxy's probe set: images synthesized once per teacher, from the teacher alone.
 
-Inputs are optimised DeepInversion-style (cross-entropy to balanced class targets, the teacher's
-BN-statistics prior, a small total-variation prior). The set is stored beside the teacher's weights
-and shared by every run and trial with that teacher, so student-teacher agreement on it is
-comparable across runs, and no run's own generator can game it.
+Inputs are optimised DeepInversion-style (``method.synthesis.OptimisedBatch``: cross-entropy to balanced class
+targets, the teacher's BN-statistics prior, a small total-variation prior). The set is stored beside the teacher's
+weights and shared by every run and trial with that teacher, so student-teacher agreement on it is comparable across
+runs, and no run's own generator can game it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpsc_ray.config import EvalConfig
 from cpsc_ray.method.losses import BNStatisticsPrior
+from cpsc_ray.method.synthesis import OptimisedBatch
 from cpsc_ray.storage import Storage
 
 if TYPE_CHECKING:
@@ -31,12 +31,6 @@ PROBE_SEED = 0
 def probe_name(weights: Path, cfg: EvalConfig) -> str:
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
     return f"{weights.stem}.probe-{cfg.probe_per_class}x{cfg.probe_steps}-{cfg.probe_lr:g}-{digest}.pt"
-
-
-def total_variation(images: Tensor) -> Tensor:
-    return (images[:, :, 1:, :] - images[:, :, :-1, :]).abs().mean() + (
-        images[:, :, :, 1:] - images[:, :, :, :-1]
-    ).abs().mean()
 
 
 def synthesize_probe(
@@ -52,20 +46,11 @@ def synthesize_probe(
     prior = BNStatisticsPrior(teacher) if has_bn else None
     try:
         for start in range(0, len(targets), PROBE_BATCH):
-            batch = images[start : start + PROBE_BATCH].clone().requires_grad_(True)
-            labels = targets[start : start + PROBE_BATCH]
-            optimizer = torch.optim.Adam([batch], lr=cfg.probe_lr)
+            chunk = slice(start, start + PROBE_BATCH)
+            batch = OptimisedBatch(teacher, images[chunk], targets[chunk], cfg.probe_lr, prior)
             for _ in range(cfg.probe_steps):
-                if prior is not None:
-                    with prior.capture():
-                        logits = teacher(batch)
-                    loss = F.cross_entropy(logits, labels) + 0.1 * prior() + 0.05 * total_variation(batch)
-                else:
-                    loss = F.cross_entropy(teacher(batch), labels) + 0.05 * total_variation(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            images[start : start + PROBE_BATCH] = batch.detach()
+                batch.synthesize()
+            images[chunk] = batch.sample()[0]
     finally:
         if prior is not None:
             prior.close()

@@ -2,19 +2,15 @@
 set, per-epoch metrics in Parquet, the best student, checkpoints' meta, the sample grid and the
 summary. ``runs.loop`` drives it the same way for every entry point; only rank 0 writes.
 
-Run directory::
-
-    config.yaml         the full config the run used
-    metrics.parquet     one row per epoch (results.schema.SCHEMA)
-    checkpoints/last/   state.pt (engine.state_dict()) + meta.json, every train.checkpoint_every epochs
-    best/               student.safetensors + student.json: the student at the best selection metric
-    samples.png         synthetic samples after the last epoch, one labelled row per class (tuning trials too)
-    summary.json        teacher and student accuracy, best and last
-    tensorboard/        every epoch's metrics as TensorBoard scalars (``runs.tensorboard``; not tuning trials)
+Rank 0 writes the run directory (``layout.RunDir``): the config, a metrics row per epoch, the last
+checkpoint's files, the best student, the sample grid after the last epoch, the summary, and TensorBoard
+scalars (``runs.tensorboard``; not tuning trials).
 
 Compute is charged to the run that spent it: epochs lost to a restart (and run again) and each start's
 set-up are added to the first epoch after it (``lost_images``, ``overhead_s``), so a trial's totals hold
-all the work it did, not only the work its surviving rows show.
+all the work it did, not only the work its surviving rows show. The time a start waited for its worker
+group's resources (other jobs' GPUs, a node still booting) is no work: it is recorded as ``queued_s``,
+never charged.
 """
 
 from __future__ import annotations
@@ -25,16 +21,16 @@ from typing import Any, NotRequired, TypedDict
 
 from safetensors.torch import save
 
-from cpsc_ray.config import RunConfig, to_yaml
+from cpsc_ray.config import Config, to_yaml
+from cpsc_ray.layout import RunDir
 from cpsc_ray.method.engine import DistillEngine, DivergenceError
 from cpsc_ray.results.plots import sample_grid
 from cpsc_ray.results.schema import EVAL_METRICS, config_row, epoch_table, versions
-from cpsc_ray.results.store import charged_device_s, charged_images, latest, run_name
-from cpsc_ray.runs.checkpoints import LAST, checkpoint_files
+from cpsc_ray.results.tables import charged_device_s, charged_images, latest, run_name
+from cpsc_ray.runs.checkpoints import checkpoint_files, write_last_checkpoint
 from cpsc_ray.runs.evaluation import METRIC_OF_SET
 from cpsc_ray.runs.health import HealthMonitor
 from cpsc_ray.runs.tensorboard import EpochScalars
-from cpsc_ray.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -53,6 +49,7 @@ class RunIdentity:
     workers: int
     device: str
     selection: str | None  # the metric that picks the best epoch: val_acc, proxy, or None
+    source_experiment: str | None = None  # finalize: the tuning experiment it reruns
 
     def columns(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +80,7 @@ class RunSummary(TypedDict):
 def sample_grid_png(engine: DistillEngine, identity: RunIdentity) -> bytes:
     classes = engine.spec.num_classes
     per_class = 8 if classes <= 20 else 4
-    images, labels = engine.sample(per_class)
+    images, labels = engine.preview(per_class)
     shown = labels < 50  # a grid of 200 classes helps nobody
     run = run_name(identity.kind, identity.experiment, identity.trial_id)
     title = f"{run}: synthetic images after epoch {engine.epoch}, one row per class"
@@ -95,12 +92,13 @@ class DistillRun:
         self,
         engine: DistillEngine,
         identity: RunIdentity,
-        outputs: Storage | None,
+        outputs: RunDir | None,
         keep_best: bool = True,
         started_at: float | None = None,
+        queued_s: float = 0.0,
     ):
         """``started_at`` (``time.time()``) is when this start began: its set-up up to the first epoch is
-        charged to that epoch. Default: now."""
+        charged to that epoch, less ``queued_s``, the part of it spent waiting for resources. Default: now."""
         self.engine = engine
         self.identity = identity
         self.outputs = outputs  # None on ranks other than 0
@@ -117,18 +115,17 @@ class DistillRun:
         # (``resume_from``) they were lost with it, and their work is charged to the next epoch.
         self._written = self._read_rows()
         self._setup_from = max([started_at or time.time(), *self._written_at()])
+        self._queued_s = queued_s
         self._lost = self._written
 
     def _read_rows(self) -> list[dict[str, Any]]:
-        if self.outputs is None or not self.outputs.exists("metrics.parquet"):
-            return []
-        return self.outputs.read_parquet("metrics.parquet").to_pylist()
+        return [] if self.outputs is None else self.outputs.metric_rows()
 
     def _written_at(self) -> list[float]:
         """When the rows were last written: a restart's set-up begins no earlier than the last lost epoch."""
         if not self._written:
             return []
-        return [self.outputs.fs.get_file_info(self.outputs.path("metrics.parquet")).mtime.timestamp()]
+        return [self.outputs.fs.get_file_info(self.outputs.path(RunDir.METRICS)).mtime.timestamp()]
 
     def resume_from(self, meta: dict[str, Any], best_student: dict[str, Any] | None = None) -> None:
         """Continue after the engine was restored from a checkpoint with this meta: this run's own rows
@@ -145,11 +142,15 @@ class DistillRun:
 
     def _charges(self) -> dict[str, Any]:
         """What the next row carries beyond its own epoch: the lost epochs' work (their own charges
-        included) and this start's set-up, once."""
+        included) and this start's set-up, less its wait for resources, which it records, once."""
         if self._setup_from is None:
-            return {"lost_images": 0, "overhead_s": 0.0}
-        setup_s = max(0.0, time.time() - self._setup_from) * self.identity.workers
-        charges = {"lost_images": charged_images(self._lost), "overhead_s": charged_device_s(self._lost) + setup_s}
+            return {"lost_images": 0, "overhead_s": 0.0, "queued_s": 0.0}
+        setup_s = max(0.0, time.time() - self._setup_from - self._queued_s) * self.identity.workers
+        charges = {
+            "lost_images": charged_images(self._lost),
+            "overhead_s": charged_device_s(self._lost) + setup_s,
+            "queued_s": self._queued_s,
+        }
         self._setup_from, self._lost = None, []
         return charges
 
@@ -157,7 +158,7 @@ class DistillRun:
         return latest(self.history, self.selection)
 
     @property
-    def cfg(self) -> RunConfig:
+    def cfg(self) -> Config:
         return self.engine.cfg
 
     @property
@@ -208,7 +209,7 @@ class DistillRun:
         if self.outputs is not None:  # rank 0 speaks for the run
             self.health.observe(row)
             if self.done:  # here, not in finish(): tuning trials end without it
-                self.outputs.write_bytes("samples.png", sample_grid_png(self.engine, self.identity))
+                self.outputs.write_bytes(RunDir.SAMPLES, sample_grid_png(self.engine, self.identity))
         if (
             self.selection
             and row[self.selection] is not None
@@ -222,7 +223,7 @@ class DistillRun:
         row = {**row, **config_row(self.cfg), **versions()}
         self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
         if self.outputs is not None:
-            self.outputs.write_parquet("metrics.parquet", epoch_table(self.history))
+            self.outputs.write_parquet(RunDir.METRICS, epoch_table(self.history))
         if self.scalars is not None:
             self.scalars.write(row)
 
@@ -237,8 +238,8 @@ class DistillRun:
     def _write_best_files(self) -> None:
         if self.outputs is None or not self.keep_best:
             return
-        self.outputs.write_bytes("best/student.safetensors", save(self._best_student))
-        self.outputs.write_json("best/student.json", self.student_card(self.best))
+        self.outputs.write_bytes(RunDir.BEST_WEIGHTS, save(self._best_student))
+        self.outputs.write_json(RunDir.BEST_CARD, self.student_card(self.best))
 
     def student_card(self, chosen: dict[str, Any]) -> dict[str, Any]:
         spec = self.engine.spec
@@ -260,10 +261,8 @@ class DistillRun:
         return checkpoint_files(self.engine, self.meta(), self._best_student)
 
     def write_last_checkpoint(self) -> None:
-        if self.outputs is None:
-            return
-        for name, data in self.checkpoint_files().items():
-            self.outputs.write_bytes(f"{LAST}/{name}", data)
+        if self.outputs is not None:
+            write_last_checkpoint(self.outputs, self.checkpoint_files())
 
     def finish(self) -> RunSummary:
         """Summary and config; returns the summary."""
@@ -283,8 +282,8 @@ class DistillRun:
             warnings=self.health.warnings,
         )
         if self.outputs is not None:
-            self.outputs.write_json("summary.json", summary)
-            self.outputs.write_text("config.yaml", to_yaml(self.cfg))
+            self.outputs.write_json(RunDir.SUMMARY, summary)
+            self.outputs.write_text(RunDir.CONFIG, to_yaml(self.cfg))
         if self.scalars is not None:
             self.scalars.close()
         return summary

@@ -13,12 +13,11 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from cpsc_ray.layout import RunDir
 from cpsc_ray.results.schema import PROGRESS
-from cpsc_ray.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-TENSORBOARD_DIR = "tensorboard"
 NOT_SCALARS = {"epoch", "diverged"}  # the step itself, and a flag the row's missing metrics already show
 
 
@@ -31,12 +30,12 @@ class EpochScalars:
     """Writes each recorded epoch row. A restarted run re-records the epochs its restart lost; the writer
     opens with ``purge_step`` at the first epoch it writes, so TensorBoard drops the lost epochs' points."""
 
-    def __init__(self, outputs: Storage):
-        self.logdir = outputs.path(TENSORBOARD_DIR)
+    def __init__(self, outputs: RunDir):
+        self.logdir = outputs.path(RunDir.TENSORBOARD)
         self._writer: SummaryWriter | None = None
 
     @classmethod
-    def for_run(cls, outputs: Storage | None, kind: str) -> EpochScalars | None:
+    def for_run(cls, outputs: RunDir | None, kind: str) -> EpochScalars | None:
         """The writer of a run's rank 0, or None: other ranks, tuning trials, and runs on remote storage."""
         if outputs is None or kind == "tune":
             return None

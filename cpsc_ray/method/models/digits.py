@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpsc_ray.method.models import global_average, register_model
+from cpsc_ray.method.models.layers import global_average
+from cpsc_ray.method.models.registry import register_model
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.method.models import global_average, register_model
+from cpsc_ray.method.models.layers import global_average
+from cpsc_ray.method.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

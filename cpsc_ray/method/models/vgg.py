@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpsc_ray.method.models import global_average, register_model
+from cpsc_ray.method.models.layers import global_average
+from cpsc_ray.method.models.registry import register_model
 
 # Convolution widths per stage (the zoo's configurations "S" and "A").
 STAGES = {

@@ -9,7 +9,7 @@ from typing import Any
 WORST_SCORE = -1.0  # below every accuracy: a diverged trial ranks last and PBT replaces it
 
 
-def reported_metrics(row: dict[str, Any]) -> dict[str, Any]:
+def ray_metrics(row: dict[str, Any]) -> dict[str, Any]:
     """A metric row as Ray reports it: its numbers, without the config columns."""
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("config/")}
 
@@ -19,7 +19,7 @@ def tune_metrics(row: dict[str, Any], history: list[dict[str, Any]], metric: str
     PBT and ASHA compare); ``best_score``, its best so far (what Optuna optimises, and what finalize and
     the report rank by); and ``images_spent``, the images synthesized since the last report (what a
     compute budget adds up)."""
-    metrics = reported_metrics(row)
+    metrics = ray_metrics(row)
     values = [r[metric] for r in history if r.get(metric) is not None]
     metrics["score"] = WORST_SCORE if row.get("diverged") or not values else values[-1]
     metrics["best_score"] = max(values) if values else WORST_SCORE

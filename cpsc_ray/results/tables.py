@@ -3,7 +3,6 @@ with one row per trial summarised from its epochs when it is published."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from cpsc_ray.config import ConfigError
+from cpsc_ray.compat import finalize_source_by_name
+from cpsc_ray.errors import InputError, RunFailed
+from cpsc_ray.layout import ResultsDir, RootDir, RunDir
+from cpsc_ray.results.lineage import read_lineage
 from cpsc_ray.results.schema import (
     IDENTITY,
     LINEAGE_SCHEMA,
-    PARTITIONS,
+    PAIR,
     TABLES,
     TRIALS_SCHEMA,
     VERSIONS,
@@ -72,6 +74,7 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
         epochs=last["epoch"],
         images=charged_images(rows),
         device_s=charged_device_s(rows),
+        queued_s=sum(r.get("queued_s") or 0.0 for r in rows),
         wall_s=last.get("wall_s"),
         diverged=any(bool(r.get("diverged")) for r in rows),
         best_val_acc=extreme("val_acc"),
@@ -85,26 +88,6 @@ def summarize_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def lineage_rows(experiment: str, dataset: str, trial_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {
-            "experiment": experiment,
-            "dataset": dataset,
-            "trial_id": trial_id,
-            "source_trial_id": r["source_trial_id"],
-            "epoch": r["epoch"],
-            "source_checkpoint": r["source_checkpoint"],
-            "state_digest": r["state_digest"],
-            "lr_student": r["lr_student"],
-            "lr_generator": r["lr_generator"],
-            "loss_weights": json.dumps(r["loss_weights"]),
-            "config_before": json.dumps(r["config_before"]),
-            "config_after": json.dumps(r["config_after"]),
-        }
-        for r in records
-    ]
-
-
 def publish(root: Storage, experiment: str, epochs: list[dict[str, Any]], lineage: list[dict[str, Any]]) -> None:
     """Write an experiment's (or a run's) tables into ``<root>/results/<table>/dataset=../experiment=../``,
     each partition file atomically; a rerun replaces that experiment's partitions."""
@@ -112,33 +95,32 @@ def publish(root: Storage, experiment: str, epochs: list[dict[str, Any]], lineag
     for row in epochs:
         by_trial.setdefault(row["trial_id"], []).append(row)
     tables = {
-        "epochs": epoch_table(epochs),
-        "trials": pa.Table.from_pylist([summarize_trial(r) for r in by_trial.values()], schema=TRIALS_SCHEMA),
-        "lineage": pa.Table.from_pylist(lineage, schema=LINEAGE_SCHEMA),
+        ResultsDir.EPOCHS: epoch_table(epochs),
+        ResultsDir.TRIALS: pa.Table.from_pylist([summarize_trial(r) for r in by_trial.values()], schema=TRIALS_SCHEMA),
+        ResultsDir.LINEAGE: pa.Table.from_pylist(lineage, schema=LINEAGE_SCHEMA),
     }
+    results = root.child(ResultsDir.NAME)
     for name, table in tables.items():
         for dataset in sorted(set(table.column("dataset").to_pylist())):
-            part = table.filter(pc.equal(table["dataset"], dataset)).drop_columns(list(PARTITIONS))
-            root.write_parquet(f"results/{name}/dataset={dataset}/experiment={experiment}/part-0.parquet", part)
+            part = table.filter(pc.equal(table["dataset"], dataset)).drop_columns(list(ResultsDir.PARTITIONS))
+            results.write_parquet(ResultsDir.part(name, dataset, experiment), part)
 
 
-class NothingToCollect(RuntimeError):
+class NothingToCollect(RunFailed):
     """A tuning experiment none of whose trials finished an epoch (a failed run, not an input error)."""
 
 
-def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
+def collect_experiment(root: RootDir, experiment: str) -> dict[str, Any]:
     """Gather every trial's rows and lineage of a tuning experiment into the results tables."""
-    trials = root.child(experiment, "cpsc", "trials")
+    directory = root.experiment(experiment)
     epochs, lineage = [], []
-    for trial_id in trials.list_dirs():
-        if not trials.exists(f"{trial_id}/metrics.parquet"):
+    for trial_id in directory.trial_ids():
+        trial = directory.trial(trial_id)
+        rows = trial.metric_rows()
+        if not rows:
             continue  # a trial that never finished an epoch
-        rows = trials.read_parquet(f"{trial_id}/metrics.parquet").to_pylist()
         epochs.extend(rows)
-        if trials.exists(f"{trial_id}/lineage.json"):
-            lineage.extend(
-                lineage_rows(experiment, rows[0]["dataset"], trial_id, trials.read_json(f"{trial_id}/lineage.json"))
-            )
+        lineage.extend(clone.row(experiment, rows[0]["dataset"], trial_id) for clone in read_lineage(trial))
     if not epochs:
         raise NothingToCollect(f"experiment {experiment}: no trial finished an epoch; nothing to collect")
     publish(root, experiment, epochs, lineage)
@@ -147,10 +129,10 @@ def collect_experiment(root: Storage, experiment: str) -> dict[str, Any]:
         key=lambda r: -1 if r["score"] is None else r["score"],
         reverse=True,
     )
-    return {"experiment": experiment, "results": root.uri("results"), "trials": summaries}
+    return {"experiment": experiment, "results": root.results().uri(), "trials": summaries}
 
 
-class ResultsError(ConfigError):
+class ResultsError(InputError):
     """Results that cannot be read; the message names the path and what was expected (an input error, as a bad
     config is)."""
 
@@ -168,29 +150,20 @@ def run_name(kind: str, experiment: str, trial_id: str) -> str:
     return experiment if kind == "distill" else f"{experiment}/{trial_id}"
 
 
-def run_directory(root: Storage, kind: str, experiment: str, trial_id: str) -> Storage:
-    """A run's own directory (samples.png, summary.json) under its storage root, as the entry points lay
-    it out: a distill run ``<experiment>/`` (runs.setup.open_run), a finalize seed ``<experiment>/<seed>/``
-    (cluster.finalize), a tuning trial ``<experiment>/cpsc/trials/<trial>/`` (cluster.tune)."""
-    if kind == "tune":
-        return root.child(experiment, "cpsc", "trials", trial_id)
-    return root.child(experiment, trial_id) if kind == "finalize" else root.child(experiment)
-
-
 def samples_png(results: Results, trial: pd.Series) -> bytes | None:
     """The sample grid a run (a row of the trials table) wrote after its last epoch; None when it has
     none: a run that diverged or was stopped early, or whose storage is not there."""
     root = results.storage.get((trial.dataset, trial.experiment))
     if root is None:
         return None
-    run = run_directory(Storage(root), trial.kind, trial.experiment, trial.trial_id)
-    return run.read_bytes("samples.png") if run.exists("samples.png") else None
+    run = RootDir(root).run_of(trial.kind, trial.experiment, trial.trial_id)
+    return run.read_bytes(RunDir.SAMPLES) if run.exists(RunDir.SAMPLES) else None
 
 
 def _read_table(location: str, name: str, experiments: list[str] | None) -> pd.DataFrame:
     storage = Storage(location)
-    partitioning = ds.partitioning(pa.schema([(p, pa.string()) for p in PARTITIONS]), flavor="hive")
-    expected = pa.schema([f for f in TABLES[name] if f.name not in PARTITIONS])
+    partitioning = ds.partitioning(pa.schema([(p, pa.string()) for p in ResultsDir.PARTITIONS]), flavor="hive")
+    expected = pa.schema([f for f in TABLES[name] if f.name not in ResultsDir.PARTITIONS])
     full = pa.unify_schemas([expected, partitioning.schema])
     types = dict(zip(expected.names, expected.types))
     if not storage.exists(name):
@@ -218,7 +191,7 @@ def _read_table(location: str, name: str, experiments: list[str] | None) -> pd.D
             )
         rows = table.num_rows
         columns = [table[f.name] if f.name in table.column_names else pa.nulls(rows, f.type) for f in expected]
-        columns += [pa.array([keys.get(p)] * rows, pa.string()) for p in PARTITIONS]
+        columns += [pa.array([keys.get(p)] * rows, pa.string()) for p in ResultsDir.PARTITIONS]
         parts.append(pa.Table.from_arrays(columns, schema=full))
     return (pa.concat_tables(parts) if parts else full.empty_table()).to_pandas()
 
@@ -229,16 +202,16 @@ def read_results(locations: list[str], experiments: list[str] | None = None) -> 
     frames: dict[str, list] = {name: [] for name in TABLES}
     storage: dict[tuple[str, str], str] = {}
     for location in locations:
-        base = Storage(location)
-        root = base if base.exists("epochs") else base.child("results")
-        if not root.exists("epochs"):
+        root = ResultsDir.at(Storage(location))
+        if root is None:
             raise ResultsError(
-                f"{location}: no cpsc-ray results here (expected results/epochs/dataset=.../experiment=.../*.parquet "
-                "under a run's storage); give the --storage or output_dir a run or experiment wrote to"
+                f"{location}: no cpsc-ray results here (expected {ResultsDir.NAME}/"
+                f"{ResultsDir.part(ResultsDir.EPOCHS, '...', '...')} under a run's storage); give the --storage or "
+                "output_dir a run or experiment wrote to"
             )
         for name in TABLES:
             frames[name].append(_read_table(root.uri(), name, experiments))
-        for key in frames["trials"][-1][["dataset", "experiment"]].drop_duplicates().itertuples(index=False):
+        for key in frames[ResultsDir.TRIALS][-1][["dataset", "experiment"]].drop_duplicates().itertuples(index=False):
             storage[tuple(key)] = Storage.of_file(root.uri())[0].uri()  # the root above results/, query kept
     return _concat(frames, storage)
 
@@ -282,4 +255,21 @@ def read_for_report(locations: list[str], experiments: list[str] | None = None) 
 
 
 def _concat(frames: dict[str, list[pd.DataFrame]], storage: dict[tuple[str, str], str]) -> Results:
-    return Results(**{name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}, storage=storage)
+    tables = {name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()}
+    tables[ResultsDir.TRIALS] = with_finalize_sources(tables[ResultsDir.TRIALS])
+    return Results(**tables, storage=storage)
+
+
+def with_finalize_sources(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials, with the source experiment of finalize reruns published before runs recorded it found by the
+    name finalize gave them (``compat``), among the tuning experiments of the same teacher/student pair,
+    dataset and method."""
+    trials = trials.copy()
+    unrecorded = trials[(trials.kind == "finalize") & trials.source_experiment.isna()]
+    tuned = trials[trials.kind == "tune"]
+    for key, _ in unrecorded.groupby([*PAIR, "method", "experiment"], dropna=False):
+        *pair, method, final = key
+        alike = tuned[(tuned[PAIR] == pair).all(axis=1) & (tuned.method == method)]
+        rows = (trials.kind == "finalize") & (trials.experiment == final) & (trials[PAIR] == pair).all(axis=1)
+        trials.loc[rows, "source_experiment"] = finalize_source_by_name(final, list(alike.experiment.unique()))
+    return trials

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from cpsc_ray.commands import add_config_args
-from cpsc_ray.config import ConfigError, DataConfig, GeneratorConfig, RunConfig, flatten, load_config, to_yaml
+from cpsc_ray.config import Config, flatten, load_config, to_yaml
+from cpsc_ray.errors import InputError
 
 BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
@@ -32,7 +33,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "and meaning, whatever --config holds",
     )
     show.set_defaults(func=cmd_config)
-    models = commands.add_parser("models", help="list the models, generators and datasets a config can name")
+    models = commands.add_parser(
+        "models", help="list the models, generators, synthesizers and datasets a config can name"
+    )
     models.set_defaults(func=cmd_models)
 
 
@@ -45,13 +48,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from cpsc_ray.data import DATASETS
+    from cpsc_ray.method.generators import GENERATORS
     from cpsc_ray.method.models import MODELS
+    from cpsc_ray.method.synthesis import SYNTHESIZERS
 
     for title, keys, names in (
         ("models", "teacher.arch, student.arch", MODELS.names()),
-        ("generators", "generator.arch", choices(GeneratorConfig.model_fields["arch"])),
-        ("generator kinds", "generator.kind", choices(GeneratorConfig.model_fields["kind"])),
-        ("datasets", "data.dataset", choices(DataConfig.model_fields["dataset"])),
+        ("generators", "generator.arch", GENERATORS.names()),
+        ("synthesizers", "generator.kind", SYNTHESIZERS.names()),
+        ("datasets", "data.dataset", DATASETS.names()),
     ):
         print(f"{title} ({keys}):\n  " + "  ".join(names))
     print(
@@ -64,11 +70,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def describe_fields(key: str = "") -> str:
     """Each field under ``key`` (a section or a field; empty: all) as ``key: default  (type, bounds)`` over
     its description."""
-    defaults = flatten(RunConfig())
-    shown = [(name, field) for name, field in config_fields(RunConfig) if not key or f"{name}.".startswith(f"{key}.")]
+    defaults = flatten(Config())
+    shown = [(name, field) for name, field in config_fields(Config) if not key or f"{name}.".startswith(f"{key}.")]
     if not shown:
-        sections = [name for name, field in RunConfig.model_fields.items() if _is_section(field)]
-        raise ConfigError(f"config --show {key}: no such field or section; sections: {', '.join(sections)}")
+        sections = [name for name, field in Config.model_fields.items() if _is_section(field)]
+        raise InputError(f"config --show {key}: no such field or section; sections: {', '.join(sections)}")
     lines = []
     for name, field in shown:
         lines.append(f"{name}: {_as_yaml(defaults[name])}  ({', '.join([_type_text(field), *_bounds(field)])})")

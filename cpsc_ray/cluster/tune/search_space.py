@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 from ray import tune
 
-from cpsc_ray.config import ConfigError, RunConfig, flatten
+from cpsc_ray.config import Config, flatten
+from cpsc_ray.errors import InputError
 from cpsc_ray.method.engine import MODEL_SHAPING_KEYS
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
@@ -44,7 +45,7 @@ FIXED_DURING_RUN = (
 )
 
 
-class SearchSpaceError(ConfigError):
+class SearchSpaceError(InputError):
     """A search space that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -185,7 +186,7 @@ def parse_param(source: str, key: str, spec: Any, config_keys: dict[str, Any]) -
     return param
 
 
-def load_search_space(space: str, base: RunConfig | None = None) -> SearchSpace:
+def load_search_space(space: str, base: Config | None = None) -> SearchSpace:
     """Read and validate a search space; every sample it can draw must make a valid run config."""
     path = locate(space)
     source = str(path)
@@ -200,14 +201,14 @@ def load_search_space(space: str, base: RunConfig | None = None) -> SearchSpace:
         raise SearchSpaceError(
             f"search space {source}: unknown top-level key(s) {sorted(unknown)}; use params, description"
         )
-    base = base or RunConfig()
+    base = base or Config()
     config_keys = flatten(base)
     params = {key: parse_param(source, key, spec, config_keys) for key, spec in tree["params"].items()}
     _check_samples_validate(source, base, params)
     return SearchSpace(path.stem, source, params)
 
 
-def _check_samples_validate(source: str, base: RunConfig, params: dict[str, Param]) -> None:
+def _check_samples_validate(source: str, base: Config, params: dict[str, Param]) -> None:
     from cpsc_ray.config import with_values
 
     for corner in ("low", "high"):
@@ -220,7 +221,7 @@ def _check_samples_validate(source: str, base: RunConfig, params: dict[str, Para
                 values[key] = int(value) if param.distribution == "int" else value
         try:
             with_values(base, values)
-        except ConfigError as err:
+        except InputError as err:
             raise SearchSpaceError(
                 f"search space {source}: its {corner} corner is not a valid run config: {err}"
             ) from None
