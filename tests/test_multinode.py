@@ -16,8 +16,8 @@ from conftest import TINY
 from ray_nodes import RAY, ask, copy_of_the_code, kill_node, listed, running_head, start_worker_node, stop_node
 
 from cpsc_ray.cluster.submit import JobServer
+from cpsc_ray.layout import RunDir
 from cpsc_ray.runs.checkpoints import newest_checkpoint, read_checkpoint
-from cpsc_ray.storage import Storage
 
 EPOCHS = 6
 LOST_AFTER_EPOCH = 3  # Ray Train takes in reports every 2 s: by then epoch 1's checkpoint is surely in
@@ -32,7 +32,7 @@ def ray_head():
 
 def rows_written(run: Path) -> list[dict]:
     """The run's rows so far, read as reports read them: the run replaces the file every epoch."""
-    outputs = Storage(str(run))
+    outputs = RunDir(str(run))
     return outputs.read_parquet("metrics.parquet").to_pylist() if outputs.exists("metrics.parquet") else []
 
 
@@ -97,7 +97,7 @@ def test_a_run_over_two_nodes_survives_losing_one(ray_head, digits_cfg, session_
 
     # Ray Train keeps the last two; a checkpoint written as the node was lost, before the controller took
     # it in, stays behind unmanaged. Every one loads, and --resume would take the last epoch's.
-    outputs = Storage(str(run))
+    outputs = RunDir(str(run))
     written = [d for d in outputs.list_dirs() if d.startswith("checkpoint_")]
     epochs = {read_checkpoint(outputs.child(d))[1]["epoch"] for d in written}
     assert {EPOCHS - 1, EPOCHS} <= epochs <= set(range(1, EPOCHS + 1))
