@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cpsc_ray.config import Config, flatten
 from cpsc_ray.errors import RunFailed
 from cpsc_ray.method.device import device_rng_state, pick_device
-from cpsc_ray.method.losses import SynthBatch, WeightedSum, student_objective
+from cpsc_ray.method.losses import SynthBatch, WeightedSum, student_objective, teacher_agrees
 from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.parallel import world
@@ -171,7 +171,8 @@ class DistillEngine:
             t_logits = self.teacher_fwd(images)
         with self.autocast():
             s_logits = self.student_ddp(images)
-            total, parts = self.student_loss(SynthBatch(y, t_logits, s_logits))
+            batch = SynthBatch(y, t_logits, s_logits)
+            total, parts = self.student_loss(batch)
         self.student_opt.zero_grad(set_to_none=True)
         total.backward()
         self.student_opt.step()
@@ -180,7 +181,7 @@ class DistillEngine:
             sums,
             {
                 **{f"s_{name}": value for name, value in {**parts, "total": total}.items()},
-                "teacher_pseudo_acc": (teacher_logits.argmax(1) == y).float().mean(),
+                "teacher_pseudo_acc": teacher_agrees(batch).float().mean(),
                 "teacher_logit_rms": teacher_logits.pow(2).mean().sqrt(),
                 "student_logit_rms": student_logits.pow(2).mean().sqrt(),
             },
