@@ -185,9 +185,14 @@ class TrainConfig(Section):
     g_steps: int = Field(6, ge=1, description="generator steps per iteration, each on a fresh synthetic batch")
     s_steps: int = Field(5, ge=1, description="student steps per iteration, each on a fresh synthetic batch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible, else the CPU")
-    amp: bool = Field(False, description="bf16 autocast on CUDA (ignored on CPU)")
+    amp: bool = Field(False, description="bf16 autocast (mixed precision), on CUDA and on CPU")
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = Field(False, description="torch.compile the teacher, student and generator")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default",
+        description="torch.compile's mode when train.compile: reduce-overhead replays each compiled graph as a CUDA "
+        "graph on CUDA (one launch instead of hundreds: the fixed-shape steps of small models are launch-bound)",
+    )
     checkpoint_every: int = Field(1, ge=1, description="epochs between full-state checkpoints")
 
 

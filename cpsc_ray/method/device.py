@@ -1,10 +1,16 @@
-"""Where an engine runs: the device a run uses, chosen here only, and the CUDA RNG state a checkpoint holds for it."""
+"""Where and how an engine runs: the device a run uses, chosen here only, its models compiled or not, and the CUDA
+RNG state a checkpoint holds for it."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import ctypes
+import ctypes.util
+from typing import Any, Callable
 
+import torch
+from torch import Tensor, nn
+
+from cpsc_ray.config import TrainConfig
 from cpsc_ray.errors import InputError
 
 
@@ -39,3 +45,34 @@ def device_rng_state(saved: Tensor | list[Tensor] | None, device: torch.device) 
         index = device.index or 0
         return saved[index] if index < len(saved) else None
     return saved
+
+
+def compiled(module: nn.Module, train: TrainConfig) -> Callable[..., Any]:
+    """``module`` compiled as ``train.compile`` and ``train.compile_mode`` ask (the module itself when not)."""
+    return torch.compile(module, mode=train.compile_mode) if train.compile else module
+
+
+def graph_step_begins(train: TrainConfig) -> None:
+    """Tell CUDA-graph replay (``compile_mode=reduce-overhead``) that a new step begins: the previous step's graph
+    outputs are consumed, so the next replay may overwrite them."""
+    if train.compile and train.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+# glibc's mallopt parameters, and its largest mmap threshold on 64-bit hosts.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
+
+
+def keep_freed_host_memory() -> None:
+    """Let this process reuse the memory of freed tensors instead of handing it back to the OS (glibc only).
+
+    By default glibc maps each allocation over its mmap threshold afresh and returns freed heap tops over its trim
+    threshold, so every CPU training step faults in and zeroes the pages of its activations again: the step's kernel
+    time went up 15%, and its forward passes with autograd took up to twice their no-grad time (BENCHMARKS.md, issue
+    22). Process-wide; other C libraries are left as they are."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)

@@ -16,10 +16,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from cpsc_ray.config import Config, flatten
 from cpsc_ray.errors import RunFailed
-from cpsc_ray.method.device import device_rng_state, pick_device
+from cpsc_ray.method.device import (
+    compiled,
+    device_rng_state,
+    graph_step_begins,
+    keep_freed_host_memory,
+    pick_device,
+)
 from cpsc_ray.method.losses import SynthBatch, WeightedSum, student_objective, teacher_agrees
 from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
@@ -67,8 +74,9 @@ class DistillEngine:
                 f"train.batch_size={cfg.train.batch_size} must be divisible by the {self.world_size} workers"
             )
         self.local_batch = cfg.train.batch_size // self.world_size
-        on_cuda = self.device.type == "cuda"
-        self.amp = cfg.train.amp and on_cuda
+        self.amp = cfg.train.amp
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -94,9 +102,8 @@ class DistillEngine:
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
         self.student = build_model(cfg.student.arch, spec.num_classes, spec.channels, **cfg.student.kwargs)
         self.student.to(self.device, memory_format=self.memory_format)
-        compiled = cfg.train.compile
-        self.teacher_fwd = torch.compile(self.teacher) if compiled else self.teacher
-        self.student_fwd = torch.compile(self.student) if compiled else self.student
+        self.teacher_fwd = compiled(self.teacher, cfg.train)
+        self.student_fwd = compiled(self.student, cfg.train)
 
     def _setting(self) -> Setting:
         return Setting(
@@ -127,8 +134,7 @@ class DistillEngine:
             self.student_ddp = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if on_cuda else None
             )
-        if cfg.train.compile:
-            self.student_ddp = torch.compile(self.student_ddp)
+        self.student_ddp = compiled(self.student_ddp, cfg.train)
 
     # ----- hyperparameters -------------------------------------------------------------------
     def apply_hyperparameters(self, cfg: Config) -> None:
@@ -158,24 +164,31 @@ class DistillEngine:
 
     # ----- training --------------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
     def _synthesis_step(self, sums: dict[str, Tensor]) -> Tensor:
-        parts = self.synthesizer.synthesize()
+        with record_function("synthesis_step"):
+            parts = self.synthesizer.synthesize()
         self._accumulate(sums, {f"g_{name}": value for name, value in parts.items()})
         return parts["total"]
 
     def _student_step(self, sums: dict[str, Tensor]) -> Tensor:
-        with torch.no_grad(), self.autocast():
-            images, y = self.synthesizer.sample()
-            t_logits = self.teacher_fwd(images)
-        with self.autocast():
-            s_logits = self.student_ddp(images)
-            batch = SynthBatch(y, t_logits, s_logits)
-            total, parts = self.student_loss(batch)
-        self.student_opt.zero_grad(set_to_none=True)
-        total.backward()
-        self.student_opt.step()
+        with record_function("student_step"):
+            with torch.no_grad(), self.autocast():
+                with record_function("sample"):
+                    images, y = self.synthesizer.sample()
+                with record_function("teacher_forward"):
+                    t_logits = self.teacher_fwd(images)
+            with self.autocast():
+                with record_function("student_forward"):
+                    s_logits = self.student_ddp(images)
+                batch = SynthBatch(y, t_logits, s_logits)
+                total, parts = self.student_loss(batch)
+            self.student_opt.zero_grad(set_to_none=True)
+            with record_function("backward"):
+                total.backward()
+            with record_function("optimizer"):
+                self.student_opt.step()
         teacher_logits, student_logits = t_logits.float(), s_logits.detach().float()
         self._accumulate(
             sums,
@@ -206,9 +219,11 @@ class DistillEngine:
             self._apply_schedules(self._progress(iteration))
             self.student.requires_grad_(False)
             for _ in range(cfg.g_steps):
+                graph_step_begins(cfg)
                 finite = finite * torch.isfinite(self._synthesis_step(sums))
             self.student.requires_grad_(True)
             for _ in range(cfg.s_steps):
+                graph_step_begins(cfg)
                 finite = finite * torch.isfinite(self._student_step(sums))
         names = sorted(sums)
         values = torch.stack([torch.stack(sums[n]).mean() for n in names] + [finite])

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from cpsc_ray.config import LossConfig
 
@@ -309,7 +310,10 @@ class WeightedSum(nn.Module):
         return any(term.needs_features for term in self.terms.values())
 
     def forward(self, batch: SynthBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        values = {name: term(batch) for name, term in self.terms.items()}
+        values = {}
+        for name, term in self.terms.items():
+            with record_function(f"loss/{name}"):  # one label per term, for benchmarks/step_profile.py
+                values[name] = term(batch)
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, {name: value.detach() for name, value in values.items()}
 

@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from cpsc_ray.config import Config
+from cpsc_ray.method.device import compiled
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
     ADVERSARIAL_TERMS,
@@ -137,8 +139,7 @@ class GeneratorSynthesizer:
             self.generator_ddp = DistributedDataParallel(self.generator, device_ids=device_ids, broadcast_buffers=False)
             if trains_head:
                 self.head_ddp = DistributedDataParallel(self.head, device_ids=device_ids)
-        if cfg.train.compile:
-            self.generator_ddp = torch.compile(self.generator_ddp)
+        self.generator_ddp = compiled(self.generator_ddp, cfg.train)
         self.noise = torch.Generator(device=device)
         self.bn_prior: BNStatisticsPrior | None = None  # made by apply_hyperparameters once beta > 0
 
@@ -175,11 +176,13 @@ class GeneratorSynthesizer:
         """What the generator's objective looks at: ``G(z, y)`` through the teacher (its BN statistics
         captured when the prior is on) and the student, with graphs back to the generator."""
         setting = self.setting
-        images = generator(z, y).contiguous(memory_format=setting.memory_format)
+        with record_function("generator_forward"):
+            images = generator(z, y).contiguous(memory_format=setting.memory_format)
         capture = self.bn_prior.capture() if "bn" in self.objective.terms else contextlib.nullcontext()
-        with capture:
+        with capture, record_function("teacher_forward"):
             t_logits, t_features = setting.teacher_fwd(images, return_features=True)
-        s_logits, s_features = setting.student_fwd(images, return_features=True)
+        with record_function("student_forward"):
+            s_logits, s_features = setting.student_fwd(images, return_features=True)
         if self.objective.needs_features and head is not None:
             s_features = head(s_features)
         return SynthBatch(y, t_logits, s_logits, t_features, s_features)
@@ -189,10 +192,12 @@ class GeneratorSynthesizer:
         with self.setting.autocast():
             total, parts = self.objective(self.batch(z, y, self.generator_ddp, self.head_ddp))
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        with record_function("backward"):
+            total.backward()
         if self.cfg.generator.reset_optimizer:
             self.optimizer.state.clear()  # Adam starts afresh: its first, bias-corrected step
-        self.optimizer.step()
+        with record_function("optimizer"):
+            self.optimizer.step()
         return {**parts, "total": total}
 
     def sample(self) -> tuple[Tensor, Tensor]:
