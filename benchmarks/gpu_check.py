@@ -5,10 +5,11 @@ machine"). The steps, each a bounded subprocess, so that a failure or a hang is 
 still run:
 
   1. ``pytest -m gpu``: tests/test_gpu.py (bf16 and channels_last epochs, no teacher gradients,
-     deterministic continuation, a GPU-made probe set read on a CPU);
+     deterministic continuation, a GPU-made probe set read on a CPU) and tests/test_step_equality.py (each
+     speed-up, CUDA graphs included, gives the plain engine's losses and updates);
   2. step throughput, engine vs. the reference code's way (benchmarks/step_throughput.py): both pairs
      at batch 256 and 512, fp32, bf16 and bf16 + channels_last, with peak memory; then torch.compile
-     for one pair and batch, its compile time apart;
+     with CUDA graphs (``mode="reduce-overhead"``) for one pair and batch, its compile time apart;
   3. model FLOP utilisation: one iteration's FLOPs counted on the CPU (benchmarks/step_flops.py) times
      the iterations per second of step 2, against the named bf16 peak and a measured matrix product;
   4. a 60-second CIFAR-100-shaped ``cpsc-ray distill`` (benchmarks/cifar_shaped_run.py).
@@ -60,6 +61,7 @@ class Size:
     variants: tuple[str, ...]
     compile_variant: str
     compile_backend: str
+    compile_mode: str
     peak_size: int
     timeouts: dict[str, int]
 
@@ -75,9 +77,10 @@ FULL = Size(
     variants=("reference", "engine fp32", "engine bf16", "engine bf16 channels_last"),
     compile_variant="engine bf16 channels_last compile",
     compile_backend="inductor",
+    compile_mode="reduce-overhead",  # CUDA graphs: the steps are launch-bound (issue 22)
     peak_size=8192,
     # Seconds per step: together under the device tool's 10-minute command limit, with room to spare.
-    timeouts={"pytest": 75, "throughput-256": 75, "throughput-512": 85, "compile": 110, "flops": 45, "run": 150},
+    timeouts={"pytest": 150, "throughput-256": 75, "throughput-512": 85, "compile": 100, "flops": 45, "run": 110},
 )
 QUICK = Size(
     device="cpu",
@@ -90,6 +93,7 @@ QUICK = Size(
     variants=("reference", "engine fp32", "engine fp32 channels_last"),
     compile_variant="engine fp32 channels_last compile",
     compile_backend="aot_eager",  # Dynamo and AOTAutograd trace; Inductor: 49 s on 2 cores
+    compile_mode="default",  # a mode is Inductor's: aot_eager takes none
     peak_size=1024,
     timeouts={"pytest": 60, "throughput-4": 45, "throughput-8": 45, "compile": 60, "flops": 45, "run": 60},
 )
@@ -120,7 +124,8 @@ class Check:
 
 def pytest_step(check: Check) -> tuple[list[str], dict[str, str]]:
     env = {"CPSC_RAY_GPU_TESTS_DEVICE": "cpu"} if check.size.device == "cpu" else {}
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider"]
+    tests = ["tests/test_gpu.py", "tests/test_step_equality.py"]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", *tests, "-q", "-rs", "-p", "no:cacheprovider"]
     return [*command, "-o", "junit_family=xunit1", f"--junitxml={check.path('pytest.xml')}"], env
 
 
@@ -169,7 +174,8 @@ def compile_step(check: Check) -> tuple[list[str], dict[str, str]]:
     size = check.size
     command = throughput_command(check, size.batches[0], THROUGHPUT_COMPILE)
     compiled = ["--pairs", size.compile_pair, "--variants", size.compile_variant]
-    return [*command, *compiled, "--compile-backend", size.compile_backend], {}
+    backend = ["--compile-backend", size.compile_backend, "--compile-mode", size.compile_mode]
+    return [*command, *compiled, *backend], {}
 
 
 def flops_step(check: Check) -> tuple[list[str], dict[str, str]]:

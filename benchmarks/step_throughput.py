@@ -46,6 +46,7 @@ from cpsc_ray.method.losses import (
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.spec import ImageSpec
 
+CPU_DEFAULT_VARIANTS = ("reference", "engine fp32", "engine fp32 channels_last", "engine bf16 channels_last")
 PAIRS = {"resnet34-resnet18": ("resnet34", "resnet18"), "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2")}
 CLASSES, SIZE = 100, 32
 SPEC = ImageSpec(CLASSES, 3, SIZE, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -180,6 +181,12 @@ def main() -> None:
         help="torch.compile's backend for the compile variant (aot_eager: Dynamo and AOTAutograd trace as they "
         "would, without Inductor's code generation, which takes a minute on a CPU)",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="train.compile_mode for the compile variants (reduce-overhead: CUDA graphs on CUDA)",
+    )
     args = parser.parse_args()
     if args.compile_backend != "inductor":  # the engine calls torch.compile with the default backend
         torch.compile = functools.partial(torch.compile, backend=args.compile_backend)
@@ -191,24 +198,23 @@ def main() -> None:
         "engine fp32": lambda t, s: engine_images_per_s(t, s, args, amp=False, channels_last=False),
         "engine fp32 channels_last": lambda t, s: engine_images_per_s(t, s, args, amp=False, channels_last=True),
         "engine fp32 channels_last compile": lambda t, s: engine_images_per_s(
-            t, s, args, amp=False, channels_last=True, compile=True
+            t, s, args, amp=False, channels_last=True, compile=True, compile_mode=args.compile_mode
         ),
     }
-    if args.device == "cuda":
-        variants |= {
-            "engine bf16": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=False),
-            "engine bf16 channels_last": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=True),
-            "engine bf16 channels_last compile": lambda t, s: engine_images_per_s(
-                t, s, args, amp=True, channels_last=True, compile=True
-            ),
-        }
+    variants |= {
+        "engine bf16": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=False),
+        "engine bf16 channels_last": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=True),
+        "engine bf16 channels_last compile": lambda t, s: engine_images_per_s(
+            t, s, args, amp=True, channels_last=True, compile=True, compile_mode=args.compile_mode
+        ),
+    }
     if args.variants:
         unknown = sorted(set(args.variants) - set(variants))
         if unknown:
             parser.error(f"unknown variants {unknown}; on {args.device} they are {list(variants)}")
         variants = {name: measure for name, measure in variants.items() if name in args.variants}
-    elif args.device == "cpu":  # measured only when named: Inductor compiles for a minute on a CPU
-        variants.pop("engine fp32 channels_last compile")
+    elif args.device == "cpu":  # compile measured only when named: Inductor compiles for minutes on a CPU
+        variants = {name: measure for name, measure in variants.items() if name in CPU_DEFAULT_VARIANTS}
     machine = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -221,44 +227,49 @@ def main() -> None:
             with open(args.json, "w") as out:
                 json.dump({"machine": machine, "args": vars(args), "results": results}, out, indent=2)
 
-    for pair in args.pairs:
+    # Every reference first: an engine leaves process-wide settings behind (keep_freed_host_memory) that the
+    # reference code's way does not have.
+    order = [(p, v) for v in variants if v == "reference" for p in args.pairs]
+    order += [(p, v) for p in args.pairs for v in variants if v != "reference"]
+    for pair, variant in order:
+        measure = variants[variant]
         teacher, student = PAIRS[pair]
-        for variant, measure in variants.items():
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                samples = sorted(measure(teacher, student) for _ in range(args.repeats))  # by images/s
-            except Exception as err:  # a variant the device refuses (compile, bf16) must not hide the others
-                results.append({"pair": pair, "variant": variant, "error": f"{type(err).__name__}: {err}"})
-                print(f"{pair:20s} {variant:36s} FAILED {results[-1]['error'][:300]}", flush=True)
-                continue
-            peak_gib = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-            results.append(
-                {
-                    "pair": pair,
-                    "variant": variant,
-                    "images_per_s": samples[len(samples) // 2].images_per_s,
-                    "warmup_s": samples[len(samples) // 2].warmup_s,
-                    "samples": [m.images_per_s for m in samples],
-                    "peak_gib": peak_gib,
-                }
-            )
-            save()
-            memory = f"  peak {peak_gib:.2f} GiB" if peak_gib is not None else ""
-            rate = results[-1]["images_per_s"]
-            warmup = results[-1]["warmup_s"]
-            print(f"{pair:20s} {variant:36s} {rate:10.1f} images/s{memory}  warm-up {warmup:.1f} s", flush=True)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            samples = sorted(measure(teacher, student) for _ in range(args.repeats))  # by images/s
+        except Exception as err:  # a variant the device refuses (compile, bf16) must not hide the others
+            results.append({"pair": pair, "variant": variant, "error": f"{type(err).__name__}: {err}"})
+            print(f"{pair:20s} {variant:36s} FAILED {results[-1]['error'][:300]}", flush=True)
+            continue
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        results.append(
+            {
+                "pair": pair,
+                "variant": variant,
+                "images_per_s": samples[len(samples) // 2].images_per_s,
+                "warmup_s": samples[len(samples) // 2].warmup_s,
+                "samples": [m.images_per_s for m in samples],
+                "peak_gib": peak_gib,
+            }
+        )
+        save()
+        memory = f"  peak {peak_gib:.2f} GiB" if peak_gib is not None else ""
+        rate = results[-1]["images_per_s"]
+        warmup = results[-1]["warmup_s"]
+        print(f"{pair:20s} {variant:36s} {rate:10.1f} images/s{memory}  warm-up {warmup:.1f} s", flush=True)
+    for pair in args.pairs:
         measured = [r for r in results if r["pair"] == pair and "images_per_s" in r]
         reference = next((r["images_per_s"] for r in measured if r["variant"] == "reference"), None)
         for r in measured:
             r["speedup_vs_reference"] = r["images_per_s"] / reference if reference else float("nan")
-        save()
+    save()
     print(
         f"machine: {machine}; batch {args.batch}, G {args.g_steps}, S {args.s_steps}, "
         f"{args.iterations} timed iterations"
     )
-    for r in results:
+    for r in sorted(results, key=lambda r: args.pairs.index(r["pair"])):
         if "error" in r:
             print(f"  {r['pair']:20s} {r['variant']:36s} failed")
         else:

@@ -1,0 +1,122 @@
+"""Where one CPSC-DFKD iteration's time goes: ``torch.profiler`` over whole engine iterations, by phase and by
+operator.
+
+The engine labels its work (``torch.profiler.record_function``): each synthesis and student step, within them the
+generator's, the teacher's and the student's forward passes, every loss term (``loss/<name>``), the backward pass
+and the optimizer step. This script runs the step-throughput harness's configuration (``step_throughput.py``: 100
+classes, 32 px, all loss terms on, channels_last; fp32, or bf16 with ``--amp``) for one warm-up and
+``--iterations`` profiled iterations, then prints
+
+- by phase: each label's total time (children included) and its share of the profiled wall time;
+- by operator: the operators with the most self time (convolutions, batch norm, element-wise work).
+
+    python benchmarks/step_profile.py                                  # CPU, 2 threads, both pairs
+    python benchmarks/step_profile.py --pairs resnet34-resnet18 --json profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from step_throughput import CLASSES, PAIRS, SPEC, run_config
+from torch.profiler import ProfilerActivity, profile
+
+from cpsc_ray.config import with_values
+from cpsc_ray.method.engine import DistillEngine
+from cpsc_ray.method.models import build_model
+
+STEPS = ("synthesis_step", "student_step")
+LABELS = ("sample", "generator_forward", "teacher_forward", "student_forward", "backward", "optimizer")
+
+
+def phase_times(events) -> dict[str, float]:
+    """Seconds under each step label and, by ``<step>/<label>``, under each label inside a step; ``<step>/loss``
+    sums the step's loss terms."""
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.name in STEPS:
+            key = event.name
+        elif event.name in LABELS or event.name.startswith("loss/"):
+            step = _enclosing_step(event)
+            if step is None:
+                continue
+            key = f"{step}/{event.name}"
+            if event.name.startswith("loss/"):
+                totals[f"{step}/loss"] = totals.get(f"{step}/loss", 0.0) + event.time_range.elapsed_us() / 1e6
+        else:
+            continue
+        totals[key] = totals.get(key, 0.0) + event.time_range.elapsed_us() / 1e6
+    return totals
+
+
+def _enclosing_step(event) -> str | None:
+    parent = event.cpu_parent
+    while parent is not None and parent.name not in STEPS:
+        parent = parent.cpu_parent
+    return parent.name if parent is not None else None
+
+
+def profile_pair(teacher: str, student: str, args: argparse.Namespace) -> dict:
+    cfg = run_config(teacher, student, args, amp=args.amp, channels_last=True)
+    engine = DistillEngine(cfg, build_model(teacher, CLASSES), SPEC, device=torch.device(args.device))
+    engine.train_epoch()  # warm-up: allocator, oneDNN primitive caches
+    engine.apply_hyperparameters(with_values(cfg, {"train.iterations_per_epoch": args.iterations}))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        engine.train_epoch()
+    wall = time.perf_counter() - started
+    phases = phase_times(prof.events())
+    operators = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)
+    profiled = sum(a.self_cpu_time_total for a in operators) / 1e6
+    return {
+        "pair": f"{teacher}-{student}",
+        "wall_s": wall,
+        "phases_s": phases,
+        "operators": [
+            {"name": a.key, "self_s": a.self_cpu_time_total / 1e6, "calls": a.count} for a in operators[: args.top]
+        ],
+        "operators_total_s": profiled,
+    }
+
+
+def print_profile(result: dict) -> None:
+    wall = result["wall_s"]
+    print(f"\n{result['pair']}: {wall:.1f} s profiled")
+    for name, seconds in sorted(result["phases_s"].items()):
+        indent = "  " * name.count("/")
+        print(f"  {indent}{name.rsplit('/', 1)[-1]:28s} {seconds:8.2f} s  {100 * seconds / wall:5.1f}%")
+    print("  operators by self time:")
+    for op in result["operators"]:
+        share = 100 * op["self_s"] / result["operators_total_s"]
+        print(f"    {op['name']:48s} {op['self_s']:8.2f} s  {share:5.1f}%  ({op['calls']} calls)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--g-steps", type=int, default=6)
+    parser.add_argument("--s-steps", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=1, help="profiled iterations, after one warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (train.amp)")
+    parser.add_argument("--top", type=int, default=15, help="operators listed")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = []
+    for pair in args.pairs:
+        results.append(profile_pair(*PAIRS[pair], args))
+        print_profile(results[-1])
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"args": vars(args), "results": results}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
