@@ -21,12 +21,8 @@ import json
 import time
 
 import torch
-from step_throughput import CLASSES, PAIRS, SPEC, run_config
+from step_throughput import PAIRS, add_step_args, warm_engine
 from torch.profiler import ProfilerActivity, profile
-
-from cpsc_ray.config import with_values
-from cpsc_ray.method.engine import DistillEngine
-from cpsc_ray.method.models import build_model
 
 STEPS = ("synthesis_step", "student_step")
 LABELS = ("sample", "generator_forward", "teacher_forward", "student_forward", "backward", "optimizer")
@@ -60,10 +56,7 @@ def _enclosing_step(event) -> str | None:
 
 
 def profile_pair(teacher: str, student: str, args: argparse.Namespace) -> dict:
-    cfg = run_config(teacher, student, args, amp=args.amp, channels_last=True)
-    engine = DistillEngine(cfg, build_model(teacher, CLASSES), SPEC, device=torch.device(args.device))
-    engine.train_epoch()  # warm-up: allocator, oneDNN primitive caches
-    engine.apply_hyperparameters(with_values(cfg, {"train.iterations_per_epoch": args.iterations}))
+    engine, _ = warm_engine(teacher, student, args, amp=args.amp, channels_last=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     started = time.perf_counter()
     with profile(activities=activities) as prof:
@@ -97,13 +90,7 @@ def print_profile(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--g-steps", type=int, default=6)
-    parser.add_argument("--s-steps", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=1, help="profiled iterations, after one warm-up")
-    parser.add_argument("--threads", type=int, default=2)
+    add_step_args(parser, 1, "profiled iterations, after one warm-up")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (train.amp)")
     parser.add_argument("--top", type=int, default=15, help="operators listed")
     parser.add_argument("--json", help="also write the results here")

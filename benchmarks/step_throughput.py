@@ -74,12 +74,30 @@ class Measurement(NamedTuple):
     warmup_s: float
 
 
-def engine_images_per_s(teacher: str, student: str, args: argparse.Namespace, **train) -> Measurement:
+def warm_engine(teacher: str, student: str, args: argparse.Namespace, **train) -> tuple[DistillEngine, float]:
+    """An engine of the pair after one untimed warm-up iteration (allocator, cudnn autotuning, compilation), set to
+    run ``args.iterations`` per epoch; and the warm-up's seconds."""
     cfg = run_config(teacher, student, args, **train)
     engine = DistillEngine(cfg, build_model(teacher, CLASSES), SPEC, device=torch.device(args.device))
-    warmup_s = engine.train_epoch()["epoch_s"]  # allocator, cudnn autotuning, compilation
+    warmup_s = engine.train_epoch()["epoch_s"]
     engine.apply_hyperparameters(with_values(cfg, {"train.iterations_per_epoch": args.iterations}))
+    return engine, warmup_s
+
+
+def engine_images_per_s(teacher: str, student: str, args: argparse.Namespace, **train) -> Measurement:
+    engine, warmup_s = warm_engine(teacher, student, args, **train)
     return Measurement(engine.train_epoch()["images_per_s"], warmup_s)
+
+
+def add_step_args(parser: argparse.ArgumentParser, iterations: int, iterations_help: str) -> None:
+    """The options that say which iteration is measured, shared with step_profile.py."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--g-steps", type=int, default=6)
+    parser.add_argument("--s-steps", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=iterations, help=iterations_help)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 
 
 class ReferenceBNPrior(BNStatisticsPrior):
@@ -165,13 +183,7 @@ def reference_images_per_s(teacher_name: str, student_name: str, args: argparse.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--g-steps", type=int, default=6)
-    parser.add_argument("--s-steps", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=2, help="timed iterations, after one warm-up")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    add_step_args(parser, 2, "timed iterations, after one warm-up")
     parser.add_argument("--repeats", type=int, default=1, help="repeat each measurement; the median is kept")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--variants", nargs="+", help="measure only these variants (default: all for the device)")
@@ -200,8 +212,6 @@ def main() -> None:
         "engine fp32 channels_last compile": lambda t, s: engine_images_per_s(
             t, s, args, amp=False, channels_last=True, compile=True, compile_mode=args.compile_mode
         ),
-    }
-    variants |= {
         "engine bf16": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=False),
         "engine bf16 channels_last": lambda t, s: engine_images_per_s(t, s, args, amp=True, channels_last=True),
         "engine bf16 channels_last compile": lambda t, s: engine_images_per_s(

@@ -4,7 +4,7 @@ RNG state a checkpoint holds for it."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 from typing import Any, Callable
 
 import torch
@@ -63,16 +63,15 @@ def graph_step_begins(train: TrainConfig) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
 
 
+@functools.cache  # process-wide settings: once per process
 def keep_freed_host_memory() -> None:
     """Let this process reuse the memory of freed tensors instead of handing it back to the OS (glibc only).
 
     By default glibc maps each allocation over its mmap threshold afresh and returns freed heap tops over its trim
-    threshold, so every CPU training step faults in and zeroes the pages of its activations again: the step's kernel
-    time went up 15%, and its forward passes with autograd took up to twice their no-grad time (BENCHMARKS.md, issue
-    22). Process-wide; other C libraries are left as they are."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+    threshold, so every CPU training step faults in and zeroes the pages of its activations again: without this the
+    engine's fp32 CPU step ran 18-25% slower (BENCHMARKS.md, issue 22). Other C libraries are left as they are."""
+    libc = ctypes.CDLL(None)  # the symbols this process already has: its C library's among them
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return
     libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
