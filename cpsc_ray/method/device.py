@@ -68,8 +68,8 @@ def keep_freed_host_memory() -> None:
     """Let this process reuse the memory of freed tensors instead of handing it back to the OS (glibc only).
 
     By default glibc maps each allocation over its mmap threshold afresh and returns freed heap tops over its trim
-    threshold, so every CPU training step faults in and zeroes the pages of its activations again: without this the
-    engine's fp32 CPU step ran 18-25% slower (BENCHMARKS.md, issue 22). Other C libraries are left as they are."""
+    threshold, so every CPU training step faults in and zeroes the pages of its activations again: with this the
+    engine's fp32 CPU step ran 18-25% faster (BENCHMARKS.md, issue 22). Other C libraries are left as they are."""
     libc = ctypes.CDLL(None)  # the symbols this process already has: its C library's among them
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return
