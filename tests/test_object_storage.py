@@ -7,8 +7,9 @@ import itertools
 import threading
 import uuid
 
+import pyarrow.fs as pafs
 import pytest
-from conftest import s3_bucket
+from conftest import assert_tensorboard_shows_what_each_trial_reported, s3_bucket
 from ray.tune import ExperimentAnalysis
 from test_tune import SPACES, assert_one_row_per_trained_epoch, check_exploits
 
@@ -134,6 +135,10 @@ def test_a_tuning_run_on_an_s3_compatible_store_reads_back_from_it(ray_local, di
             start = load_trial_checkpoint(directory, root.uri_of(checkpoint.path))
         assert start.epoch == 2 and start.trial_id in trial_ids
         assert start.where.startswith(in_experiment)
+
+    # Tune's TensorBoard logs are in the bucket too: each trial's reports, one per round of a multi-worker trial.
+    pafs.copy_files(root.path(experiment), str(tmp_path / "copy" / experiment), source_filesystem=root.fs)
+    assert_tensorboard_shows_what_each_trial_reported(tmp_path / "copy", experiment)
 
     # The report reads the same results.
     out = tmp_path / "report"
