@@ -192,25 +192,38 @@ def pct(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
-def table(rows: list[dict], label: str) -> str:
+def table(rows: list[dict], labels: list[str]) -> str:
+    """One line per teacher, variant, commit and teacher weights (known by their test accuracy): a label run
+    again on other code, or with a teacher trained again, gets its own line. (Each row's config hash also
+    covers its seed, so seeds do not pool by it.)"""
     lines = [
-        "| teacher | teacher test | student test, selected | last | val, selected | pseudo-label acc., "
-        "last quarter | diverged | warned | seeds | wall per run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| teacher | variant | commit | teacher test | val., selected | test, selected | test, last | "
+        "test, proxy's pick | agreement, last quarter | diverged | warned | seeds | wall per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in TEACHERS:
-        cells = [r for r in rows if r["teacher"] == name and r["label"] == label]
-        if not cells:
-            continue
-        done = [r for r in cells if not r["diverged"]]
-        lines.append(
-            f"| {name} | {100 * cells[0]['teacher_test_acc']:.2f} | {pct([r['selected_test_acc'] for r in done])} | "
-            f"{pct([r['last_test_acc'] for r in done])} | {pct([r['selected_val_acc'] for r in done])} | "
-            f"{pct([r['pseudo_acc_last_quarter'] for r in done])} | {len(cells) - len(done)} of {len(cells)} | "
-            f"{sum(bool(r['warnings']) for r in cells)} of {len(cells)} | {' '.join(str(r['seed']) for r in cells)} | "
-            f"{statistics.mean(r['wall_s'] for r in cells) / 60:.1f} min |"
-        )
+        for label in labels:
+            cells = [r for r in rows if r["teacher"] == name and r["label"] == label]
+            for key in dict.fromkeys(map(pooled, cells)):
+                lines.append(table_line([r for r in cells if pooled(r) == key]))
     return "\n".join(lines)
+
+
+def pooled(row: dict) -> tuple:
+    return row["commit"], json.dumps(row["overrides"]), row["teacher_test_acc"]
+
+
+def table_line(cells: list[dict]) -> str:
+    done = [r for r in cells if not r["diverged"]]
+    one = cells[0]
+    return (
+        f"| {one['teacher']} | {one['label']} | {one['commit'][:7]} | {100 * one['teacher_test_acc']:.2f} | "
+        f"{pct([r['selected_val_acc'] for r in done])} | {pct([r['selected_test_acc'] for r in done])} | "
+        f"{pct([r['last_test_acc'] for r in done])} | {pct([r['proxy_test_acc'] for r in done])} | "
+        f"{pct([r['pseudo_acc_last_quarter'] for r in done])} | {len(cells) - len(done)} of {len(cells)} | "
+        f"{sum(bool(r['warnings']) for r in cells)} of {len(cells)} | {' '.join(str(r['seed']) for r in cells)} | "
+        f"{statistics.mean(r['wall_s'] for r in cells) / 60:.1f} min |"
+    )
 
 
 def main() -> None:
@@ -221,14 +234,15 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--label", default="defaults", help="names this variant's runs")
     parser.add_argument("--teachers-only", action="store_true", help="train the teachers, run nothing")
-    parser.add_argument("--table", action="store_true", help="print the label's table from the JSON, run nothing")
+    parser.add_argument("--table", action="store_true", help="print the labels' table from the JSON, run nothing")
+    parser.add_argument("--labels", nargs="+", help="with --table: the variants to show (default: --label)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args()
     if not args.table:
         for name in args.teachers:
             teacher_weights(name, args.storage)
     if args.teachers_only or args.table:
-        print(table(read_rows(args.json), args.label) if args.table else "", end="")
+        print(table(read_rows(args.json), args.labels or [args.label]) if args.table else "", end="")
         return
     for name in args.teachers:
         for seed in args.seeds:
@@ -239,7 +253,7 @@ def main() -> None:
             row = run_cell(name, seed, args.storage, args.label, args.overrides)
             append_row(args.json, row)
             print(json.dumps({k: v for k, v in row.items() if k != "pseudo_acc_by_epoch"}), flush=True)
-    print(table(read_rows(args.json), args.label))
+    print(table(read_rows(args.json), [args.label]))
 
 
 if __name__ == "__main__":
