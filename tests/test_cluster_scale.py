@@ -355,11 +355,13 @@ class RecordEpochs(Callback):
 def test_a_resumed_pbt_experiment_perturbs_where_trials_checkpoint(ray_local, digits_cfg, tmp_path, monkeypatch):
     """Interrupted after the perturbation at epoch 2 and resumed: a scheduler that forgot its state would
     perturb at epoch 3, between checkpoints, and the clone would report epoch 3 twice."""
+    from cpsc_ray.cluster.tune.search_space import load_search_space
     from cpsc_ray.config import with_values
+    from cpsc_ray.results.schema import config_values
     from cpsc_ray.results.tables import read_results
 
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    cfg = with_values(digits_cfg, {"train.epochs": 4})
+    cfg = with_values(digits_cfg, {"train.epochs": 6})
     options = TuneOptions(
         space="digits_pbt",
         scheduler="pbt",
@@ -373,7 +375,7 @@ def test_a_resumed_pbt_experiment_perturbs_where_trials_checkpoint(ray_local, di
     with pytest.raises(Interrupted):
         run_tune(cfg, options, callbacks=[RecordEpochs(log, interrupt_at=3)])
     summary = run_tune(cfg, options, resume=True)
-    assert not summary["errored"] and all(t["epochs"] == 4 for t in summary["trials"])
+    assert not summary["errored"] and all(t["epochs"] == 6 for t in summary["trials"])
     reported: dict[str, list[int]] = {}
     for line in log.read_text().splitlines():
         phase, trial_id, epoch = line.split()
@@ -382,10 +384,23 @@ def test_a_resumed_pbt_experiment_perturbs_where_trials_checkpoint(ray_local, di
     assert len(reported) == 4
     for trial_id, epochs in reported.items():
         assert epochs == sorted(set(epochs)), f"{trial_id} reran epochs after the resume: {epochs}"
-    lineage = read_results([str(tmp_path / "runs")], experiments=["pbt"]).lineage
-    # The exploit at epoch 2 survives the interruption even when its clone had not started (the snapshot
-    # names the cloned checkpoint); the one at the last epoch may or may not come before the trials end.
-    assert 2 in set(lineage.epoch) and set(lineage.epoch) <= {2, 4}, "exploits only where trials checkpoint"
+    results = read_results([str(tmp_path / "runs")], experiments=["pbt"])
+    lineage = results.lineage
+    # The exploit at epoch 2 survives only if the experiment's last snapshot before the interruption names it (Ray
+    # saves it asynchronously); the ones at 4 come after the resume, and one at the last epoch may come before or
+    # after the trials end.
+    assert 4 in set(lineage.epoch) and set(lineage.epoch) <= {2, 4, 6}, "exploits only where trials checkpoint"
+    # Whichever way the snapshot fell, each trial's lineage is the path its state took: its epoch 3 ran under the
+    # config of its epoch-2 clone if the lineage has one, else under its own.
+    searched = load_search_space("digits_pbt").params
+    for trial_id, rows in results.epochs.groupby("trial_id"):
+        clones = lineage[(lineage.trial_id == trial_id) & (lineage.epoch == 2)]
+        ran = config_values(rows[rows.epoch == 3].iloc[0].to_dict())
+        if len(clones):
+            expected = json.loads(clones.config_after.iloc[0])
+        else:
+            expected = config_values(rows[rows.epoch == 1].iloc[0].to_dict())
+        assert {k: ran[k] for k in searched} == pytest.approx({k: expected[k] for k in searched}), trial_id
 
 
 def test_a_user_error_on_the_teachers_worker_reaches_the_driver_in_one_line(ray_local, digits_cfg, tmp_path, capsys):

@@ -64,3 +64,23 @@ def test_checkpoints_fall_on_every_boundary_and_at_the_stop():
     due = [e for e in range(1, 11) if loop.checkpoint_due(e, every=3, stop_epoch=10)]
     assert due == [3, 6, 9, 10]
     assert [e for e in range(5, 8) if loop.checkpoint_due(e, every=4, stop_epoch=7)] == [7]
+
+
+def test_a_run_that_goes_on_from_its_own_state_drops_the_clones_recorded_after_it(tiny_cfg, tmp_path):
+    """A PBT trial whose clone the experiment forgot (its driver died before a snapshot named it) restarts from its
+    own checkpoint: the loop leaves its lineage at the path its state took."""
+    from dataclasses import asdict
+
+    from cpsc_ray.config import with_values
+    from cpsc_ray.layout import RunDir
+    from cpsc_ray.results.lineage import Clone, read_lineage
+    from cpsc_ray.runs.in_process import train_into
+
+    outputs = RunDir(str(tmp_path / "trial"))
+    train_into(tiny_cfg, outputs, "trial", progress=False)  # its own checkpoint at epoch 2
+    recorded = [
+        Clone("t_00001", epoch, f"/elsewhere/t_00001/{epoch}", None, {}, "digest", 0.1, 0.01, {}) for epoch in (1, 2)
+    ]
+    outputs.write_json(RunDir.LINEAGE, [asdict(c) for c in recorded])
+    train_into(with_values(tiny_cfg, {"train.epochs": 3}), outputs, "trial", resume=True, progress=False)
+    assert read_lineage(outputs) == recorded[:1]

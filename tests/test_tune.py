@@ -267,6 +267,26 @@ def test_an_exploit_is_in_the_next_experiment_snapshot():
     assert saved.checkpoint_manager.latest_checkpoint_result.checkpoint.path == "/checkpoints/0.9"
 
 
+def test_a_trial_that_goes_on_from_an_older_state_forgets_the_clones_made_after_it(tmp_path):
+    """A driver that died before its snapshot named a clone resumes the trial from its own checkpoint: the clone
+    it had recorded is no longer the path its state took, and a replay must not follow it."""
+    from cpsc_ray.layout import RunDir
+    from cpsc_ray.results.lineage import Clone, append_clone, forget_clones_after, read_lineage
+
+    def clone(epoch: int, source: str) -> Clone:
+        return Clone(f"t_{source}", epoch, f"/ckpt/{source}/{epoch}", None, {}, "digest", 0.1, 0.01, {})
+
+    trial = RunDir(str(tmp_path / "t_00003"))
+    append_clone(trial, clone(2, "00002"))
+    append_clone(trial, clone(4, "00000"))
+    forget_clones_after(trial, 4, "/ckpt/00000/4")  # restarted from the clone itself (a paused trial): kept
+    assert [c.epoch for c in read_lineage(trial)] == [2, 4]
+    forget_clones_after(trial, 4, "/ckpt/00003/4")  # from its own state at 4: the clone at 4 was forgotten
+    assert [c.source_checkpoint for c in read_lineage(trial)] == ["/ckpt/00002/2"]
+    forget_clones_after(trial, 2, "/ckpt/00003/2")  # from its own state at 2, older than every clone
+    assert read_lineage(trial) == [] and trial.exists(RunDir.LINEAGE)
+
+
 def test_finalize_replays_the_winners_schedule_over_seeds_and_exports_it(pbt_experiment):
     from cpsc_ray.cluster.finalize import finalize
 

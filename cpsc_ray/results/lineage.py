@@ -53,6 +53,16 @@ def last_clone_is(lineage: list[Clone], source_checkpoint: str) -> bool:
     return bool(lineage) and lineage[-1].source_checkpoint == source_checkpoint
 
 
+def forget_clones_after(trial: RunDir, epoch: int, where: str) -> None:
+    """The trial goes on from the state at ``where``, of ``epoch``: clones recorded after that state (or at its
+    epoch, from another checkpoint) belong to a branch the experiment no longer knows, as when the driver died
+    before its snapshot named the clone. The lineage keeps the path the trial's state actually took."""
+    lineage = read_lineage(trial)
+    kept = [c for c in lineage if c.epoch < epoch or (c.epoch == epoch and c.source_checkpoint == where)]
+    if len(kept) < len(lineage):
+        trial.write_json(RunDir.LINEAGE, [asdict(c) for c in kept])
+
+
 def append_clone(trial: RunDir, clone: Clone) -> None:
     """Add a clone to the trial's lineage, unless it is the one last recorded."""
     lineage = read_lineage(trial)

@@ -10,7 +10,7 @@ from typing import Any
 
 from cpsc_ray.config import Config
 from cpsc_ray.method.engine import DivergenceError
-from cpsc_ray.results.lineage import Exploit
+from cpsc_ray.results.lineage import Exploit, forget_clones_after
 from cpsc_ray.runs.checkpoints import BEST_STUDENT, restore_engine
 from cpsc_ray.runs.exploit import record_exploit
 from cpsc_ray.runs.run import DistillRun, RunSummary
@@ -77,8 +77,10 @@ def run_epochs(
     if start is not None:
         restore_engine(engine, start.state, start.where)
         run.resume_from(start.meta, start.state.get(BEST_STUDENT))
-        if start.exploit is not None and run.outputs is not None:
-            record_exploit(run.outputs, engine, start.exploit)
+        if run.outputs is not None:
+            forget_clones_after(run.outputs, start.epoch, start.where)
+            if start.exploit is not None:
+                record_exploit(run.outputs, engine, start.exploit)
     stop = stop_epoch or run.cfg.train.epochs
     every = checkpoint_every or run.cfg.train.checkpoint_every
     while engine.epoch < stop:
