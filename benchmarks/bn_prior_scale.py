@@ -7,17 +7,20 @@ generator's weights (weights 1), and the ratio that decides which one the genera
 shipped weights: ``beta * |grad BN| / (eta * |grad CE|)`` for the shipped form (issue 19: within [0.3, 3]
 on every teacher).
 
-    python benchmarks/bn_prior_scale.py --storage /tmp/zoo [--teachers digits_cnn resnet18 ...]
+    python benchmarks/bn_prior_scale.py --storage /tmp/zoo [--teachers digits_cnn resnet18 ...] [--json rows.json]
+
+Each JSON row records the commit, the seed and the config hash (the teacher named by its weights' digest).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from teacher_zoo import TEACHERS, base_config, teacher_weights
+from teacher_zoo import TEACHERS, base_config, commit, config_hash, teacher_weights
 
 from cpsc_ray.config import with_values
 from cpsc_ray.method.generators import build_generator
@@ -33,7 +36,8 @@ def gradient_norm(value: torch.Tensor, params: list[torch.Tensor]) -> float:
 
 
 def measure(name: str, storage: Path, seed: int) -> dict:
-    cfg = with_values(base_config(name, storage), {"teacher.weights": str(teacher_weights(name, storage))})
+    weights = teacher_weights(name, storage)
+    cfg = with_values(base_config(name, storage), {"teacher.weights": str(weights), "seed": seed})
     teacher = load_teacher(cfg)
     info, g = teacher.info, cfg.generator
     torch.manual_seed(seed)
@@ -43,7 +47,7 @@ def measure(name: str, storage: Path, seed: int) -> dict:
     labels = torch.randint(0, info.num_classes, (cfg.train.batch_size,))
     images = generator(torch.randn(cfg.train.batch_size, g.nz), labels)
     params = list(generator.parameters())
-    row = {"teacher": name}
+    row = {"teacher": name, "seed": seed, "commit": commit(), "config_hash": config_hash(cfg, weights)}
     for form in FORMS:
         prior = BNStatisticsPrior(teacher.model, form=form)
         with prior.capture():
@@ -64,14 +68,19 @@ def main() -> None:
     parser.add_argument("--storage", type=Path, required=True)
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    rows = []
     print("| teacher | BN layers | raw BN: value, grad | standardized BN: value, grad | CE: value, grad | ratio |")
     print("|---|---|---|---|---|---|")
     for name in args.teachers:
         row = measure(name, args.storage, args.seed)
+        rows.append(row)
         cells = [f"{row[key][0]:.3g}, {row[key][1]:.3g}" for key in (*FORMS, "ce")]
         ratio = f"{row['ratio']:.2f} ({row['shipped']})"
         print(f"| {name} | {row['layers']} | " + " | ".join(cells) + f" | {ratio} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ classes, 32 px, all loss terms on, channels_last; fp32, or bf16 with ``--amp``) 
 - by phase: each label's total time (children included) and its share of the profiled wall time;
 - by operator: the operators with the most self time (convolutions, batch norm, element-wise work).
 
+The profiler costs time of its own, and more in the generator's steps (where autograd records the teacher's and
+the student's forwards) than in the student's. ``--direct`` times the same iterations without it: each step, and
+each forward of the teacher and the student, by ``time.perf_counter`` around the call.
+
     python benchmarks/step_profile.py                                  # CPU, 2 threads, both pairs
     python benchmarks/step_profile.py --pairs resnet34-resnet18 --json profile.json
+    python benchmarks/step_profile.py --direct                         # seconds per call, no profiler
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 
 import torch
 from step_throughput import PAIRS, add_step_args, warm_engine
@@ -76,6 +82,45 @@ def profile_pair(teacher: str, student: str, args: argparse.Namespace) -> dict:
     }
 
 
+def time_directly(teacher: str, student: str, args: argparse.Namespace) -> dict:
+    """Seconds per call without the profiler: each generator step (``synthesize``), each student step (the rest of
+    the iteration, shared evenly) and, in each kind of step, the teacher's and the student's forwards (module
+    hooks)."""
+    engine, _ = warm_engine(teacher, student, args, amp=args.amp, channels_last=True)
+    step, began = ["student_step"], {}
+    calls: dict[str, list[float]] = defaultdict(list)
+    synthesize = engine.synthesizer.synthesize
+
+    def synthesis_step():
+        step[0], started = "synthesis_step", time.perf_counter()
+        try:
+            return synthesize()
+        finally:
+            calls["synthesis_step"].append(time.perf_counter() - started)
+            step[0] = "student_step"
+
+    engine.synthesizer.synthesize = synthesis_step
+    for label, model in (("teacher_forward", engine.teacher), ("student_forward", engine.student)):
+        model.register_forward_pre_hook(lambda _m, _a, label=label: began.__setitem__(label, time.perf_counter()))
+        model.register_forward_hook(
+            lambda _m, _a, _o, label=label: calls[f"{step[0]}/{label}"].append(time.perf_counter() - began[label])
+        )
+    started = time.perf_counter()
+    engine.train_epoch()
+    wall = time.perf_counter() - started
+    student_steps = args.iterations * args.s_steps
+    calls["student_step"] = [(wall - sum(calls["synthesis_step"])) / student_steps] * student_steps
+    per_call = {name: {"calls": len(times), "mean_s": sum(times) / len(times)} for name, times in calls.items()}
+    return {"pair": f"{teacher}-{student}", "wall_s": wall, "per_call": per_call}
+
+
+def print_direct(result: dict) -> None:
+    print(f"\n{result['pair']}: {result['wall_s']:.1f} s, no profiler")
+    for name, timing in sorted(result["per_call"].items()):
+        indent = "  " * name.count("/")
+        print(f"  {indent}{name.rsplit('/', 1)[-1]:28s} {timing['mean_s']:8.3f} s a call  ({timing['calls']} calls)")
+
+
 def print_profile(result: dict) -> None:
     wall = result["wall_s"]
     print(f"\n{result['pair']}: {wall:.1f} s profiled")
@@ -93,13 +138,15 @@ def main() -> None:
     add_step_args(parser, 1, "profiled iterations, after one warm-up")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (train.amp)")
     parser.add_argument("--top", type=int, default=15, help="operators listed")
+    parser.add_argument("--direct", action="store_true", help="time each step and forward without the profiler")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    measure, show = (time_directly, print_direct) if args.direct else (profile_pair, print_profile)
     results = []
     for pair in args.pairs:
-        results.append(profile_pair(*PAIRS[pair], args))
-        print_profile(results[-1])
+        results.append(measure(*PAIRS[pair], args))
+        show(results[-1])
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"args": vars(args), "results": results}, out, indent=2)
