@@ -52,10 +52,26 @@ def test_shipped_spaces_load_by_name():
         # issue 19's knobs: the student's own pseudo-label weight, its gate, the generator's warm-up
         "loss.eta_student",
         "loss.gate_pseudo_labels",
+        "loss.gate_contrast",
         "loss.adversarial_warmup",
     } == set(optuna.params)
     pbt = load_search_space("cpsc_pbt").params
-    assert {"student.warmup_fraction", "loss.eta_student", "loss.adversarial_warmup"} <= set(pbt)
+    knobs = {"loss.eta_student", "loss.adversarial_warmup", "loss.gate_pseudo_labels", "loss.gate_contrast"}
+    assert knobs | {"student.warmup_fraction", "loss.bn_form"} <= set(pbt)
+    for name in names:  # issue 19: a search can turn the generator's pseudo-label pull off
+        assert load_search_space(name).params["loss.eta"].bounds[0] == 0, name
+
+
+def test_pbt_steps_a_choice_along_its_values_and_pb2_refuses_one_of_names(tmp_path):
+    space = load_search_space("cpsc_pbt")
+    mutations = space.pbt_mutations()
+    # Ray multiplies a tune.choice by 0.8 or 1.2 ("raw" * 1.2 fails, 0 stays 0): a list it steps along
+    assert mutations["loss.bn_form"] == ["standardized", "raw"]
+    assert mutations["loss.eta"] == [0.0, 0.03, 0.1, 0.3, 1.0, 3.0]
+    assert mutations["train.g_steps"] == list(range(1, 9))
+    with pytest.raises(SearchSpaceError, match=r"loss.gate_pseudo_labels is a choice of \[True, False\]"):
+        space.check_perturbable("pb2")
+    load_search_space("digits_pbt").check_perturbable("pb2")  # numbers only: PB2 can model it
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):

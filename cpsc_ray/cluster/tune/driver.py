@@ -224,7 +224,7 @@ def run_tune(
 def _checked(cfg: Config, options: TuneOptions, space: SearchSpace) -> str:
     """The objective metric, once the options, the space and the config's model names agree (before Ray starts)."""
     if options.population_based:
-        space.check_perturbable()
+        space.check_perturbable(options.scheduler)
     if options.minimize_device_seconds and options.search != "optuna":
         raise InputError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
     if options.minimize_device_seconds and options.scheduler == "asha":

@@ -66,6 +66,11 @@ class Param:
             return tune.randint(int(self.low), int(self.high) + 1)  # inclusive high, as written
         return tune.choice(list(self.values))
 
+    def pbt_values(self):
+        if self.distribution == "int":
+            return list(range(int(self.low), int(self.high) + 1))
+        return list(self.values) if self.distribution == "choice" else self.to_tune()
+
     @property
     def bounds(self) -> tuple[float, float]:
         if self.distribution == "choice":
@@ -82,24 +87,29 @@ class SearchSpace:
     def to_tune(self) -> dict[str, Any]:
         return {key: param.to_tune() for key, param in self.params.items()}
 
-    def check_perturbable(self) -> None:
-        """PBT and PB2 change values mid-run: every key must be one the engine can take mid-run."""
-        for key in self.params:
+    def check_perturbable(self, scheduler: str = "pbt") -> None:
+        """PBT and PB2 change values mid-run: every key must be one the engine can take mid-run, and PB2,
+        which models each key as a number in its bounds, takes no choice of names or flags."""
+        for key, param in self.params.items():
             if key.startswith(FIXED_DURING_RUN) or key in FIXED_DURING_RUN:
                 raise SearchSpaceError(
                     f"search space {self.source}: {key} cannot be perturbed mid-run (it is fixed for a run's life: "
                     f"it shapes the models, data or budget); search it with --search optuna and seed PBT from "
                     f"that experiment (--seed-from), or set it in the run config"
                 )
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in param.values)
+            if scheduler == "pb2" and param.distribution == "choice" and not numeric:
+                raise SearchSpaceError(
+                    f"search space {self.source}: {key} is a choice of {list(param.values)}, which PB2 cannot "
+                    f"model (it proposes numbers between bounds); use --scheduler pbt, or a space without {key}"
+                )
 
     def pbt_mutations(self) -> dict[str, Any]:
         """What PBT's explore may do to each key. Ray multiplies a number by 0.8 or 1.2, which rounding
-        undoes for small integers (1 * 1.2 -> 1) or drives out of bounds (1 * 0.8 -> 0): integers are
-        given as their list of values, which Ray's explore moves one step left or right, in bounds."""
-        return {
-            key: list(range(int(p.low), int(p.high) + 1)) if p.distribution == "int" else p.to_tune()
-            for key, p in self.params.items()
-        }
+        undoes for small integers (1 * 1.2 -> 1) or drives out of bounds (1 * 0.8 -> 0), and which it also
+        applies to a ``tune.choice`` (a name times 1.2 fails; 0 stays 0): integers and choices are given as
+        their list of values, which Ray's explore moves one step left or right (or resamples)."""
+        return {key: p.pbt_values() for key, p in self.params.items()}
 
     def clamp(self, config: dict[str, Any]) -> dict[str, Any]:
         """A perturbed config put back inside the space (PBT's ``custom_explore_fn``): Ray does not clip,
