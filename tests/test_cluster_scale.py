@@ -142,6 +142,9 @@ def test_optuna_ranks_a_trial_by_its_best_epoch_as_the_report_does(digits_cfg, n
     options = TuneOptions(space="digits_optuna", search="optuna", scheduler="asha", minimize_device_seconds=True)
     with pytest.raises(InputError, match="Pareto front"):
         run_tune(digits_cfg, options)
+    # a cap on a synchronous population is refused, not silently dropped
+    with pytest.raises(InputError, match="--max-concurrent with --scheduler pbt"):
+        run_tune(digits_cfg, TuneOptions(space="digits_pbt", scheduler="pbt", max_concurrent=1))
 
 
 class Crash(Exception):

@@ -95,7 +95,10 @@ def _add_trial_resources(tuning: argparse.ArgumentParser) -> None:
     )
     tuning.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of each trial's workers")
     tuning.add_argument(
-        "--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds whole)"
+        "--max-concurrent",
+        type=int,
+        help="trials at once (default: as many as the cluster holds whole); not with pbt/pb2, whose population runs "
+        "as the cluster holds it",
     )
     tuning.add_argument(
         "--driver-resource",

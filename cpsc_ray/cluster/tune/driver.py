@@ -225,6 +225,13 @@ def _checked(cfg: Config, options: TuneOptions, space: SearchSpace) -> str:
     """The objective metric, once the options, the space and the config's model names agree (before Ray starts)."""
     if options.population_based:
         space.check_perturbable(options.scheduler)
+        if options.max_concurrent:
+            raise InputError(
+                f"--max-concurrent with --scheduler {options.scheduler}: a synchronous population runs its trials as "
+                "the cluster holds them (a trial paused at a perturbation frees its resources for the next), so a cap "
+                "is not applied; size the population with --num-samples, or give each trial more with "
+                "--cpus-per-worker / --gpus-per-trial"
+            )
     if options.minimize_device_seconds and options.search != "optuna":
         raise InputError("--minimize-device-seconds is a multi-objective Optuna search: use --search optuna")
     if options.minimize_device_seconds and options.scheduler == "asha":
