@@ -58,8 +58,8 @@ def test_pbt_explores_inside_the_search_space(digits_cfg):
     space = load_search_space("digits_pbt", digits_cfg)
     scheduler = build_scheduler(TuneOptions(space="digits_pbt", scheduler="pbt"), space, epochs=8)
     ints = [k for k, p in space.params.items() if p.distribution == "int"]
-    # Start at the edges, where unclipped factors leave the space: floats at their top, integers at 1.
-    config = {k: (p.high if p.distribution != "int" else int(p.low)) for k, p in space.params.items()}
+    # Start at the edges, where unclipped factors leave the space: floats and choices at their top, integers at 1.
+    config = {k: (int(p.low) if p.distribution == "int" else p.bounds[1]) for k, p in space.params.items()}
     seen = {k: set() for k in ints}
     random.seed(0)
     for _ in range(200):
@@ -71,7 +71,9 @@ def test_pbt_explores_inside_the_search_space(digits_cfg):
             scheduler._custom_explore_fn,
         )
         for key, p in space.params.items():
-            assert p.low <= config[key] <= p.high, f"{key}={config[key]} left [{p.low}, {p.high}]"
+            low, high = p.bounds
+            assert low <= config[key] <= high, f"{key}={config[key]} left [{low}, {high}]"
+            assert p.distribution != "choice" or config[key] in p.values, f"{key}={config[key]} is not a choice"
         for key in ints:
             assert isinstance(config[key], int)
             seen[key].add(config[key])

@@ -62,7 +62,7 @@ def test_shipped_spaces_load_by_name():
         assert load_search_space(name).params["loss.eta"].bounds[0] == 0, name
 
 
-def test_pbt_steps_a_choice_along_its_values_and_pb2_refuses_one_of_names(tmp_path):
+def test_pbt_steps_a_choice_along_its_values_and_pb2_refuses_one_of_names():
     space = load_search_space("cpsc_pbt")
     mutations = space.pbt_mutations()
     # Ray multiplies a tune.choice by 0.8 or 1.2 ("raw" * 1.2 fails, 0 stays 0): a list it steps along

@@ -66,7 +66,7 @@ class Param:
             return tune.randint(int(self.low), int(self.high) + 1)  # inclusive high, as written
         return tune.choice(list(self.values))
 
-    def pbt_values(self):
+    def pbt_values(self) -> Any:
         if self.distribution == "int":
             return list(range(int(self.low), int(self.high) + 1))
         return list(self.values) if self.distribution == "choice" else self.to_tune()
