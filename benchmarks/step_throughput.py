@@ -15,7 +15,8 @@ The reference emulation is frozen as of issue 13 (2026-11-27): every speed-up in
 measured against this same code, so do not change it; fix only what stops it running.
 
 Each result also gives ``warmup_s``, the untimed first iteration: cuDNN autotuning, and for the
-``compile`` variant torch.compile's compilation, which is why it is kept apart from the rate.
+``compile`` variant torch.compile's compilation, which is why it is kept apart from the rate
+(``warmups_s``: every repeat's, in the order measured; only the first compiles with a cold cache).
 
     python benchmarks/step_throughput.py                       # CPU, 2 threads, both pairs
     python benchmarks/step_throughput.py --device cuda --iterations 20
@@ -248,7 +249,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            samples = sorted(measure(teacher, student) for _ in range(args.repeats))  # by images/s
+            repeats = [measure(teacher, student) for _ in range(args.repeats)]
+            samples = sorted(repeats)  # by images/s
         except Exception as err:  # a variant the device refuses (compile, bf16) must not hide the others
             results.append({"pair": pair, "variant": variant, "error": f"{type(err).__name__}: {err}"})
             print(f"{pair:20s} {variant:36s} FAILED {results[-1]['error'][:300]}", flush=True)
@@ -261,6 +263,7 @@ def main() -> None:
                 "images_per_s": samples[len(samples) // 2].images_per_s,
                 "warmup_s": samples[len(samples) // 2].warmup_s,
                 "samples": [m.images_per_s for m in samples],
+                "warmups_s": [m.warmup_s for m in repeats],  # the first is a cold compile, later ones hit its cache
                 "peak_gib": peak_gib,
             }
         )
