@@ -82,8 +82,8 @@ class GeneratorConfig(Section):
     kind: Literal["conditional", "unconditional"] = Field(
         "conditional",
         description="the synthesizer that makes the student's images (cpsc-ray models lists them): conditional: a "
-        "generator with per-class batch-norm modulation (CPSC-DFKD's); unconditional: its plain batch-norm twin, for "
-        "ablations",
+        "generator with per-class batch-norm modulation (CPSC-DFKD's); unconditional: its plain batch-norm twin "
+        "(with loss.eta=0 loss.eta_student=0 the better student on six of seven zoo teachers: BENCHMARKS.md, issue 19)",
     )
     arch: Literal["auto", "upsample", "dcgan"] = Field(
         "auto",

@@ -54,6 +54,8 @@ def test_shipped_spaces_load_by_name():
         "loss.gate_pseudo_labels",
         "loss.gate_contrast",
         "loss.adversarial_warmup",
+        # and whether the generator is conditional at all, which depends on the teacher (issue 19's zoo)
+        "generator.kind",
     } == set(optuna.params)
     pbt = load_search_space("cpsc_pbt").params
     knobs = {"loss.eta_student", "loss.adversarial_warmup", "loss.gate_pseudo_labels", "loss.gate_contrast"}

@@ -1,4 +1,4 @@
-"""Generators of synthetic images: CPSC-DFKD's class-conditional ones and unconditional twins for ablations.
+"""Generators of synthetic images: CPSC-DFKD's class-conditional ones and their unconditional twins.
 
 Both architectures follow METHOD.md: ``upsample`` is the 32x32 CIFAR generator (works for any side
 divisible by 4; the reference code runs it at 64 px for Tiny-ImageNet too), ``dcgan`` the DCGAN-like

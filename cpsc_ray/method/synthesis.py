@@ -5,7 +5,7 @@ those batches. A new way to make images (a memory bank of past batches, another 
 DeepInversion-style) is a new ``Synthesizer``, registered under the ``generator.kind`` that names it.
 
 ``GeneratorSynthesizer`` is CPSC-DFKD's: a generator, conditional (the method, ``generator.kind=conditional``) or
-unconditional (the ablation), trained against the teacher and the student. ``OptimisedBatch`` optimises the images
+unconditional (the labels ignored), trained against the teacher and the student. ``OptimisedBatch`` optimises the images
 themselves against the teacher alone, DeepInversion-style: the probe set is made so (``runs.probe``).
 """
 
@@ -263,8 +263,8 @@ SYNTHESIZERS.add("conditional", GeneratorSynthesizer)
 
 @SYNTHESIZERS.register("unconditional")
 def unconditional_generator(cfg: Config, setting: Setting) -> GeneratorSynthesizer:
-    """The ablation: the same synthesis with a generator that ignores the labels (its images carry pseudo-labels
-    all the same, for the terms that read them)."""
+    """The same synthesis with a generator that ignores the labels (its images carry pseudo-labels all the same,
+    for the terms that read them; set ``loss.eta=0`` so that none pulls an image towards a label it cannot show)."""
     return GeneratorSynthesizer(cfg, setting, conditional=False)
 
 
