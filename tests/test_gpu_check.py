@@ -26,6 +26,12 @@ def test_the_dry_run_runs_every_step_and_reports_each(tmp_path):
     done = subprocess.run([*command, "--device", "cpu", "--quick"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
+    # The commit measured, from this checkout's git (a copy without git names it with --commit).
+    head = subprocess.run(
+        ["git", "-C", str(BENCHMARKS), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    assert report["commit"].removesuffix("-dirty") == head.stdout.strip()
+    assert f"commit {report['commit']}." in (out / "gpu_check.md").read_text()
     steps = {s["key"]: s for s in report["steps"]}
     assert list(steps) == ["pytest", "throughput-4", "throughput-8", "compile", "flops", "run"]
     assert all(s["status"] == "ok" for s in steps.values())
@@ -76,7 +82,7 @@ def test_a_failing_or_hanging_step_is_recorded_and_the_rest_still_run(tmp_path):
         gpu_check.Step("runs", "runs", lambda c: ([python, "-c", "print('fine')"], {}), lambda c: {"ran": True}),
     ]
     size = dataclasses.replace(gpu_check.QUICK, timeouts={"fails": 30, "hangs": 2, "runs": 30})
-    check = gpu_check.Check(tmp_path, tmp_path, size, 989.0, "now", gpu_check.machine(), [])
+    check = gpu_check.Check(tmp_path, tmp_path, size, 989.0, "now", "abc1234", gpu_check.machine(), [])
     (tmp_path / "gpu_check.log").write_text("")
     started = time.perf_counter()
     gpu_check.run_steps(check, steps)

@@ -4,6 +4,7 @@ config; and its collective costs follow the ring model it states."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections import Counter
@@ -80,6 +81,12 @@ def count_one_epoch(rank: int, init_file: str, out_dir: str) -> None:
         module.register_comm_hook(None, gradient_bucket)
     engine.train_epoch()
     Path(out_dir, f"{rank}.json").write_text(json.dumps(sent))
+    # Both ranks done before either tears down, and the DDP wrappers (whose gloo work holds tensors)
+    # freed while the interpreter is whole: a rank that exits first, or a reducer freed at interpreter
+    # shutdown, aborts the other rank (SIGABRT, "terminate called without an active exception").
+    dist.barrier()
+    del engine
+    gc.collect()
     dist.destroy_process_group()
 
 

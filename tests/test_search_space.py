@@ -125,3 +125,15 @@ def test_seed_defaults_starts_the_first_trial_at_the_configs_own_values(digits_c
     assert set(point) == set(space.params) and all(point[k] == flatten(digits_cfg)[k] for k in point)
     args = build_parser().parse_args(["tune", "--space", "digits_pbt", "--seed-defaults"])
     assert args.seed_defaults
+
+
+def test_seed_defaults_refuses_a_default_optuna_cannot_start_from(digits_cfg, tmp_path):
+    """The digits config's generator.nz (64) is not among cpsc_optuna's choices: refused before Ray starts."""
+    from cpsc_ray.cluster.tune.driver import TuneOptions, run_tune
+
+    options = TuneOptions(space="cpsc_optuna", search="optuna", seed_defaults=True, storage=str(tmp_path))
+    with pytest.raises(SearchSpaceError) as info:
+        run_tune(digits_cfg, options)
+    message = str(info.value)
+    assert "generator.nz=64" in message and "[128, 256, 512]" in message and "generator.nz=128" in message
+    assert not list(tmp_path.rglob("*.json"))  # nothing was started

@@ -12,11 +12,17 @@ error. Tolerances:
   within a relative 1e-2 (in norm, over all its parameters). Measured on the CPU with channels_last: losses equal
   to 5 digits, the gradient 2.2e-3 and the update 8e-4 apart (another convolution algorithm sums in another order);
   with torch.compile (Inductor's C++ backend) losses 4.5e-7 apart, the gradient 1.2e-3, the update 7.8e-4.
+- fp32 on CUDA: PyTorch runs fp32 convolutions in TF32 there (cuDNN's ``allow_tf32``, on by default), and another
+  convolution algorithm rounds its 10-bit-mantissa products in another order: every loss term within a relative
+  1e-3, the student's update within 0.05 at a cosine similarity of at least 0.999, the generator's gradient within
+  0.2 at a cosine of at least 0.99. Measured on an H200 (torch 2.11, 2026-12-04) with channels_last, compiled,
+  and compiled with CUDA graphs: losses 1.4e-4 to 1.6e-4 apart, the update 2.3e-2 (cosine 0.9997), the gradient
+  8.7e-2 to 9.0e-2 (cosine 0.996); CUDA graphs gave what compiling alone gave, to the digits shown.
 - bf16 autocast: every loss term within a relative 1e-2 (measured: at most 2.5e-3); the student's update within a
   relative 0.25 at a cosine similarity of at least 0.98 (measured 0.12 and 0.993); the generator's gradient, which
   flows back through both networks in bf16 and sums terms of opposite signs, within a relative 0.6 at a cosine
-  similarity of at least 0.85 (measured 0.42 and 0.91). Whether that costs accuracy is measured in
-  ``BENCHMARKS.md`` (time to accuracy), not assumed.
+  similarity of at least 0.85 (measured 0.42 and 0.91; on the H200 0.39 to 0.42 and 0.91 to 0.93, the update
+  9.3e-2 and 0.996). Whether that costs accuracy is measured in ``BENCHMARKS.md`` (time to accuracy), not assumed.
 
 The CPU cases run in the suite; the CUDA ones (marked ``gpu``) in ``pytest -m gpu`` on a GPU machine
 (``benchmarks/gpu_check.py``), where CUDA graphs (``train.compile_mode=reduce-overhead``) are checked too.
@@ -25,7 +31,6 @@ The CPU cases run in the suite; the CUDA ones (marked ``gpu``) in ``pytest -m gp
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -39,6 +44,8 @@ from cpsc_ray.method.spec import ImageSpec
 SPEC = ImageSpec(10, 3, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 PLAIN = {"train.channels_last": False, "train.compile": False, "train.amp": False}
 FP32 = {"losses": 1e-4, "generator gradient": (1e-2, None), "student update": (1e-2, None)}
+# CUDA's fp32 convolutions run in TF32 (PyTorch's default for cuDNN), 10 mantissa bits: see the docstring.
+CUDA_FP32 = {"losses": 1e-3, "generator gradient": (0.2, 0.99), "student update": (0.05, 0.999)}
 BF16 = {"losses": 1e-2, "generator gradient": (0.6, 0.85), "student update": (0.25, 0.98)}  # (relative, cosine)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.py runs it)")
 
@@ -47,12 +54,12 @@ SPEED_UPS = {
     "channels_last": ({"train.channels_last": True}, "cpu", FP32),
     "bf16 channels_last": ({"train.amp": True, "train.channels_last": True}, "cpu", BF16),
     "compile": ({"train.channels_last": True, "train.compile": True}, "cpu", FP32),  # Inductor's C++ backend
-    "cuda channels_last": ({"train.channels_last": True}, "cuda", FP32),
-    "cuda compile": ({"train.channels_last": True, "train.compile": True}, "cuda", FP32),
+    "cuda channels_last": ({"train.channels_last": True}, "cuda", CUDA_FP32),
+    "cuda compile": ({"train.channels_last": True, "train.compile": True}, "cuda", CUDA_FP32),
     "cuda compile, CUDA graphs": (
         {"train.channels_last": True, "train.compile": True, "train.compile_mode": "reduce-overhead"},
         "cuda",
-        FP32,
+        CUDA_FP32,
     ),
     "cuda bf16": ({"train.amp": True}, "cuda", BF16),
     "cuda bf16 channels_last": ({"train.amp": True, "train.channels_last": True}, "cuda", BF16),
@@ -85,21 +92,34 @@ def weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()])
 
 
+def relative_gap(value: float, plain: float, tolerance: float) -> float:
+    """``|value - plain|`` relative to ``plain``; differences under 1e-6 count as none (a loss near zero)."""
+    return abs(value - plain) / max(abs(plain), 1e-6 / tolerance)
+
+
 def one_iteration(values: dict, device: str, teacher: torch.nn.Module) -> tuple[dict, dict]:
     """Loss terms of one iteration; the generator's gradient and the student's weight update."""
     run = engine(values, device, teacher)
     before = weights(run.student)
+    # The gradient the generator's optimizer steps with, read as it steps: under CUDA graphs a later step's
+    # replay reuses the memory that held it.
+    stepped_with = {}
+
+    def read_gradient(*_) -> None:
+        grads = [p.grad.double().flatten().cpu() for p in run.synthesizer.generator.parameters()]
+        stepped_with["gradient"] = torch.cat(grads)
+
+    run.synthesizer.optimizer.register_step_pre_hook(read_gradient)
     metrics = run.train_epoch()
     losses = {k: v for k, v in metrics.items() if k in LOSS_METRICS and v is not None}
-    gradient = torch.cat([p.grad.double().flatten().cpu() for p in run.synthesizer.generator.parameters()])
-    return losses, {"generator gradient": gradient, "student update": weights(run.student) - before}
+    return losses, {"generator gradient": stepped_with["gradient"], "student update": weights(run.student) - before}
 
 
 @pytest.mark.parametrize(
     "name",
     [pytest.param(n, marks=[pytest.mark.gpu, CUDA]) if SPEED_UPS[n][1] == "cuda" else n for n in SPEED_UPS],
 )
-def test_a_speed_up_gives_the_plain_engines_losses_and_weight_updates(name):
+def test_a_speed_up_gives_the_plain_engines_losses_and_weight_updates(name, record_property):
     values, device, tolerance = SPEED_UPS[name]
     torch.manual_seed(1)
     teacher = build_model("wrn_16_2", SPEC.num_classes)
@@ -107,16 +127,24 @@ def test_a_speed_up_gives_the_plain_engines_losses_and_weight_updates(name):
     losses, updates = one_iteration(values, device, teacher)
 
     assert losses.keys() == plain_losses.keys() and len(losses) >= 6
-    for key, plain in plain_losses.items():
-        assert math.isclose(losses[key], plain, rel_tol=tolerance["losses"], abs_tol=1e-6), (key, losses[key], plain)
     for quantity, plain in plain_updates.items():
         assert plain.norm() > 0, quantity  # the iteration moved the model: there is something to compare
+    loss_gap = {key: relative_gap(losses[key], plain, tolerance["losses"]) for key, plain in plain_losses.items()}
+    relative = {q: ((updates[q] - plain).norm() / plain.norm()).item() for q, plain in plain_updates.items()}
+    cosine = {q: torch.nn.functional.cosine_similarity(updates[q], p, dim=0).item() for q, p in plain_updates.items()}
+    # gpu_check.py's table shows this beside the outcome: the tolerances' margin on each device, passed or not.
+    record_property(
+        "measured",
+        f"losses {max(loss_gap.values()):.1e}, "
+        + ", ".join(f"{q} {relative[q]:.1e} (cosine {cosine[q]:.4f})" for q in relative),
+    )
+    for key, gap in loss_gap.items():
+        assert gap <= tolerance["losses"], (key, losses[key], plain_losses[key])
+    for quantity in plain_updates:
         relative_tolerance, min_cosine = tolerance[quantity]
-        relative = ((updates[quantity] - plain).norm() / plain.norm()).item()
-        assert relative <= relative_tolerance, (quantity, relative)
+        assert relative[quantity] <= relative_tolerance, (quantity, relative[quantity])
         if min_cosine is not None:
-            cosine = torch.nn.functional.cosine_similarity(updates[quantity], plain, dim=0).item()
-            assert cosine >= min_cosine, (quantity, cosine)
+            assert cosine[quantity] >= min_cosine, (quantity, cosine[quantity])
 
 
 def test_the_comparison_tells_a_changed_step_apart():

@@ -43,8 +43,8 @@ def device_rng_state(saved: Tensor | list[Tensor] | None, device: torch.device) 
         return None
     if isinstance(saved, list):
         index = device.index or 0
-        return saved[index] if index < len(saved) else None
-    return saved
+        saved = saved[index] if index < len(saved) else None
+    return None if saved is None else saved.cpu()  # a host tensor, even from a dict loaded onto the GPU
 
 
 def compiled(module: nn.Module, train: TrainConfig) -> Callable[..., Any]:

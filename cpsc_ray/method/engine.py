@@ -324,7 +324,7 @@ class DistillEngine:
         self.epoch = int(state["schedule"]["epoch"])
         self.images_synthesized = int(state["counters"]["images_synthesized"])
         self.device_seconds = float(state["counters"]["device_seconds"])
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # RNG states are host tensors, however the dict was mapped
         cuda_state = device_rng_state(state["rng"]["cuda"], self.device)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, self.device)

@@ -239,6 +239,8 @@ def _checked(cfg: Config, options: TuneOptions, space: SearchSpace) -> str:
             "--minimize-device-seconds with --scheduler asha: trials ASHA stops would enter the Pareto front at "
             "their early, cheap values; use --scheduler fifo"
         )
+    if options.seed_defaults and options.search == "optuna":
+        space.check_holds(defaults_point(cfg, space), "--seed-defaults with --search optuna")
     check_model_names(cfg)
     return objective_metric(cfg, options.metric)
 

@@ -104,6 +104,17 @@ class SearchSpace:
                     f"model (it proposes numbers between bounds); use --scheduler pbt, or a space without {key}"
                 )
 
+    def check_holds(self, point: dict[str, Any], what: str) -> None:
+        """Optuna can start a trial only at a choice the space lists (elsewhere it fails deep inside Ray, with
+        the experiment started): refuse a starting point outside the choices, naming the key and the fix."""
+        for key, param in self.params.items():
+            if param.distribution == "choice" and key in point and point[key] not in param.values:
+                raise SearchSpaceError(
+                    f"{what}: the config's {key}={point[key]!r} is not among search space {self.source}'s choices "
+                    f"{list(param.values)}; set it to one of them (e.g. {key}={param.values[0]!r}), or add it to the "
+                    f"space's values"
+                )
+
     def pbt_mutations(self) -> dict[str, Any]:
         """What PBT's explore may do to each key. Ray multiplies a number by 0.8 or 1.2, which rounding
         undoes for small integers (1 * 1.2 -> 1) or drives out of bounds (1 * 0.8 -> 0), and which it also
