@@ -37,8 +37,8 @@ def test_the_dry_run_runs_every_step_and_reports_each(tmp_path):
     assert all(s["status"] == "ok" for s in steps.values())
 
     outcomes = {t["test"]: t["outcome"] for t in steps["pytest"]["result"]["tests"]}
-    # The Ray-on-GPU test skips, and the five CUDA cases of test_step_equality without a GPU.
-    assert sorted(outcomes.values()) == ["passed"] * 4 + ["skipped"] * 6, outcomes
+    # The Ray-on-GPU test skips, and the six CUDA cases of test_step_equality without a GPU.
+    assert sorted(outcomes.values()) == ["passed"] * 4 + ["skipped"] * 7, outcomes
     determinism = next(t for t in steps["pytest"]["result"]["tests"] if "deterministic" in t["test"])
     assert determinism["nondeterministic_ops"] == "none"
 
