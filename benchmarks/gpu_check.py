@@ -295,11 +295,11 @@ def machine() -> dict[str, Any]:
 
 def checkout_commit() -> str | None:
     """This checkout's commit, ``-dirty`` when it has changes; None where there is no git (a copied tree)."""
+    if not shutil.which("git"):
+        return None
     git = ["git", "-C", str(REPO)]
-    head = shutil.which("git") and subprocess.run(
-        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    if not head or head.returncode != 0:
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
         return None
     dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -483,7 +483,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="every step at a tiny size (the dry run)")
     parser.add_argument("--peak-tflops", type=float, default=PAPER_PEAK_TFLOPS, help="the dense bf16 peak to name")
     parser.add_argument("--work", help="scratch directory for data, runs and step files (default: a temporary one)")
-    parser.add_argument("--commit", default=checkout_commit(), help="the commit measured (default: git's, if any)")
+    parser.add_argument("--commit", help="the commit measured (default: this checkout's, where git knows it)")
     args = parser.parse_args()
     if args.device == "cuda" and args.quick:
         parser.error("--quick is the dry run on the CPU: use it with --device cpu")
@@ -501,7 +501,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     size = QUICK if args.quick else FULL
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    check = Check(out, work, size, args.peak_tflops, started, args.commit, machine(), [])
+    check = Check(out, work, size, args.peak_tflops, started, args.commit or checkout_commit(), machine(), [])
     run_steps(check, steps_for(size))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -130,6 +130,7 @@ def outcome(run_dir: Path, epochs: int) -> dict:
     by_val, by_proxy, last = at_epoch(rows, "val_acc"), at_epoch(rows, "proxy"), rows[-1]
     last_quarter = [r["teacher_pseudo_acc"] for r in rows if r["epoch"] > 0.75 * epochs]
     return {
+        "epochs_run": last["epoch"],
         "selected_epoch": by_val.get("epoch"),
         "selected_val_acc": by_val.get("val_acc"),
         "selected_test_acc": by_val.get("test_acc"),

@@ -2,7 +2,8 @@
 
 Every trial and every finalize seed is a row with its config hash (``teacher_zoo.config_hash``: the resolved
 config, a PBT trial's as it ended; the teacher named by its weights' digest), seed, validation and test accuracy
-at the selected and the last epoch, and the teacher's agreement with the pseudo-labels.
+at the selected, the proxy-selected and the last epoch, and the teacher's agreement with the pseudo-labels, as
+``teacher_zoo.outcome`` reads them for the zoo's rows.
 
     python benchmarks/tuning_record.py --storage /work/tune --experiment r18-optuna8 \\
         --command "cpsc-ray tune ...; cpsc-ray finalize ..." --what "..." --out tuning.json
@@ -12,36 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import pyarrow.parquet as pq  # noqa: E402
-from teacher_zoo import commit, config_hash  # noqa: E402
+from teacher_zoo import commit, config_hash, outcome  # noqa: E402
 
 from cpsc_ray.config import Config, load_config, with_values  # noqa: E402
 
 
-def accuracies(metrics: Path, epochs: int) -> dict:
-    """Selected (best validation, earliest on ties) and last epoch; agreement over the last quarter."""
-    rows = sorted(pq.read_table(metrics).to_pylist(), key=lambda r: r["epoch"])
-    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
-    quarter = [r["teacher_pseudo_acc"] for r in rows if r["epoch"] > 0.75 * epochs]
-    return {
-        "epochs_run": rows[-1]["epoch"],
-        "selected_epoch": best["epoch"],
-        "selected_val_acc": best["val_acc"],
-        "selected_test_acc": best["test_acc"],
-        "last_val_acc": rows[-1]["val_acc"],
-        "last_test_acc": rows[-1]["test_acc"],
-        "pseudo_acc_last_quarter": statistics.mean(quarter) if quarter else None,
-        "pseudo_acc_by_epoch": [r["teacher_pseudo_acc"] for r in rows],
-    }
-
-
-def row(cfg: Config, metrics: Path, epochs: int) -> dict:
-    return {"seed": cfg.seed, "config_hash": config_hash(cfg, Path(cfg.teacher.weights)), **accuracies(metrics, epochs)}
+def row(cfg: Config, run_dir: Path, epochs: int) -> dict:
+    return {"seed": cfg.seed, "config_hash": config_hash(cfg, Path(cfg.teacher.weights)), **outcome(run_dir, epochs)}
 
 
 def main() -> None:
@@ -65,14 +47,14 @@ def main() -> None:
         trials.append(
             {
                 "trial": trial.name,
-                **row(with_values(Config(), flat), trial / "metrics.parquet", epochs),
+                **row(with_values(Config(), flat), trial, epochs),
                 "clones": [{"epoch": c["epoch"], "from": c["source_trial_id"]} for c in lineage],
             }
         )
     final = storage / (args.final or f"{args.experiment}-final")
     finalized = json.loads((final / "finalize.json").read_text())
     seeds = [
-        {"run": run.name, **row(load_config(str(run / "config.yaml")), run / "metrics.parquet", epochs)}
+        {"run": run.name, **row(load_config(str(run / "config.yaml")), run, epochs)}
         for run in sorted(final.glob("seed*"))
     ]
     doc = {
