@@ -61,7 +61,8 @@ def test_a_resubmitted_tuning_job_continues_its_experiment_after_its_head_was_lo
                 time.sleep(0.2)
             kill_node(head.node)
         finally:
-            stop_node(worker)
+            kill_node(worker)  # it goes with its cluster (a stop would wait a minute for the lost head)
+            stop_node(worker)  # its temp dir
     assert max(map(len, before.values())) < EPOCHS, "the experiment ended before its head was lost: make it longer"
 
     with running_head(num_cpus=1) as head:

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -197,11 +198,28 @@ def check_exploits(root: str, experiment: str, epochs: int, every_exploit_explor
     return results
 
 
+class ProcessesSeen(Callback):
+    """The process each trial report came from."""
+
+    def __init__(self):
+        self.pids: list[int] = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.pids.append(result["pid"])
+
+
+@dataclass
+class Experiment:
+    root: Path
+    pids: list[int]  # the process of every report
+
+
 @pytest.fixture(scope="module")
-def pbt_experiment(ray_local, digits_cfg, tmp_path_factory):
+def pbt_experiment(ray_local, digits_cfg, tmp_path_factory) -> Experiment:
     """One PBT experiment (4 trials, 3 epochs) shared by the PBT and finalize tests."""
     root = tmp_path_factory.mktemp("pbt") / "runs"
     cfg = with_values(digits_cfg, {"train.epochs": 3})
+    seen = ProcessesSeen()
     summary = run_tune(
         cfg,
         TuneOptions(
@@ -213,14 +231,21 @@ def pbt_experiment(ray_local, digits_cfg, tmp_path_factory):
             storage=str(root),
             name="pbt",
         ),
+        callbacks=[seen],
     )
     assert not summary["errored"]
-    return root
+    return Experiment(root, seen.pids)
 
 
 def test_pbt_exploits_and_explores(pbt_experiment):
-    results = check_exploits(str(pbt_experiment), "pbt", epochs=3)
+    results = check_exploits(str(pbt_experiment.root), "pbt", epochs=3)
     assert_one_row_per_trained_epoch(results.epochs, total=3)
+
+
+def test_a_population_reuses_its_trial_processes(pbt_experiment):
+    # Every trial pauses at every epoch's boundary; two run at a time. Started afresh, each of the 12 reports
+    # would come from a process of its own.
+    assert len(pbt_experiment.pids) == 4 * 3 and len(set(pbt_experiment.pids)) <= 6, pbt_experiment.pids
 
 
 def test_pb2_exploits_and_explores(ray_local, digits_cfg, tmp_path):
@@ -290,14 +315,14 @@ def test_a_trial_that_goes_on_from_an_older_state_forgets_the_clones_made_after_
 def test_finalize_replays_the_winners_schedule_over_seeds_and_exports_it(pbt_experiment):
     from cpsc_ray.cluster.finalize import finalize
 
-    result = finalize("pbt", seeds=2, storage=str(pbt_experiment))
-    tuned = read_results([str(pbt_experiment)], experiments=["pbt"])
+    result = finalize("pbt", seeds=2, storage=str(pbt_experiment.root))
+    tuned = read_results([str(pbt_experiment.root)], experiments=["pbt"])
     winner = tuned.trials.loc[tuned.trials[~tuned.trials.diverged].score.idxmax()]
     assert result["winner"] == winner.trial_id
     # The schedule ends with the winner's own final config and starts at epoch 1.
     schedule = result["schedule"]
     assert schedule[0][0] == 1 and schedule[-1][1]["loss.alpha"] == winner["config/loss.alpha"]
-    final = read_results([str(pbt_experiment)], experiments=[result["final"]])
+    final = read_results([str(pbt_experiment.root)], experiments=[result["final"]])
     assert set(final.epochs.trial_id) == {"seed0", "seed1"} and set(final.epochs.kind) == {"finalize"}
     assert set(final.epochs.method) == {"pbt"} and final.epochs.seed.nunique() == 2
     for _, rows in final.epochs.groupby("trial_id"):
@@ -322,13 +347,13 @@ def test_finalize_run_again_continues_its_seeds_under_its_one_name(pbt_experimen
     (here: finished, so nothing trains) under ``<experiment>-final``, never a suffixed copy."""
     from cpsc_ray.cluster.finalize import finalize
 
-    before = {p.name for p in pbt_experiment.iterdir()}
-    first = finalize("pbt", seeds=2, storage=str(pbt_experiment), resume_or_start=True)
-    again = finalize("pbt", seeds=2, storage=str(pbt_experiment), resume_or_start=True)
+    before = {p.name for p in pbt_experiment.root.iterdir()}
+    first = finalize("pbt", seeds=2, storage=str(pbt_experiment.root), resume_or_start=True)
+    again = finalize("pbt", seeds=2, storage=str(pbt_experiment.root), resume_or_start=True)
     assert first["final"] == again["final"] == "pbt-final"
-    assert {p.name for p in pbt_experiment.iterdir()} - before <= {"pbt-final"}
+    assert {p.name for p in pbt_experiment.root.iterdir()} - before <= {"pbt-final"}
     assert again["test_at_best"] == first["test_at_best"]
-    final = read_results([str(pbt_experiment)], experiments=["pbt-final"])
+    final = read_results([str(pbt_experiment.root)], experiments=["pbt-final"])
     assert {seed: sorted(rows.epoch) for seed, rows in final.epochs.groupby("trial_id")} == {
         "seed0": [1, 2, 3],
         "seed1": [1, 2, 3],

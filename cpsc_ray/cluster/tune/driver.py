@@ -271,6 +271,8 @@ def _tuner(
             max_concurrent_trials=(options.max_concurrent or _fitting_concurrency(options))
             if options.search == "optuna"
             else None,
+            # A population pauses every trial at each boundary: a reused process skips its start-up each time.
+            reuse_actors=options.population_based,
         ),
         run_config=tune.RunConfig(
             name=record.experiment,
