@@ -143,7 +143,10 @@ def outcome(run_dir: Path, epochs: int) -> dict:
     }
 
 
-def run_cell(name: str, seed: int, storage: Path, label: str, overrides: list[str]) -> dict:
+def run_cell(
+    name: str, seed: int, storage: Path, label: str, overrides: list[str], commit_id: str | None = None
+) -> dict:
+    """One run; ``commit_id`` names the commit where the checkout is a copy without git (a lent GPU machine)."""
     cfg = run_config(name, seed, storage, label, overrides)
     weights = Path(cfg.teacher.weights)
     card = json.loads(card_path(weights).read_text())
@@ -152,7 +155,7 @@ def run_cell(name: str, seed: int, storage: Path, label: str, overrides: list[st
         "teacher": name,
         "seed": seed,
         "config_hash": config_hash(cfg, weights),
-        "commit": commit(),
+        "commit": commit_id or commit(),
         "overrides": overrides,
         "teacher_test_acc": card["test_acc"],
         "teacher_val_acc": card["val_acc"],
@@ -234,6 +237,7 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--label", default="defaults", help="names this variant's runs")
+    parser.add_argument("--commit", help="the commit run, where this checkout is a copy without git")
     parser.add_argument("--teachers-only", action="store_true", help="train the teachers, run nothing")
     parser.add_argument("--table", action="store_true", help="print the labels' table from the JSON, run nothing")
     parser.add_argument("--labels", nargs="+", help="with --table: the variants to show (default: --label)")
@@ -251,7 +255,7 @@ def main() -> None:
             key = (name, seed, config_hash(cfg, Path(cfg.teacher.weights)))
             if any((r["teacher"], r["seed"], r["config_hash"]) == key for r in read_rows(args.json)):
                 continue
-            row = run_cell(name, seed, args.storage, args.label, args.overrides)
+            row = run_cell(name, seed, args.storage, args.label, args.overrides, args.commit)
             append_row(args.json, row)
             print(json.dumps({k: v for k, v in row.items() if k != "pseudo_acc_by_epoch"}), flush=True)
     print(table(read_rows(args.json), [args.label]))
