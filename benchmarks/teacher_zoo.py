@@ -11,8 +11,9 @@ its weights' digest, not its path), the commit, the seed, validation and test ac
 validation chose, at the epoch the data-free proxy would have chosen, and at the last epoch, the
 teacher's agreement with the pseudo-labels over the last quarter of the run, divergence and warnings.
 A finished cell is reused only when teacher, seed and config hash all match (never by label alone), so
-rows measured under older defaults are run again. Rows land in the JSON as each run finishes, under a
-file lock, so several processes can fill one JSON.
+rows measured under older defaults are run again; a cell whose run was interrupted (the process killed)
+continues from its newest checkpoint when started again, its wall time summed over the attempts. Rows
+land in the JSON as each run finishes, under a file lock, so several processes can fill one JSON.
 
 Teachers are trained once into ``<storage>/teachers/<name>/``: the digits teacher recipe (30 epochs,
 batch 64, lr 0.05), or that recipe with label smoothing 0.1 (``*_ls``).
@@ -37,7 +38,8 @@ import glyphs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
-from cpsc_ray.config import Config, load_config, with_values  # noqa: E402
+from cpsc_ray.config import Config, load_config, validate_tree, with_values  # noqa: E402
+from cpsc_ray.layout import RootDir, RunDir  # noqa: E402
 from cpsc_ray.method.engine import DivergenceError  # noqa: E402
 from cpsc_ray.runs.in_process import run_in_process  # noqa: E402
 from cpsc_ray.runs.teacher import WEIGHTS_NAME, card_path, train_teacher  # noqa: E402
@@ -161,14 +163,33 @@ def run_cell(
         "teacher_val_acc": card["val_acc"],
         "diverged": False,
     }
+    wall_before = interrupted_wall(cfg, weights)
+    if wall_before is not None:
+        row["resumed"] = True
     started = time.perf_counter()
     try:
-        summary = run_in_process(cfg, progress=False)
+        summary = run_in_process(
+            cfg, resume=cfg.name if wall_before is not None else None, progress=False, or_start=True
+        )
         row.update(outcome(Path(summary["run_dir"]), cfg.train.epochs), warnings=summary["warnings"])
     except DivergenceError as err:
         row.update(diverged=True, error=str(err), warnings=[])
-    row["wall_s"] = time.perf_counter() - started
+    row["wall_s"] = (wall_before or 0.0) + time.perf_counter() - started
     return row
+
+
+def interrupted_wall(cfg: Config, weights: Path) -> float | None:
+    """The wall seconds already spent by an earlier, interrupted run of this cell (same name, same config
+    hash), which ``run_cell`` then continues from its newest checkpoint; None when there is none to continue
+    (a run of that name under another config stays as it is, and this one starts under a new name)."""
+    earlier = RootDir(cfg.output_dir).run(cfg.name)
+    if not earlier.exists(RunDir.CONFIG):
+        return None
+    written = validate_tree(yaml.safe_load(earlier.read_text(RunDir.CONFIG)), earlier.uri(RunDir.CONFIG))
+    if config_hash(written, weights) != config_hash(cfg, weights):
+        return None
+    rows = earlier.metric_rows()
+    return max((r["wall_s"] for r in rows), default=0.0)
 
 
 @contextmanager
