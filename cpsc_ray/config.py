@@ -128,14 +128,6 @@ class LossConfig(Section):
         description="weight of the generator's pseudo-label cross-entropy CE(teacher, y), on logits (ce_on): what "
         "makes the images those of the class asked for (BENCHMARKS.md, issue 19)",
     )
-    ce_target_confidence: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="the generator's pseudo-label CE stops pulling an image once the teacher gives its pseudo-label "
-        "this probability (per image: max(0, CE + log c)); 1: it never stops, the method as written, which drives "
-        "the teacher's output on the images towards one-hot",
-    )
     eta_student: float = Field(
         0.1, ge=0, description="weight of the student's pseudo-label cross-entropy CE(student, y) (METHOD.md: eta)"
     )

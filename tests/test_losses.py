@@ -69,23 +69,6 @@ def test_the_gated_pseudo_label_ce_counts_only_images_the_teacher_assigns_to_the
     assert student_objective(LossConfig(eta_student=1.0)).terms["ce"](nobody).item() == 0
 
 
-def test_the_generators_pseudo_label_ce_stops_at_its_target_confidence():
-    # The teacher gives the pseudo-labels (2, 0) probabilities 0.090 and 0.452 (CE 2.4076 and 0.7944, by
-    # hand). At c = 0.4 the second image is past its target and adds 0; the first adds CE + log(0.4) = 1.4913;
-    # the batch mean divides by both. At c = 1 the term is the plain CE, the rows' mean 1.6010.
-    batch = SynthBatch(labels=Y, teacher_logits=T, student_logits=S)
-    capped = generator_objective(LossConfig(beta=0, ce_target_confidence=0.4), None).terms["ce"](batch)
-    assert close(capped, 0.7456576162851127)
-    plain = generator_objective(LossConfig(beta=0), None).terms["ce"](batch)
-    assert close(plain, 1.6009913669310119)
-    # Past its target, an image gives the generator no gradient; below it, the plain CE's.
-    logits = T.clone().requires_grad_(True)
-    generator_objective(LossConfig(beta=0, ce_target_confidence=0.4), None).terms["ce"](
-        SynthBatch(labels=Y, teacher_logits=logits)
-    ).backward()
-    assert logits.grad[1].abs().max() == 0 and logits.grad[0].abs().max() > 0
-
-
 def test_pseudo_label_ce_on_probabilities_is_the_reference_double_softmax():
     # By hand: -p_y + log(sum_j exp(p_j)) with p = softmax(logits), averaged over the two rows.
     batch = SynthBatch(labels=Y, teacher_logits=T, student_logits=S)

@@ -15,7 +15,6 @@ the engine asks for features only when the contrastive term is on.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -118,18 +117,14 @@ class PseudoLabelCETerm(LossTerm):
     """Cross-entropy against the pseudo-labels the generator was conditioned on.
 
     ``gated``: only images the teacher assigns to their pseudo-label count (the others add zero to the
-    batch mean). ``target_confidence`` c: an image whose pseudo-label already has probability c or more adds
-    zero (per image ``max(0, CE + log c)``), so the term makes images of their class without driving the
-    teacher's output on them to one-hot. ``of="logits"`` is the method as written. ``of="probabilities"``
-    reproduces the reference code, which applies it to softmax outputs: inputs in [0, 1] confine the loss to
-    a range of width 1 (``log(K - 1 + e) - 1`` to ``log(K - 1 + e)``) with small gradients, so its weight buys
-    little there.
+    batch mean). ``of="logits"`` is the method as written. ``of="probabilities"`` reproduces the reference code,
+    which applies it to softmax outputs: inputs in [0, 1] confine the loss to a range of width 1
+    (``log(K - 1 + e) - 1`` to ``log(K - 1 + e)``) with small gradients, so its weight buys little there.
     """
 
-    def __init__(self, on: str, of: str = "logits", gated: bool = False, target_confidence: float = 1.0):
+    def __init__(self, on: str, of: str = "logits", gated: bool = False):
         super().__init__()
         self.gated = gated
-        self.floor = -math.log(target_confidence)  # the per-image CE at which the term stops pulling
         if on not in ("teacher", "student"):
             raise ValueError(f"on must be 'teacher' or 'student', got {on!r}")
         if of not in ("logits", "probabilities"):
@@ -139,13 +134,10 @@ class PseudoLabelCETerm(LossTerm):
     def forward(self, batch: SynthBatch) -> Tensor:
         logits = (batch.teacher_logits if self.on == "teacher" else batch.student_logits).float()
         inputs = logits.softmax(dim=1) if self.of == "probabilities" else logits
-        if not self.gated and not self.floor:
-            return F.cross_entropy(inputs, batch.labels)
-        per_image = (F.cross_entropy(inputs, batch.labels, reduction="none") - self.floor).clamp(min=0)
         if not self.gated:
-            return per_image.mean()
+            return F.cross_entropy(inputs, batch.labels)
         # Per image, so a batch the teacher mostly disagrees with pulls the student little.
-        return (per_image * teacher_agrees(batch).float()).mean()
+        return (F.cross_entropy(inputs, batch.labels, reduction="none") * teacher_agrees(batch).float()).mean()
 
 
 def teacher_agrees(batch: SynthBatch) -> Tensor:
@@ -337,7 +329,7 @@ def generator_objective(
         "kd": (-cfg.adversarial, KDTerm(cfg.kd_temperature)),
         "ikd": (-cfg.adversarial * cfg.alpha, LogitL2Term(ikd_form)),
         "scl": (cfg.gamma, ContrastiveTerm(cfg.temperature, cfg.base_temperature, gather, cfg.gate_contrast)),
-        "ce": (cfg.eta, PseudoLabelCETerm("teacher", cfg.ce_on, target_confidence=cfg.ce_target_confidence)),
+        "ce": (cfg.eta, PseudoLabelCETerm("teacher", cfg.ce_on)),
     }
     if cfg.beta != 0:
         if bn_prior is None:
