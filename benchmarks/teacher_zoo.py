@@ -163,7 +163,7 @@ def run_cell(
         "teacher_val_acc": card["val_acc"],
         "diverged": False,
     }
-    wall_before = interrupted_wall(cfg, weights)
+    wall_before = interrupted_wall(cfg, row["config_hash"], weights)
     if wall_before is not None:
         row["resumed"] = True
     started = time.perf_counter()
@@ -178,15 +178,15 @@ def run_cell(
     return row
 
 
-def interrupted_wall(cfg: Config, weights: Path) -> float | None:
+def interrupted_wall(cfg: Config, cfg_hash: str, weights: Path) -> float | None:
     """The wall seconds already spent by an earlier, interrupted run of this cell (same name, same config
-    hash), which ``run_cell`` then continues from its newest checkpoint; None when there is none to continue
-    (a run of that name under another config stays as it is, and this one starts under a new name)."""
+    hash ``cfg_hash``), which ``run_cell`` then continues from its newest checkpoint; None when there is none
+    to continue (a run of that name under another config stays as it is, and this one starts under a new name)."""
     earlier = RootDir(cfg.output_dir).run(cfg.name)
     if not earlier.exists(RunDir.CONFIG):
         return None
     written = validate_tree(yaml.safe_load(earlier.read_text(RunDir.CONFIG)), earlier.uri(RunDir.CONFIG))
-    if config_hash(written, weights) != config_hash(cfg, weights):
+    if config_hash(written, weights) != cfg_hash:
         return None
     rows = earlier.metric_rows()
     return max((r["wall_s"] for r in rows), default=0.0)
