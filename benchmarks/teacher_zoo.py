@@ -38,9 +38,10 @@ import glyphs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
-from cpsc_ray.config import Config, load_config, validate_tree, with_values  # noqa: E402
+from cpsc_ray.config import Config, load_config, with_values  # noqa: E402
 from cpsc_ray.layout import RootDir, RunDir  # noqa: E402
 from cpsc_ray.method.engine import DivergenceError  # noqa: E402
+from cpsc_ray.runs.assembly import written_config  # noqa: E402
 from cpsc_ray.runs.in_process import run_in_process  # noqa: E402
 from cpsc_ray.runs.teacher import WEIGHTS_NAME, card_path, train_teacher  # noqa: E402
 
@@ -185,8 +186,7 @@ def interrupted_wall(cfg: Config, cfg_hash: str, weights: Path) -> float | None:
     earlier = RootDir(cfg.output_dir).run(cfg.name)
     if not earlier.exists(RunDir.CONFIG):
         return None
-    written = validate_tree(yaml.safe_load(earlier.read_text(RunDir.CONFIG)), earlier.uri(RunDir.CONFIG))
-    if config_hash(written, weights) != cfg_hash:
+    if config_hash(written_config(earlier), weights) != cfg_hash:
         return None
     rows = earlier.metric_rows()
     return max((r["wall_s"] for r in rows), default=0.0)

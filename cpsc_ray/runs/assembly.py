@@ -165,6 +165,11 @@ def run_distillation(
     return run, end
 
 
+def written_config(outputs: RunDir) -> Config:
+    """The config a run wrote into its directory, validated as any config is."""
+    return validate_tree(yaml.safe_load(outputs.read_text(RunDir.CONFIG)), outputs.uri(RunDir.CONFIG))
+
+
 def open_run(cfg: Config, resume: str | None) -> tuple[Config, RunDir, str]:
     """(config, run directory, name): a new directory, or with ``resume`` the named run's own config."""
     root = RootDir(cfg.output_dir)
@@ -172,8 +177,7 @@ def open_run(cfg: Config, resume: str | None) -> tuple[Config, RunDir, str]:
         outputs = root.run(resume)
         if not outputs.exists(RunDir.CONFIG):
             raise InputError(f"--resume {resume}: no run of that name under {root.uri()} (no {RunDir.CONFIG} there)")
-        cfg = validate_tree(yaml.safe_load(outputs.read_text(RunDir.CONFIG)), outputs.uri(RunDir.CONFIG))
-        return cfg, outputs, resume
+        return written_config(outputs), outputs, resume
     name = root.free_name(cfg.name)
     outputs = root.run(name)
     outputs.write_text(RunDir.CONFIG, to_yaml(cfg))
