@@ -98,3 +98,22 @@ def test_a_healthy_run_stays_silent(tiny_cfg, caplog):
     # Five short epochs: the generator is still learning its classes, already well above the warning's 20%.
     assert summary["last"]["val_acc"] > 0.5 and history[-1]["teacher_pseudo_acc"] > 0.3
     assert summary["warnings"] == [] and "cpsc_ray.runs.health" not in caplog.text
+
+
+def test_a_many_class_student_still_reaching_more_classes_has_not_collapsed(tiny_cfg):
+    # The 100-class glyph row's first epochs (defaults, seed 0): few classes, near chance, but more each epoch.
+    cfg = with_values(tiny_cfg, {"train.epochs": 16, "student.warmup_fraction": 0.02})
+    spreading = rows(
+        class_coverage=[0.08, 0.07, 0.17, 0.33, 0.41, 0.6, 0.63],
+        val_acc=[0.017, 0.0, 0.033, 0.057, 0.127, 0.297, 0.303],
+        teacher_pseudo_acc=[0.3] * 7,
+    )
+    assert feed(HealthMonitor(cfg, num_classes=100, selection="val_acc"), spreading) == []
+    # The same student stuck at its epoch-3 classes has collapsed.
+    stuck = rows(
+        class_coverage=[0.08, 0.07, 0.17, 0.17, 0.15],
+        val_acc=[0.017, 0.0, 0.033, 0.03, 0.03],
+        teacher_pseudo_acc=[0.3] * 5,
+    )
+    found = feed(HealthMonitor(cfg, num_classes=100, selection="val_acc"), stuck)
+    assert [epoch for epoch, _ in found] == [5]

@@ -4,7 +4,10 @@ Two symptoms, each reported once, when it has lasted ``PATIENCE`` consecutive ep
 was measured:
 
 - a collapsed student: it predicts fewer than half of the classes on the selection set, or its
-  agreement there (validation accuracy, or the proxy) sits near chance;
+  agreement there (validation accuracy, or the proxy) sits near chance. An epoch in which the student
+  predicts more classes than ever before in the run does not count: a many-class student starts so
+  (the 100-class glyph row: 7, 17, 33, 41, 60% of the classes over its first epochs), a collapsed one
+  loses classes or stays where it is;
 - pseudo-supervision not in effect: the teacher assigns the conditional generator's images to their
   pseudo-labels at less than twice chance (or 50%), so the method's class-conditional part is not doing its job,
   even where the student learns.
@@ -45,21 +48,32 @@ class HealthMonitor:
             NO_PSEUDO_SUPERVISION: max(2, math.ceil(cfg.train.epochs / 4) + 1),
         }
         self.streaks: dict[str, int] = {}
+        self.widest_coverage = 0.0  # the most classes the student has predicted in an epoch of this run
         self.warnings: list[str] = []
         self._reported: set[str] = set()
 
     def state(self) -> dict[str, Any]:
-        return {"streaks": self.streaks, "warnings": self.warnings, "reported": sorted(self._reported)}
+        return {
+            "streaks": self.streaks,
+            "widest_coverage": self.widest_coverage,
+            "warnings": self.warnings,
+            "reported": sorted(self._reported),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.streaks = dict(state.get("streaks", {}))
+        self.widest_coverage = float(state.get("widest_coverage", 0.0))
         self.warnings = list(state.get("warnings", []))
         self._reported = set(state.get("reported", []))
 
     def observe(self, row: dict[str, Any]) -> list[str]:
         found = {}
-        if row["epoch"] >= self.first_epoch[COLLAPSE] and row.get("class_coverage") is not None:
-            found[COLLAPSE] = self._collapse(row)  # evaluated this epoch
+        coverage = row.get("class_coverage")
+        if coverage is not None:  # evaluated this epoch
+            spreading = self.widest_coverage < coverage < MIN_COVERAGE
+            self.widest_coverage = max(self.widest_coverage, coverage)
+            if row["epoch"] >= self.first_epoch[COLLAPSE]:
+                found[COLLAPSE] = None if spreading else self._collapse(row)
         if row["epoch"] >= self.first_epoch[NO_PSEUDO_SUPERVISION] and self.conditional:
             found[NO_PSEUDO_SUPERVISION] = self._no_pseudo_supervision(row)
         new = []
