@@ -4,10 +4,10 @@ Two symptoms, each reported once, when it has lasted ``PATIENCE`` consecutive ep
 was measured:
 
 - a collapsed student: it predicts fewer than half of the classes on the selection set, or its
-  agreement there (validation accuracy, or the proxy) sits near chance. An epoch in which the student
-  predicts more classes than ever before in the run does not count: a many-class student starts so
-  (the 100-class glyph row: 7, 17, 33, 41, 60% of the classes over its first epochs), a collapsed one
-  loses classes or stays where it is;
+  agreement there (validation accuracy, or the proxy) sits near chance. An epoch above chance in which
+  the student predicts more classes than ever before in the run does not count: a many-class student
+  starts so (the 100-class glyph row: 7, 17, 33, 41, 60% of the classes over its first epochs), a
+  collapsed one loses classes or stays where it is;
 - pseudo-supervision not in effect: the teacher assigns the conditional generator's images to their
   pseudo-labels at less than twice chance (or 50%), so the method's class-conditional part is not doing its job,
   even where the student learns.
@@ -70,10 +70,9 @@ class HealthMonitor:
         found = {}
         coverage = row.get("class_coverage")
         if coverage is not None:  # evaluated this epoch
-            spreading = self.widest_coverage < coverage < MIN_COVERAGE
-            self.widest_coverage = max(self.widest_coverage, coverage)
             if row["epoch"] >= self.first_epoch[COLLAPSE]:
-                found[COLLAPSE] = None if spreading else self._collapse(row)
+                found[COLLAPSE] = self._collapse(row)
+            self.widest_coverage = max(self.widest_coverage, coverage)
         if row["epoch"] >= self.first_epoch[NO_PSEUDO_SUPERVISION] and self.conditional:
             found[NO_PSEUDO_SUPERVISION] = self._no_pseudo_supervision(row)
         new = []
@@ -94,7 +93,8 @@ class HealthMonitor:
         coverage = row["class_coverage"]
         agreement = row.get(self.selection) if self.selection else None
         near_chance = agreement is not None and agreement <= CHANCE_MULTIPLE * self.chance
-        if coverage >= MIN_COVERAGE and not near_chance:
+        # Above chance, a student that predicts more classes than ever before is still spreading out.
+        if not near_chance and (coverage >= MIN_COVERAGE or coverage > self.widest_coverage):
             return None
         where = "validation set" if self.selection == "val_acc" else "probe set"
         agreed = f" and agrees with the labels on {agreement:.1%}" if agreement is not None else ""
