@@ -76,6 +76,15 @@ class StudentConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
     warmup_fraction: float = Field(10 / 600, ge=0, lt=1, description="linear warm-up, as a fraction of the run")
+    replay_images: int = Field(
+        0,
+        ge=0,
+        description="a memory of past synthetic images the student keeps learning from, in images per worker (CMI's "
+        "and Fast-Datafree's data pool; it is checkpointed); 0: the student sees only fresh images",
+    )
+    replay_fraction: float = Field(
+        0.5, ge=0, le=1, description="with student.replay_images: the share of each student batch drawn from the memory"
+    )
 
 
 class GeneratorConfig(Section):

@@ -31,6 +31,7 @@ from cpsc_ray.method.losses import SynthBatch, WeightedSum, student_objective, t
 from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
 from cpsc_ray.method.parallel import world
+from cpsc_ray.method.replay import with_replay
 from cpsc_ray.method.schedules import warmup_cosine
 from cpsc_ray.method.spec import EvalSet, ImageSpec
 from cpsc_ray.method.synthesis import SYNTHESIZERS, Setting, SynthesizerBuilder
@@ -39,6 +40,7 @@ from cpsc_ray.method.synthesis import SYNTHESIZERS, Setting, SynthesizerBuilder
 MODEL_SHAPING_KEYS = (
     "student.arch",
     "student.kwargs",
+    "student.replay_images",
     "generator.arch",
     "generator.kind",
     "generator.nz",
@@ -84,7 +86,7 @@ class DistillEngine:
         # Built after the student and before its optimizer: the seeded draws that initialise the models are made in
         # the order of every earlier version (student, generator, projection head).
         build = synthesizer or SYNTHESIZERS.get(cfg.generator.kind, "generator.kind")
-        self.synthesizer = build(cfg, self._setting())
+        self.synthesizer = with_replay(build(cfg, self._setting()), cfg, self._setting())
         self._build_student_optimizer()
         self.eval_sets = {
             name: EvalSet(s.images.to(self.device, memory_format=self.memory_format), s.labels.to(self.device))
