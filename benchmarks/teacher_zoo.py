@@ -39,6 +39,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
 from cpsc_ray.config import Config, load_config, with_values  # noqa: E402
+from cpsc_ray.errors import InputError  # noqa: E402
 from cpsc_ray.layout import RootDir, RunDir  # noqa: E402
 from cpsc_ray.method.engine import DivergenceError  # noqa: E402
 from cpsc_ray.runs.assembly import written_config  # noqa: E402
@@ -182,11 +183,16 @@ def run_cell(
 def interrupted_wall(cfg: Config, cfg_hash: str, weights: Path) -> float | None:
     """The wall seconds already spent by an earlier, interrupted run of this cell (same name, same config
     hash ``cfg_hash``), which ``run_cell`` then continues from its newest checkpoint; None when there is none
-    to continue (a run of that name under another config stays as it is, and this one starts under a new name)."""
+    to continue (a run of that name under another config stays as it is, and this one starts under a new name;
+    so does one whose config this version no longer reads, such as a key since removed)."""
     earlier = RootDir(cfg.output_dir).run(cfg.name)
     if not earlier.exists(RunDir.CONFIG):
         return None
-    if config_hash(written_config(earlier), weights) != cfg_hash:
+    try:
+        written = written_config(earlier)
+    except InputError:
+        return None
+    if config_hash(written, weights) != cfg_hash:
         return None
     rows = earlier.metric_rows()
     return max((r["wall_s"] for r in rows), default=0.0)
