@@ -56,6 +56,9 @@ def test_shipped_spaces_load_by_name():
         "loss.adversarial_warmup",
         # and whether the generator is conditional at all, which depends on the teacher (issue 19's zoo)
         "generator.kind",
+        # and a memory of past images for the student, and its share of each batch
+        "student.replay_images",
+        "student.replay_fraction",
     } == set(optuna.params)
     pbt = load_search_space("cpsc_pbt").params
     knobs = {"loss.eta_student", "loss.adversarial_warmup", "loss.gate_pseudo_labels", "loss.gate_contrast"}
