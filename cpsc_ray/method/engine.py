@@ -86,7 +86,8 @@ class DistillEngine:
         # Built after the student and before its optimizer: the seeded draws that initialise the models are made in
         # the order of every earlier version (student, generator, projection head).
         build = synthesizer or SYNTHESIZERS.get(cfg.generator.kind, "generator.kind")
-        self.synthesizer = with_replay(build(cfg, self._setting()), cfg, self._setting())
+        setting = self._setting()
+        self.synthesizer = with_replay(build(cfg, setting), cfg, setting)
         self._build_student_optimizer()
         self.eval_sets = {
             name: EvalSet(s.images.to(self.device, memory_format=self.memory_format), s.labels.to(self.device))
