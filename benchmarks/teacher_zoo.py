@@ -10,8 +10,9 @@ records what makes it reproducible and comparable: the resolved config's hash (w
 its weights' digest, not its path), the commit, the seed, validation and test accuracy at the epoch
 validation chose, at the epoch the data-free proxy would have chosen, and at the last epoch, the
 teacher's agreement with the pseudo-labels over the last quarter of the run, divergence and warnings.
-A finished cell is reused only when teacher, seed and config hash all match (never by label alone), so
-rows measured under older defaults are run again; a cell whose run was interrupted (the process killed)
+A finished cell is reused only when teacher, seed and config hash all match (never by label alone; the hash an
+earlier version of this script wrote counts where the options added since are off), so rows measured under
+older defaults are run again; a cell whose run was interrupted (the process killed)
 continues from its newest checkpoint when started again, its wall time summed over the attempts. Rows
 land in the JSON as each run finishes, under a file lock, so several processes can fill one JSON.
 
@@ -108,10 +109,36 @@ def commit() -> str:
 def config_hash(cfg: Config, weights: Path) -> str:
     """What decides a run's numbers: the resolved config without its name and location, the teacher named
     by the digest of its weights."""
+    return config_hashes(cfg, weights)[0]
+
+
+# Options added to the config since the zoo's first rows, oldest first: the keys each commit added and the test
+# that they are at the value computing what the code computed before they existed.
+ADDED_OPTIONS = (
+    ("ae9cf8a", (("train", "compile_mode"),), lambda tree: tree["train"]["compile_mode"] == "default"),
+    (
+        "cc93c24",
+        (("student", "replay_images"), ("student", "replay_fraction")),
+        lambda tree: tree["student"]["replay_images"] == 0,
+    ),
+)
+
+
+def config_hashes(cfg: Config, weights: Path) -> list[str]:
+    """``config_hash`` as this script writes it today, then as earlier versions wrote it for a run that computes the
+    same: with the options added since each version removed while they are off. A finished cell stays reusable
+    across a commit that only adds an option, instead of the whole zoo running again."""
     tree = cfg.model_dump(exclude={"name", "output_dir"})
     tree["teacher"]["weights"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     tree["data"].pop("root")
-    return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:16]
+    hashes = [hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:16]]
+    for _, keys, is_off in reversed(ADDED_OPTIONS):
+        if not is_off(tree):
+            break
+        for section, key in keys:
+            del tree[section][key]
+        hashes.append(hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:16])
+    return hashes
 
 
 def run_config(name: str, seed: int, storage: Path, label: str, overrides: list[str]) -> Config:
@@ -279,8 +306,10 @@ def main() -> None:
     for name in args.teachers:
         for seed in args.seeds:
             cfg = run_config(name, seed, args.storage, args.label, args.overrides)
-            key = (name, seed, config_hash(cfg, Path(cfg.teacher.weights)))
-            if any((r["teacher"], r["seed"], r["config_hash"]) == key for r in read_rows(args.json)):
+            hashes = config_hashes(cfg, Path(cfg.teacher.weights))
+            if any(
+                (r["teacher"], r["seed"]) == (name, seed) and r["config_hash"] in hashes for r in read_rows(args.json)
+            ):
                 continue
             row = run_cell(name, seed, args.storage, args.label, args.overrides, args.commit)
             append_row(args.json, row)
