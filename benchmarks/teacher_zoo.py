@@ -121,6 +121,7 @@ ADDED_OPTIONS = (
         (("student", "replay_images"), ("student", "replay_fraction")),
         lambda tree: tree["student"]["replay_images"] == 0,
     ),
+    ("c54b5f8", (("generator", "shift"),), lambda tree: tree["generator"]["shift"] == 0),
 )
 
 
