@@ -157,6 +157,12 @@ class LossConfig(Section):
         description="SupCon: an image the teacher does not assign to its pseudo-label has no positive but its own "
         "other view",
     )
+    contrast_instances: bool = Field(
+        False,
+        description="the contrastive term over instances, not pseudo-labels: each image's only positive is its own "
+        "other view and every other image is a negative (CMI's instance discrimination, which spreads the images "
+        "apart), where SupCon pulls the images of one pseudo-label together",
+    )
     adversarial: float = Field(
         1.0,
         ge=0,

@@ -101,6 +101,19 @@ def test_the_gated_contrast_gives_an_image_the_teacher_does_not_assign_to_its_la
     assert close(ContrastiveTerm(0.5, 0.5, gated=False)(batch), 1.4701012776145073)
 
 
+def test_the_instance_contrast_gives_every_image_no_positive_but_itself():
+    # The teacher assigns every image to its pseudo-label (0, 1, 0), so SupCon, gated or not, pairs the first and
+    # the third; over instances no image has a positive but its other view: the labels (0, 1, 2) by hand.
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    teacher = torch.tensor([[0.6, 0.8], [-1.0, 0.0], [1.0, -0.5]])
+    agreeing = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0]])
+    batch = SynthBatch(torch.tensor([0, 1, 0]), agreeing, torch.zeros(3, 3), teacher, student)
+    assert close(ContrastiveTerm(0.5, 0.5, gated=True)(batch), 1.4701012776145073)
+    assert close(ContrastiveTerm(0.5, 0.5, instances=True)(batch), 1.6785264713953822)
+    cfg = LossConfig(temperature=0.5, base_temperature=0.5, beta=0, contrast_instances=True)
+    assert close(generator_objective(cfg, None).terms["scl"](batch), 1.6785264713953822)
+
+
 def test_contrastive_term_normalises_features():
     student = torch.tensor([[2.0, 0.0], [0.0, 3.0], [5.0, 5.0]])
     teacher = torch.tensor([[0.6, 0.8], [-4.0, 0.0], [2.0, -1.0]])

@@ -155,6 +155,7 @@ Gather = Callable[[Tensor], Tensor]
 
 class ContrastiveTerm(LossTerm):
     """Pseudo-supervised contrast: the teacher's and the student's features of one image are two views.
+    ``instances``: no image shares a class with another (instance discrimination).
 
     ``gather`` (distributed runs) concatenates features and labels from every rank with autograd,
     so positives and negatives come from the whole global batch. ``gated``: an image the teacher does not
@@ -163,21 +164,33 @@ class ContrastiveTerm(LossTerm):
 
     needs_features = True
 
-    def __init__(self, temperature: float, base_temperature: float, gather: Gather | None = None, gated: bool = False):
+    def __init__(
+        self,
+        temperature: float,
+        base_temperature: float,
+        gather: Gather | None = None,
+        gated: bool = False,
+        instances: bool = False,
+    ):
         super().__init__()
         self.temperature, self.base_temperature = temperature, base_temperature
         self.gather = gather
-        self.gated = gated
+        self.gated, self.instances = gated, instances
 
     def forward(self, batch: SynthBatch) -> Tensor:
         views = torch.stack(
             [F.normalize(batch.student_features.float(), dim=1), F.normalize(batch.teacher_features.float(), dim=1)],
             dim=1,
         )
-        labels = torch.where(teacher_agrees(batch), batch.labels, -1) if self.gated else batch.labels
+        if self.instances:
+            labels = torch.full_like(batch.labels, -1)
+        elif self.gated:
+            labels = torch.where(teacher_agrees(batch), batch.labels, -1)
+        else:
+            labels = batch.labels
         if self.gather is not None:
             views, labels = self.gather(views), self.gather(labels)
-        if self.gated:  # each image marked -1 (on any rank) becomes a class of its own
+        if self.gated or self.instances:  # each image marked -1 (on any rank) becomes a class of its own
             labels = torch.where(labels < 0, -1 - torch.arange(len(labels), device=labels.device), labels)
         return supervised_contrastive(views, labels, self.temperature, self.base_temperature)
 
@@ -328,7 +341,10 @@ def generator_objective(
     terms: dict[str, tuple[float, LossTerm]] = {
         "kd": (-cfg.adversarial, KDTerm(cfg.kd_temperature)),
         "ikd": (-cfg.adversarial * cfg.alpha, LogitL2Term(ikd_form)),
-        "scl": (cfg.gamma, ContrastiveTerm(cfg.temperature, cfg.base_temperature, gather, cfg.gate_contrast)),
+        "scl": (
+            cfg.gamma,
+            ContrastiveTerm(cfg.temperature, cfg.base_temperature, gather, cfg.gate_contrast, cfg.contrast_instances),
+        ),
         "ce": (cfg.eta, PseudoLabelCETerm("teacher", cfg.ce_on)),
     }
     if cfg.beta != 0:
