@@ -121,7 +121,6 @@ ADDED_OPTIONS = (
         (("student", "replay_images"), ("student", "replay_fraction")),
         lambda tree: tree["student"]["replay_images"] == 0,
     ),
-    ("c54b5f8", (("generator", "shift"),), lambda tree: tree["generator"]["shift"] == 0),
     ("973a872", (("loss", "contrast_instances"),), lambda tree: not tree["loss"]["contrast_instances"]),
 )
 

@@ -117,13 +117,6 @@ class GeneratorConfig(Section):
         description="clear Adam's state before every generator step, as the reference's per-step new Adam does: "
         "each update is then about lr * sign(grad)",
     )
-    shift: int = Field(
-        0,
-        ge=0,
-        description="in the generator's steps the teacher and the student see each image moved by up to this many "
-        "pixels (its own random offset, zero border), so the class the teacher reads must survive a translation, "
-        "as in Fast-Datafree's and CMI's synthesis; 0: the images as generated",
-    )
 
     @model_validator(mode="after")
     def _milestones_in_run(self) -> "GeneratorConfig":

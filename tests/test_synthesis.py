@@ -3,14 +3,11 @@ engine was given, and both implementations, CPSC-DFKD's generator and the probe'
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
-import pytest
 import torch
 
 from cpsc_ray.config import with_values
-from cpsc_ray.method.augment import random_shift
 from cpsc_ray.method.losses import BNStatisticsPrior
 from cpsc_ray.method.synthesis import SYNTHESIZERS, GeneratorSynthesizer, OptimisedBatch, Setting
 from cpsc_ray.runs.assembly import prepare_engine
@@ -89,68 +86,3 @@ def test_generator_kinds_are_the_registered_synthesizers(tiny_cfg):
     zeros, ones = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
     with torch.no_grad():
         assert torch.equal(generator(z, zeros), generator(z, ones))
-
-
-def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``image`` moved down by ``dy`` and right by ``dx`` pixels (negative: up, left), zeros where it uncovers."""
-    out = torch.zeros_like(image)
-    h, w = image.shape[-2:]
-    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
-        ..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-    ]
-    return out
-
-
-def test_random_shift_moves_each_image_by_its_own_offset_within_the_bound():
-    images = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = random_shift(images, 2, torch.Generator().manual_seed(1))
-    offsets = []
-    for image, moved in zip(images, out):
-        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(moved, shifted(image, dy, dx))]
-        assert len(matches) == 1  # every image is exactly one of the 25 translations of itself
-        offsets.append(matches[0])
-    assert len(set(offsets)) > 12  # drawn per image, not once for the batch
-    again = random_shift(images, 2, torch.Generator().manual_seed(1))
-    assert torch.equal(out, again)  # the offsets come from the generator it is given
-
-
-def test_random_shift_passes_gradients_to_the_pixels_still_in_view():
-    images = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    out = random_shift(images, 3, torch.Generator().manual_seed(2))
-    out.sum().backward()
-    for image, moved, grad in zip(images, out, images.grad):
-        in_view = torch.isin(image, moved)  # random values: a pixel is in view where its value reappears
-        assert torch.equal(grad, in_view.float())
-
-
-def test_the_generator_step_sees_shifted_images_and_the_student_step_does_not(tiny_cfg):
-    cfg = with_values(tiny_cfg, {"generator.shift": 2})
-    engine = prepare_engine(cfg).engine
-    synthesizer, seen_by_teacher = engine.synthesizer, []
-    teacher_fwd = synthesizer.setting.teacher_fwd
-
-    def recorded_teacher(images, **kwargs):
-        seen_by_teacher.append(images.detach().clone())
-        return teacher_fwd(images, **kwargs)
-
-    synthesizer.setting = dataclasses.replace(synthesizer.setting, teacher_fwd=recorded_teacher)
-    synthesizer.begin_epoch(0)
-    z, y = synthesizer.draw()
-    synthesizer.begin_epoch(0)
-    generated = synthesizer.generator(z, y).detach()
-    synthesizer.synthesize()
-    (seen,) = seen_by_teacher
-    offsets = [
-        [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.allclose(view, shifted(image, dy, dx))]
-        for image, view in zip(generated, seen)
-    ]
-    assert all(len(found) == 1 for found in offsets)  # each image the teacher saw is one translation of G(z, y)
-    assert sum(found != [(0, 0)] for found in offsets) > len(offsets) / 2
-
-    sampled, seen_by_student, _ = trained_on(engine)
-    assert all(torch.equal(s, images) for s, (images, _) in zip(seen_by_student, sampled))
-
-
-def test_a_shift_the_images_cannot_take_is_refused(tiny_cfg):
-    with pytest.raises(ValueError, match="generator.shift=16 moves 16-pixel images out of view"):
-        prepare_engine(with_values(tiny_cfg, {"generator.shift": 16}))

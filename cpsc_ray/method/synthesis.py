@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from cpsc_ray.config import Config
-from cpsc_ray.method.augment import random_shift
 from cpsc_ray.method.device import compiled
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
@@ -141,11 +140,6 @@ class GeneratorSynthesizer:
             if trains_head:
                 self.head_ddp = DistributedDataParallel(self.head, device_ids=device_ids)
         self.generator_ddp = compiled(self.generator_ddp, cfg.train)
-        if not cfg.generator.shift < spec.image_size:
-            raise ValueError(
-                f"generator.shift={cfg.generator.shift} moves {spec.image_size}-pixel images out of view: "
-                f"set it under the image side (a few pixels, or 0 for none)"
-            )
         self.noise = torch.Generator(device=device)
         self.bn_prior: BNStatisticsPrior | None = None  # made by apply_hyperparameters once beta > 0
 
@@ -178,18 +172,12 @@ class GeneratorSynthesizer:
         y = torch.randint(0, self.setting.spec.num_classes, (batch,), device=device, generator=self.noise)
         return z, y
 
-    def batch(
-        self, z: Tensor, y: Tensor, generator: nn.Module, head: nn.Module | None, rng: torch.Generator
-    ) -> SynthBatch:
-        """What the generator's objective looks at: ``G(z, y)`` (moved by ``generator.shift``, offsets from ``rng``)
-        through the teacher (its BN statistics captured when the prior is on) and the student, with graphs back to
-        the generator."""
+    def batch(self, z: Tensor, y: Tensor, generator: nn.Module, head: nn.Module | None) -> SynthBatch:
+        """What the generator's objective looks at: ``G(z, y)`` through the teacher (its BN statistics
+        captured when the prior is on) and the student, with graphs back to the generator."""
         setting = self.setting
         with record_function("generator_forward"):
-            images = generator(z, y)
-            if self.cfg.generator.shift:
-                images = random_shift(images, self.cfg.generator.shift, rng)
-            images = images.contiguous(memory_format=setting.memory_format)
+            images = generator(z, y).contiguous(memory_format=setting.memory_format)
         capture = self.bn_prior.capture() if "bn" in self.objective.terms else contextlib.nullcontext()
         with capture, record_function("teacher_forward"):
             t_logits, t_features = setting.teacher_fwd(images, return_features=True)
@@ -202,7 +190,7 @@ class GeneratorSynthesizer:
     def synthesize(self) -> dict[str, Tensor]:
         z, y = self.draw()
         with self.setting.autocast():
-            total, parts = self.objective(self.batch(z, y, self.generator_ddp, self.head_ddp, self.noise))
+            total, parts = self.objective(self.batch(z, y, self.generator_ddp, self.head_ddp))
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("backward"):
             total.backward()
@@ -231,7 +219,7 @@ class GeneratorSynthesizer:
         buffers = [b for model in (setting.student, self.generator) for b in model.buffers()]
         saved = [b.clone() for b in buffers]
         with setting.autocast():
-            batch = self.batch(z, y, self.generator, self.head, rng)
+            batch = self.batch(z, y, self.generator, self.head)
             values = {name: term(batch) for name, term in objective.terms.items()}
         norms = {}
         for name, value in values.items():
