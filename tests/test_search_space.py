@@ -59,6 +59,8 @@ def test_shipped_spaces_load_by_name():
         # and a memory of past images for the student, and its share of each batch
         "student.replay_images",
         "student.replay_fraction",
+        # and the contrastive term over instances rather than pseudo-labels
+        "loss.contrast_instances",
     } == set(optuna.params)
     pbt = load_search_space("cpsc_pbt").params
     knobs = {"loss.eta_student", "loss.adversarial_warmup", "loss.gate_pseudo_labels", "loss.gate_contrast"}
