@@ -26,7 +26,7 @@ def ddp_probe_loop(config: dict) -> None:
     """Runs inside each Ray Train worker: one epoch, then compares what the ranks hold."""
     import ray.train
 
-    from cpsc_ray.method.losses import BNStatisticsPrior, supervised_contrastive
+    from cpsc_ray.method.losses import BNStatisticsPrior, ContrastiveTerm, SynthBatch, supervised_contrastive
     from cpsc_ray.runs.assembly import prepare_engine
 
     cfg = Config.model_validate(config["cfg"])
@@ -61,6 +61,18 @@ def ddp_probe_loop(config: dict) -> None:
         engine.teacher(torch.cat(all_images))
     single_bn = local_prior().item()
     single_scl = supervised_contrastive(torch.cat(gathered(features)), torch.cat(gathered(y)), 0.5, 0.5).item()
+    # Over instances, no image shares a class with another image of any rank.
+    views = torch.randn(2, len(y), 8, generator=torch.Generator().manual_seed(10 + rank))
+    logits = torch.zeros(len(y), 10)  # unread over instances
+    local = SynthBatch(y, logits, teacher_features=views[0], student_features=views[1])
+    instances_distributed = ContrastiveTerm(0.5, 0.5, distributed_scl, instances=True)(local).item()
+    everyone = SynthBatch(
+        torch.cat(gathered(y)),
+        torch.cat(gathered(logits)),
+        teacher_features=torch.cat(gathered(views[0])),
+        student_features=torch.cat(gathered(views[1])),
+    )
+    instances_single = ContrastiveTerm(0.5, 0.5, instances=True)(everyone).item()
     # Train V2 keeps the metrics of the latest checkpoint as the run's result, so rank 0 attaches one.
     directory = tempfile.mkdtemp()
     Path(directory, "probe.txt").write_text("ddp probe")
@@ -75,6 +87,8 @@ def ddp_probe_loop(config: dict) -> None:
             "bn_single": single_bn,
             "scl_distributed": scl,
             "scl_single": single_scl,
+            "instances_distributed": instances_distributed,
+            "instances_single": instances_single,
             "world_size": dist.get_world_size(),
             "local_batch": engine.local_batch,
         },
@@ -97,6 +111,7 @@ def test_ddp_keeps_ranks_in_step_and_draws_different_batches(ray_local, digits_c
     assert metrics["batches_differ"]
     assert metrics["bn_distributed"] == pytest.approx(metrics["bn_single"], rel=1e-4)
     assert metrics["scl_distributed"] == pytest.approx(metrics["scl_single"], rel=1e-5)
+    assert metrics["instances_distributed"] == pytest.approx(metrics["instances_single"], rel=1e-5)
 
 
 def distill_workers(tmp_path: Path, *extra: str) -> int:
