@@ -129,16 +129,20 @@ def config_hashes(cfg: Config, weights: Path) -> list[str]:
     """``config_hash`` as this script writes it today, then as earlier versions wrote it for a run that computes the
     same: with the options added since each version removed while they are off. A finished cell stays reusable
     across a commit that only adds an option, instead of the whole zoo running again."""
+
+    def digest(tree: dict) -> str:
+        return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:16]
+
     tree = cfg.model_dump(exclude={"name", "output_dir"})
     tree["teacher"]["weights"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     tree["data"].pop("root")
-    hashes = [hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:16]]
+    hashes = [digest(tree)]
     for _, keys, is_off in reversed(ADDED_OPTIONS):
         if not is_off(tree):
             break
         for section, key in keys:
             del tree[section][key]
-        hashes.append(hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:16])
+        hashes.append(digest(tree))
     return hashes
 
 
