@@ -156,6 +156,18 @@ class LossConfig(Section):
         "other view and every other image is a negative (CMI's instance discrimination, which spreads the images "
         "apart), where SupCon pulls the images of one pseudo-label together",
     )
+    agreement_target: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="0: off. Otherwise the teacher's agreement with the pseudo-labels the generator is steered to: "
+        "after each generator step its pseudo-label CE weight is eta times a multiplier, itself multiplied by "
+        "exp(agreement_rate * (target - the step's agreement)) and kept within [1/100, 100], so the conditioning "
+        "holds on any teacher with the CE it needs (needs loss.eta > 0 and the conditional generator)",
+    )
+    agreement_rate: float = Field(
+        0.05, gt=0, description="loss.agreement_target's step: the multiplier's log moves by rate * the shortfall"
+    )
     adversarial: float = Field(
         1.0,
         ge=0,
@@ -280,6 +292,16 @@ class Config(Section):
                 if isinstance(data.get(section, {}), dict):
                     data[section] = {field: value, **data.get(section, {})}
         return data
+
+    @model_validator(mode="after")
+    def _agreement_steers_conditioning(self) -> "Config":
+        if self.loss.agreement_target and (self.loss.eta == 0 or self.generator.kind != "conditional"):
+            raise ValueError(
+                "loss.agreement_target steers the generator's pseudo-label CE, so it needs loss.eta > 0 and "
+                f"generator.kind=conditional (got eta {self.loss.eta}, kind {self.generator.kind}); "
+                "set loss.agreement_target=0 to turn it off"
+            )
+        return self
 
 
 SHIPPED_CONFIGS = importlib.resources.files("cpsc_ray") / "configs"

@@ -13,3 +13,5 @@ LOSS_METRICS = (
 SYNTHESIS_METRICS = ("teacher_pseudo_acc", "teacher_logit_rms", "student_logit_rms")
 # With eval.term_gradients: each generator term's weighted gradient norm at the generator's weights.
 TERM_GRADIENT_METRICS = tuple(f"g_grad_{t}" for t in GENERATOR_TERMS)
+# With loss.agreement_target: the generator's pseudo-label CE weight, eta times its steered multiplier.
+CONTROL_METRICS = ("g_ce_weight",)

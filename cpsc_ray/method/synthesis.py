@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from cpsc_ray.config import Config
+from cpsc_ray.method.control import AgreementControl
 from cpsc_ray.method.device import compiled
 from cpsc_ray.method.generators import build_generator
 from cpsc_ray.method.losses import (
@@ -35,6 +36,7 @@ from cpsc_ray.method.losses import (
     TotalVariationTerm,
     WeightedSum,
     generator_objective,
+    teacher_agrees,
 )
 from cpsc_ray.method.parallel import average_with_grad, gather_with_grad, noise_seed, world
 from cpsc_ray.method.schedules import multistep, ramp
@@ -142,6 +144,7 @@ class GeneratorSynthesizer:
         self.generator_ddp = compiled(self.generator_ddp, cfg.train)
         self.noise = torch.Generator(device=device)
         self.bn_prior: BNStatisticsPrior | None = None  # made by apply_hyperparameters once beta > 0
+        self.control: AgreementControl | None = None  # made by apply_hyperparameters once agreement_target > 0
 
     def apply_hyperparameters(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -152,6 +155,11 @@ class GeneratorSynthesizer:
             self.bn_prior.form = cfg.loss.bn_form
         gather = gather_with_grad if self.world_size > 1 else None
         self.objective: WeightedSum = generator_objective(cfg.loss, self.bn_prior, gather)
+        if cfg.loss.agreement_target and self.control is None:
+            self.control = AgreementControl(self.setting.device)
+        if self.control is not None:
+            self.control.configure(cfg.loss)
+        self._weigh_ce()
         for group in self.optimizer.param_groups:
             group["betas"] = (cfg.generator.beta1, cfg.generator.beta2)
 
@@ -190,7 +198,10 @@ class GeneratorSynthesizer:
     def synthesize(self) -> dict[str, Tensor]:
         z, y = self.draw()
         with self.setting.autocast():
-            total, parts = self.objective(self.batch(z, y, self.generator_ddp, self.head_ddp))
+            batch = self.batch(z, y, self.generator_ddp, self.head_ddp)
+            total, parts = self.objective(batch)
+        if self.control is not None and self.cfg.loss.agreement_target:
+            parts["ce_weight"] = self.steer(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("backward"):
             total.backward()
@@ -199,6 +210,22 @@ class GeneratorSynthesizer:
         with record_function("optimizer"):
             self.optimizer.step()
         return {**parts, "total": total}
+
+    def steer(self, batch: SynthBatch) -> Tensor:
+        """``loss.agreement_target``: the CE weight for the next step from this step's agreement; returns this
+        step's weight."""
+        used = self.objective.weights["ce"]
+        agreement = teacher_agrees(batch).float().mean()
+        if self.world_size > 1:
+            dist.all_reduce(agreement)
+            agreement /= self.world_size
+        self.control.update(agreement)
+        self._weigh_ce()
+        return torch.as_tensor(used, device=self.setting.device).detach()
+
+    def _weigh_ce(self) -> None:
+        if self.control is not None:
+            self.objective.scale(("ce",), self.control.multiplier if self.cfg.loss.agreement_target else 1.0)
 
     def sample(self) -> tuple[Tensor, Tensor]:
         z, y = self.draw()
@@ -249,6 +276,7 @@ class GeneratorSynthesizer:
             "generator": self.generator.state_dict(),
             "head": self.head.state_dict() if self.head is not None else {},
             "generator_opt": self.optimizer.state_dict(),
+            **({"agreement_log_multiplier": self.control.log_multiplier} if self.control is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -256,6 +284,9 @@ class GeneratorSynthesizer:
         if self.head is not None:
             self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["generator_opt"])
+        if self.control is not None and "agreement_log_multiplier" in state:
+            self.control.log_multiplier = state["agreement_log_multiplier"].to(self.setting.device)
+            self._weigh_ce()
 
 
 SYNTHESIZERS.add("conditional", GeneratorSynthesizer)

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 import cpsc_ray
 from cpsc_ray.config import Config, LossConfig, flatten
 from cpsc_ray.layout import ResultsDir
-from cpsc_ray.method.metric_names import LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
+from cpsc_ray.method.metric_names import CONTROL_METRICS, LOSS_METRICS, SYNTHESIS_METRICS, TERM_GRADIENT_METRICS
 
 IDENTITY = {
     "experiment": pa.string(),
@@ -56,7 +56,7 @@ PROGRESS = {
     "queued_s": pa.float64(),
     "lr_student": pa.float64(),
     "lr_generator": pa.float64(),
-    **{name: pa.float64() for name in LOSS_METRICS + SYNTHESIS_METRICS + TERM_GRADIENT_METRICS},
+    **{name: pa.float64() for name in LOSS_METRICS + SYNTHESIS_METRICS + CONTROL_METRICS + TERM_GRADIENT_METRICS},
     "class_coverage": pa.float64(),  # fraction of classes the student predicts on the selection set
     "val_acc": pa.float64(),
     "proxy": pa.float64(),
