@@ -122,6 +122,11 @@ ADDED_OPTIONS = (
         lambda tree: tree["student"]["replay_images"] == 0,
     ),
     ("973a872", (("loss", "contrast_instances"),), lambda tree: not tree["loss"]["contrast_instances"]),
+    (
+        "77b59cc",
+        (("loss", "agreement_target"), ("loss", "agreement_rate")),
+        lambda tree: tree["loss"]["agreement_target"] == 0,
+    ),
 )
 
 
