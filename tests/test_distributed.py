@@ -46,6 +46,8 @@ def ddp_probe_loop(config: dict) -> None:
     with torch.no_grad():
         images = engine.synthesizer.generator(z, y)
     all_params, all_generator, all_images = gathered(params), gathered(generator_params), gathered(images)
+    # The CE weight's multiplier follows the global batch's agreement, so every rank weighs the CE alike.
+    multipliers = gathered(engine.synthesizer.control.log_multiplier)
 
     # The BN prior and SupCon see the global batch: equal to one process computing them on all of it.
     with engine.synthesizer.bn_prior.capture():
@@ -83,6 +85,7 @@ def ddp_probe_loop(config: dict) -> None:
             "rank0_params_equal_rank1": bool(torch.equal(all_params[0], all_params[1])),
             "generators_equal": bool(torch.equal(all_generator[0], all_generator[1])),
             "batches_differ": bool(not torch.equal(all_images[0], all_images[1])),
+            "ce_multipliers": [m.item() for m in multipliers],
             "bn_distributed": distributed_bn,
             "bn_single": single_bn,
             "scl_distributed": scl,
@@ -101,7 +104,11 @@ def test_ddp_keeps_ranks_in_step_and_draws_different_batches(ray_local, digits_c
 
     trainer = TorchTrainer(
         ddp_probe_loop,
-        train_loop_config={"cfg": with_values(digits_cfg, {"loss.train_projection_head": True}).model_dump()},
+        train_loop_config={
+            "cfg": with_values(
+                digits_cfg, {"loss.train_projection_head": True, "loss.agreement_target": 0.75}
+            ).model_dump()
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="ddp-probe", storage_path=str(tmp_path)),
     )
@@ -109,6 +116,8 @@ def test_ddp_keeps_ranks_in_step_and_draws_different_batches(ray_local, digits_c
     assert metrics["world_size"] == 2 and metrics["local_batch"] == digits_cfg.train.batch_size // 2
     assert metrics["rank0_params_equal_rank1"] and metrics["generators_equal"]
     assert metrics["batches_differ"]
+    first, second = metrics["ce_multipliers"]
+    assert first == second != 0
     assert metrics["bn_distributed"] == pytest.approx(metrics["bn_single"], rel=1e-4)
     assert metrics["scl_distributed"] == pytest.approx(metrics["scl_single"], rel=1e-5)
     assert metrics["instances_distributed"] == pytest.approx(metrics["instances_single"], rel=1e-5)

@@ -114,6 +114,15 @@ def test_teacher_arch_and_builder_are_exclusive():
     assert "exactly one of teacher.arch" in error_of(load_config, "digits", ["teacher.builder=x:y"])
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["loss.eta=0"], ["generator.kind=unconditional", "loss.eta=0", "loss.eta_student=0"]],
+)
+def test_an_agreement_target_needs_a_conditional_generator_with_its_ce(overrides):
+    message = error_of(load_config, "digits", ["loss.agreement_target=0.7", *overrides])
+    assert "loss.agreement_target" in message and "loss.agreement_target=0" in message
+
+
 def test_cifar_needs_teacher_weights_and_data_root(digits_cfg):
     from cpsc_ray.data import load_splits
 

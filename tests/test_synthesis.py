@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from cpsc_ray.config import with_values
+from cpsc_ray.config import LossConfig, with_values
+from cpsc_ray.method.control import LIMIT, AgreementControl
 from cpsc_ray.method.losses import BNStatisticsPrior
 from cpsc_ray.method.synthesis import SYNTHESIZERS, GeneratorSynthesizer, OptimisedBatch, Setting
 from cpsc_ray.runs.assembly import prepare_engine
@@ -86,3 +88,41 @@ def test_generator_kinds_are_the_registered_synthesizers(tiny_cfg):
     zeros, ones = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
     with torch.no_grad():
         assert torch.equal(generator(z, zeros), generator(z, ones))
+
+
+def test_the_agreement_target_steers_the_generators_ce_weight(tiny_cfg):
+    """After each generator step the CE weight is eta * exp(log m), log m moved by rate * (target - that step's
+    agreement) and kept within [-log 100, log 100]: checked step by step against the batches the steps saw."""
+    eta, target, rate = 2.0, 0.75, 0.5
+    cfg = with_values(tiny_cfg, {"loss.eta": eta, "loss.agreement_target": target, "loss.agreement_rate": rate})
+    engine = prepare_engine(cfg).engine
+    synthesizer = engine.synthesizer
+    batches, make_batch = [], synthesizer.batch
+    synthesizer.batch = lambda *args: batches.append(make_batch(*args)) or batches[-1]
+    metrics = engine.train_epoch()
+    assert len(batches) == cfg.train.iterations_per_epoch * cfg.train.g_steps
+    log_m, used = 0.0, []
+    for batch in batches:
+        used.append(eta * math.exp(log_m))
+        agreement = (batch.teacher_logits.argmax(1) == batch.labels).float().mean().item()
+        log_m = min(max(log_m + rate * (target - agreement), -math.log(LIMIT)), math.log(LIMIT))
+    assert len({round(w, 4) for w in used}) > 1  # the weight moved
+    assert metrics["g_ce_weight"] == pytest.approx(sum(used) / len(used), rel=1e-5)
+    assert synthesizer.objective.weights["ce"].item() == pytest.approx(eta * math.exp(log_m), rel=1e-5)
+    # A checkpoint carries the multiplier: the restored run steps on from the same weight.
+    restored = prepare_engine(cfg).engine
+    assert float(restored.synthesizer.objective.weights["ce"]) == eta
+    restored.load_state_dict(engine.state_dict())
+    restored.apply_hyperparameters(cfg)
+    assert restored.synthesizer.objective.weights["ce"].item() == pytest.approx(eta * math.exp(log_m), rel=1e-5)
+
+
+def test_the_agreement_multiplier_is_bounded():
+    control = AgreementControl(torch.device("cpu"))
+    control.configure(LossConfig(agreement_target=0.9, agreement_rate=1.0))
+    for _ in range(20):
+        control.update(torch.tensor(0.0))  # the teacher never agrees: up 0.9 a step, to the bound
+    assert control.multiplier.item() == pytest.approx(LIMIT)
+    for _ in range(100):
+        control.update(torch.tensor(1.0))  # it always agrees: down 0.1 a step, to the other bound
+    assert control.multiplier.item() == pytest.approx(1 / LIMIT)
