@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cpsc_ray.errors import InputError
+from cpsc_ray.reference import REFERENCE_FIELDS, reference_dynamics
 
 
 class Section(BaseModel):
@@ -236,33 +237,6 @@ class EvalConfig(Section):
     )
 
 
-# What `dynamics: reference` sets, unless the config sets the field itself: every value in which the reference
-# code's CIFAR runs (its README's command) differ from cpsc-ray's defaults, so the preset is the reference's
-# effective behaviour (METHOD.md, "what those defects do in practice"). Budgets (epochs, batch, steps, the
-# student's warm-up length) stay the config's. The reference's student schedule needs no field: its cosine,
-# stepped twice per epoch, ends up at the closed form ``cos(pi * (epoch - warm-up) / epochs)`` that the warm-up
-# wrapper sets last, which is cpsc-ray's warm-up then cosine (BENCHMARKS.md, "The reference preset").
-def reference_dynamics(dataset: str) -> dict[tuple[str, str], Any]:
-    return {
-        ("generator", "reset_optimizer"): True,
-        ("generator", "lr_milestones"): [],
-        ("loss", "ce_on"): "probabilities",
-        ("loss", "eta"): 0.7,
-        ("loss", "eta_student"): 0.7,
-        # The reference takes the log forms on CIFAR-10 and plain MSE on every other data set.
-        ("loss", "ikd_form"): "log" if dataset == "cifar10" else "mse",
-        ("loss", "bn_form"): "raw",
-        ("loss", "base_temperature"): 0.07,
-        ("loss", "gate_pseudo_labels"): False,
-        ("loss", "gate_contrast"): False,
-        ("loss", "adversarial"): 1.0,
-        ("loss", "adversarial_warmup"): 0.0,
-    }
-
-
-REFERENCE_FIELDS = tuple(reference_dynamics("digits"))
-
-
 class Config(Section):
     name: str = Field("run", description="run name: its directory under output_dir (a taken name gets a suffix)")
     dynamics: Literal["fixed", "reference"] = Field(
@@ -297,9 +271,7 @@ class Config(Section):
     def _agreement_steers_conditioning(self) -> "Config":
         if self.loss.agreement_target and (self.loss.eta == 0 or self.generator.kind != "conditional"):
             raise ValueError(
-                "loss.agreement_target steers the generator's pseudo-label CE, so it needs loss.eta > 0 and "
-                f"generator.kind=conditional (got eta {self.loss.eta}, kind {self.generator.kind}); "
-                "set loss.agreement_target=0 to turn it off"
+                "loss.agreement_target needs loss.eta > 0 and generator.kind=conditional; loss.agreement_target=0: off"
             )
         return self
 

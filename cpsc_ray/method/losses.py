@@ -312,8 +312,9 @@ class WeightedSum(nn.Module):
         self.weights = dict(self.base_weights)
         self.terms = nn.ModuleDict({name: term for name, (weight, term) in terms.items() if weight != 0})
 
-    def scale(self, names: tuple[str, ...], factor: float) -> None:
-        """Weigh the named terms (those that are on) by ``factor`` times their configured weight."""
+    def scale(self, names: tuple[str, ...], factor: float | Tensor) -> None:
+        """Weigh the named terms (those that are on) by ``factor`` times their configured weight (a 0-d tensor
+        factor stays on the device: ``loss.agreement_target``'s multiplier)."""
         for name in names:
             if name in self.weights:
                 self.weights[name] = factor * self.base_weights[name]

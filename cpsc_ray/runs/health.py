@@ -116,7 +116,8 @@ class HealthMonitor:
             f"its validation or proxy accuracy, and compare an unconditional generator (generator.kind=unconditional "
             f"loss.eta=0 loss.eta_student=0), the better student on six of seven zoo teachers. To restore it, "
             f"eval.term_gradients=true shows "
-            f"which generator term drowns the pseudo-label CE: try a larger loss.eta, a longer "
+            f"which generator term drowns the pseudo-label CE: try loss.agreement_target=0.75, which raises the CE's "
+            f"weight until the teacher agrees (on deep teachers at a cost in accuracy: BENCHMARKS.md), a longer "
             f"loss.adversarial_warmup, loss.bn_form=standardized (if raw) or a smaller loss.beta, or tune the run "
             f"(cpsc-ray tune)"
         )
