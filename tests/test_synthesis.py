@@ -118,11 +118,10 @@ def test_the_agreement_target_steers_the_generators_ce_weight(tiny_cfg):
 
 
 def test_the_agreement_multiplier_is_bounded():
-    control = AgreementControl(torch.device("cpu"))
-    control.configure(LossConfig(agreement_target=0.9, agreement_rate=1.0))
+    control, cfg = AgreementControl(torch.device("cpu")), LossConfig(agreement_target=0.9, agreement_rate=1.0)
     for _ in range(20):
-        control.update(torch.tensor(0.0))  # the teacher never agrees: up 0.9 a step, to the bound
+        control.update(torch.tensor(0.0), cfg)  # the teacher never agrees: up 0.9 a step, to the bound
     assert control.multiplier.item() == pytest.approx(LIMIT)
     for _ in range(100):
-        control.update(torch.tensor(1.0))  # it always agrees: down 0.1 a step, to the other bound
+        control.update(torch.tensor(1.0), cfg)  # it always agrees: down 0.1 a step, to the other bound
     assert control.multiplier.item() == pytest.approx(1 / LIMIT)

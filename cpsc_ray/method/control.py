@@ -25,17 +25,14 @@ LIMIT = 100.0
 class AgreementControl:
     def __init__(self, device: torch.device):
         self.log_multiplier = torch.zeros((), device=device)
-        self.target = self.rate = 0.0
-
-    def configure(self, cfg: LossConfig) -> None:
-        self.target, self.rate = cfg.agreement_target, cfg.agreement_rate
 
     @property
     def multiplier(self) -> Tensor:
         return self.log_multiplier.exp()
 
-    def update(self, agreement: Tensor) -> None:
+    def update(self, agreement: Tensor, cfg: LossConfig) -> None:
         """``agreement``: the fraction of the step's images the teacher assigned to their pseudo-labels (a 0-d tensor;
         the global batch's in a distributed run, so every rank's multiplier stays the same). No host sync."""
+        step = cfg.agreement_rate * (cfg.agreement_target - agreement)
         bound = math.log(LIMIT)
-        self.log_multiplier = (self.log_multiplier + self.rate * (self.target - agreement)).clamp(-bound, bound)
+        self.log_multiplier = (self.log_multiplier + step).clamp(-bound, bound)

@@ -157,8 +157,6 @@ class GeneratorSynthesizer:
         self.objective: WeightedSum = generator_objective(cfg.loss, self.bn_prior, gather)
         if cfg.loss.agreement_target and self.control is None:
             self.control = AgreementControl(self.setting.device)
-        if self.control is not None:
-            self.control.configure(cfg.loss)
         self._weigh_ce()
         for group in self.optimizer.param_groups:
             group["betas"] = (cfg.generator.beta1, cfg.generator.beta2)
@@ -219,7 +217,7 @@ class GeneratorSynthesizer:
         if self.world_size > 1:
             dist.all_reduce(agreement)
             agreement /= self.world_size
-        self.control.update(agreement)
+        self.control.update(agreement, self.cfg.loss)
         self._weigh_ce()
         return torch.as_tensor(used, device=self.setting.device).detach()
 
