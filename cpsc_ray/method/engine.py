@@ -30,7 +30,7 @@ from cpsc_ray.method.device import (
 from cpsc_ray.method.losses import SynthBatch, WeightedSum, student_objective, teacher_agrees
 from cpsc_ray.method.metric_names import LOSS_METRICS
 from cpsc_ray.method.models import build_model
-from cpsc_ray.method.parallel import world
+from cpsc_ray.method.parallel import average, world
 from cpsc_ray.method.replay import with_replay
 from cpsc_ray.method.schedules import warmup_cosine
 from cpsc_ray.method.spec import EvalSet, ImageSpec
@@ -230,9 +230,8 @@ class DistillEngine:
                 finite = finite * torch.isfinite(self._student_step(sums))
         names = sorted(sums)
         values = torch.stack([torch.stack(sums[n]).mean() for n in names] + [finite])
+        average(values)
         if self.world_size > 1:
-            dist.all_reduce(values)
-            values /= self.world_size
             self._sync_student_buffers()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
@@ -38,7 +37,7 @@ from cpsc_ray.method.losses import (
     generator_objective,
     teacher_agrees,
 )
-from cpsc_ray.method.parallel import average_with_grad, gather_with_grad, noise_seed, world
+from cpsc_ray.method.parallel import average, average_with_grad, gather_with_grad, noise_seed, world
 from cpsc_ray.method.schedules import multistep, ramp
 from cpsc_ray.method.spec import ImageSpec
 from cpsc_ray.registry import Registry
@@ -213,10 +212,7 @@ class GeneratorSynthesizer:
         """``loss.agreement_target``: the CE weight for the next step from this step's agreement; returns this
         step's weight."""
         used = self.objective.weights["ce"]
-        agreement = teacher_agrees(batch).float().mean()
-        if self.world_size > 1:
-            dist.all_reduce(agreement)
-            agreement /= self.world_size
+        agreement = average(teacher_agrees(batch).float().mean())
         self.control.update(agreement, self.cfg.loss)
         self._weigh_ce()
         return torch.as_tensor(used, device=self.setting.device).detach()
@@ -256,10 +252,7 @@ class GeneratorSynthesizer:
             for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
         names = sorted(norms)
-        stacked = torch.stack([norms[n] for n in names])
-        if self.world_size > 1:
-            dist.all_reduce(stacked)
-            stacked /= self.world_size
+        stacked = average(torch.stack([norms[n] for n in names]))
         return dict(zip(names, stacked.tolist()))
 
     def preview(self, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
