@@ -169,9 +169,6 @@ class LossConfig(Section):
     agreement_rate: float = Field(
         0.05, gt=0, description="loss.agreement_target's step: the multiplier's log moves by rate * the shortfall"
     )
-    agreement_with_adversarial: bool = Field(
-        False, description="experiment: the agreement multiplier weighs the adversarial terms as well as the CE"
-    )
     adversarial: float = Field(
         1.0,
         ge=0,

@@ -164,8 +164,7 @@ class GeneratorSynthesizer:
         lr = self.cfg.generator.lr * multistep(progress, self.cfg.generator.lr_milestones, self.cfg.generator.lr_gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.adversarial_ramp = ramp(progress, self.cfg.loss.adversarial_warmup)
-        self._weigh_ce()
+        self.objective.scale(ADVERSARIAL_TERMS, ramp(progress, self.cfg.loss.adversarial_warmup))
 
     def begin_epoch(self, epoch: int) -> None:
         self.generator.train()
@@ -219,12 +218,8 @@ class GeneratorSynthesizer:
         return torch.as_tensor(used, device=self.setting.device).detach()
 
     def _weigh_ce(self) -> None:
-        m = self.control.multiplier if self.control is not None and self.cfg.loss.agreement_target else 1.0
-        self.objective.scale(("ce",), m)
-        adversarial = getattr(self, "adversarial_ramp", 0.0)
-        self.objective.scale(
-            ADVERSARIAL_TERMS, adversarial * m if self.cfg.loss.agreement_with_adversarial else adversarial
-        )
+        if self.control is not None:
+            self.objective.scale(("ce",), self.control.multiplier if self.cfg.loss.agreement_target else 1.0)
 
     def sample(self) -> tuple[Tensor, Tensor]:
         z, y = self.draw()
