@@ -127,6 +127,7 @@ ADDED_OPTIONS = (
         (("loss", "agreement_target"), ("loss", "agreement_rate")),
         lambda tree: tree["loss"]["agreement_target"] == 0,
     ),
+    ("875a254", (("loss", "diversity"),), lambda tree: tree["loss"]["diversity"] == 0),
 )
 
 
