@@ -127,7 +127,6 @@ ADDED_OPTIONS = (
         (("loss", "agreement_target"), ("loss", "agreement_rate")),
         lambda tree: tree["loss"]["agreement_target"] == 0,
     ),
-    ("875a254", (("loss", "diversity"),), lambda tree: tree["loss"]["diversity"] == 0),
 )
 
 

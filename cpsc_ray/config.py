@@ -157,13 +157,6 @@ class LossConfig(Section):
         "other view and every other image is a negative (CMI's instance discrimination, which spreads the images "
         "apart), where SupCon pulls the images of one pseudo-label together",
     )
-    diversity: float = Field(
-        0.0,
-        ge=0,
-        description="0: off. Weight of the within-class diversity term: the mean cosine similarity of the teacher's "
-        "features between images of one pseudo-label, which the generator lowers (a generator conditioned hard draws "
-        "few images a class: BENCHMARKS.md, issue 19)",
-    )
     agreement_target: float = Field(
         0.0,
         ge=0,

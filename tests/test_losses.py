@@ -16,14 +16,12 @@ from cpsc_ray.method.losses import (
     BNStatisticsPrior,
     ChannelMoments,
     ContrastiveTerm,
-    DiversityTerm,
     LossTerm,
     SynthBatch,
     WeightedSum,
     generator_objective,
     kd_divergence,
     logit_distance,
-    same_label_similarity,
     student_objective,
     supervised_contrastive,
 )
@@ -133,26 +131,6 @@ def test_contrastive_term_keeps_the_base_temperature_at_007_by_default():
     assert close(term(batch), 1.4701012776145073 * 0.5 / 0.07)
 
 
-def test_same_label_similarity_against_hand_computation():
-    features = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
-    labels = torch.tensor([0, 0, 1, 0])
-    # pairs of label 0 (each counted both ways): (0, 1) cos 1, (0, 3) and (1, 3) cos 1/sqrt(2); label 1 has none
-    assert close(same_label_similarity(features, labels), (1 + 2 * 0.7071067811865476) / 3)
-    assert same_label_similarity(features, torch.arange(4)).item() == 0.0  # no two images share a label
-
-
-def test_the_diversity_term_reads_the_teachers_features_and_its_gradient_spreads_a_class():
-    features = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.0, 1.0]], requires_grad=True)
-    labels = torch.tensor([1, 1, 0])
-    term = DiversityTerm()
-    value = term(SynthBatch(labels, T[:1].expand(3, 3), teacher_features=features))
-    assert term.needs_features and close(value, (1 - 0.01) / (1 + 0.01))
-    value.backward()
-    step = features.detach() - 0.5 * features.grad
-    assert same_label_similarity(step, labels) < value  # a descent step moves the class's two images apart
-    assert features.grad[2].abs().sum() == 0  # an image alone in its class is not pushed
-
-
 def test_bn_prior_against_hand_computation():
     bn = nn.BatchNorm2d(2).eval()
     bn.running_mean.copy_(torch.tensor([0.5, -1.0]))
@@ -232,7 +210,6 @@ def test_zero_weight_terms_are_not_computed():
 def test_contrast_off_means_no_features_needed():
     assert generator_objective(LossConfig(beta=0), None).needs_features
     assert not generator_objective(LossConfig(beta=0, gamma=0), None).needs_features
-    assert generator_objective(LossConfig(beta=0, gamma=0, diversity=1), None).needs_features
 
 
 def test_weights_follow_method_md_signs():
@@ -256,7 +233,7 @@ def test_the_adversarial_ramp(progress, fraction, expected):
     assert math.isclose(ramp(progress, fraction), expected)
 
 
-@pytest.mark.parametrize("term", ["kd", "ikd", "bn", "scl", "ce", "div"])
+@pytest.mark.parametrize("term", ["kd", "ikd", "bn", "scl", "ce"])
 def test_each_generator_term_reaches_the_generator_and_never_the_teacher(term):
     torch.manual_seed(0)
     teacher = build_model("digits_teacher", 10, 1).eval().requires_grad_(False)
@@ -264,14 +241,9 @@ def test_each_generator_term_reaches_the_generator_and_never_the_teacher(term):
     head = nn.Linear(student.feature_dim, teacher.feature_dim).requires_grad_(False)
     generator = build_generator("upsample", 8, 4, 1, 16, 10)
     weights = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "eta": 0.0}
-    on = {
-        "ikd": {"alpha": 1.0},
-        "bn": {"beta": 1.0},
-        "scl": {"gamma": 1.0},
-        "ce": {"eta": 1.0},
-        "div": {"diversity": 1.0},
-    }
-    weights.update(on.get(term, {}))
+    weights.update(
+        {"ikd": {"alpha": 1.0}, "bn": {"beta": 1.0}, "scl": {"gamma": 1.0}, "ce": {"eta": 1.0}}.get(term, {})
+    )
     prior = BNStatisticsPrior(teacher)
     objective = generator_objective(LossConfig(**weights), prior)
     if term != "kd":

@@ -1,17 +1,16 @@
 """CPSC-DFKD's loss terms as small objects, and the weighted sums of METHOD.md built from them.
 
-Generator: L_G = -r * a * (KD(s, t) + alpha * IKD) + beta * BN + gamma * SCL + eta * CE(t, y) + diversity * DIV
+Generator: L_G = -r * a * (KD(s, t) + alpha * IKD) + beta * BN + gamma * SCL + eta * CE(t, y)
 Student:   L_S =  KD(s, t) + alpha * IKD + eta_student * CE(s, y)
 
 METHOD.md's one ``eta`` is two weights here; ``a`` (``loss.adversarial``, 1 in METHOD.md) turns the
 generator's adversarial terms off for ablations, and ``r`` ramps them in over
 ``loss.adversarial_warmup`` of the run (the engine sets it), so the generator learns its classes before it
-turns adversarial. DIV (``loss.diversity``, not in METHOD.md; off by default) is the similarity of one pseudo-label's
-images in the teacher's eyes. With ``loss.gate_pseudo_labels`` the student's CE counts only the images the teacher
+turns adversarial. With ``loss.gate_pseudo_labels`` the student's CE counts only the images the teacher
 assigns to their pseudo-label: a label the image does not show would teach the student noise.
 
 A term whose weight is 0 is not computed at all: that is how ablations run, and it is also why
-the engine asks for features only when the contrastive or the diversity term is on.
+the engine asks for features only when the contrastive term is on.
 """
 
 from __future__ import annotations
@@ -85,14 +84,6 @@ def supervised_contrastive(features: Tensor, labels: Tensor, temperature: float,
     positive = (all_labels[:, None] == all_labels[None, :]) & ~is_self
     mean_log_prob_positive = log_prob.masked_fill(~positive, 0.0).sum(1) / positive.sum(1)
     return -(temperature / base_temperature) * mean_log_prob_positive.mean()
-
-
-def same_label_similarity(features: Tensor, labels: Tensor) -> Tensor:
-    """Mean cosine similarity over the pairs of distinct images that share a label (0 where no two do)."""
-    unit = F.normalize(features.float(), dim=1)
-    same = labels[:, None] == labels[None, :]
-    same.fill_diagonal_(False)
-    return ((unit @ unit.T) * same).sum() / same.sum().clamp(min=1)
 
 
 class LossTerm(nn.Module):
@@ -202,25 +193,6 @@ class ContrastiveTerm(LossTerm):
         if self.gated or self.instances:  # each image marked -1 (on any rank) becomes a class of its own
             labels = torch.where(labels < 0, -1 - torch.arange(len(labels), device=labels.device), labels)
         return supervised_contrastive(views, labels, self.temperature, self.base_temperature)
-
-
-class DiversityTerm(LossTerm):
-    """How alike the teacher sees the images of one pseudo-label (``same_label_similarity`` of its features), for
-    the generator to lower: a generator that the CE makes draw its classes draws few images a class (BENCHMARKS.md,
-    issue 19), and the student, matching the teacher on those, learns little. ``gather`` (distributed runs): the
-    pairs come from the whole global batch."""
-
-    needs_features = True
-
-    def __init__(self, gather: Gather | None = None):
-        super().__init__()
-        self.gather = gather
-
-    def forward(self, batch: SynthBatch) -> Tensor:
-        features, labels = batch.teacher_features, batch.labels
-        if self.gather is not None:
-            features, labels = self.gather(features), self.gather(labels)
-        return same_label_similarity(features, labels)
 
 
 StatsReduce = Callable[[Tensor], Tensor]
@@ -375,7 +347,6 @@ def generator_objective(
             ContrastiveTerm(cfg.temperature, cfg.base_temperature, gather, cfg.gate_contrast, cfg.contrast_instances),
         ),
         "ce": (cfg.eta, PseudoLabelCETerm("teacher", cfg.ce_on)),
-        "div": (cfg.diversity, DiversityTerm(gather)),
     }
     if cfg.beta != 0:
         if bn_prior is None:

@@ -3,7 +3,7 @@
 Plain names, no torch: the results schema has a column per metric without loading the engine.
 """
 
-GENERATOR_TERMS = ("kd", "ikd", "bn", "scl", "ce", "div")
+GENERATOR_TERMS = ("kd", "ikd", "bn", "scl", "ce")
 STUDENT_TERMS = ("kd", "ikd", "ce")
 LOSS_METRICS = (
     tuple(f"g_{t}" for t in GENERATOR_TERMS) + ("g_total",) + tuple(f"s_{t}" for t in STUDENT_TERMS) + ("s_total",)
