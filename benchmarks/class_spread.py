@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from cpsc_ray.config import validate_tree
+from cpsc_ray.errors import InputError
 from cpsc_ray.layout import RunDir
 from cpsc_ray.runs.assembly import prepare_engine
 from cpsc_ray.runs.checkpoints import read_checkpoint, restore_engine
@@ -82,12 +84,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = []
+    rows, failed = [], []
     for run_dir in args.runs:
-        rows.append(look(run_dir, args.per_class))
+        try:
+            rows.append(look(run_dir, args.per_class))
+        except (InputError, FileNotFoundError) as err:  # no config or checkpoint there: say so, look at the others
+            failed.append(run_dir)
+            print(f"{run_dir}: not a run with a last checkpoint ({err})", file=sys.stderr, flush=True)
+            continue
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if failed:
+        sys.exit(f"{len(failed)} of {len(args.runs)} runs could not be read (above)")
 
 
 if __name__ == "__main__":
