@@ -271,7 +271,9 @@ class Config(Section):
     def _agreement_steers_conditioning(self) -> "Config":
         if self.loss.agreement_target and (self.loss.eta == 0 or self.generator.kind != "conditional"):
             raise ValueError(
-                "loss.agreement_target needs loss.eta > 0 and generator.kind=conditional; loss.agreement_target=0: off"
+                "loss.agreement_target steers the generator's pseudo-label CE, so it needs loss.eta > 0 and "
+                f"generator.kind=conditional (got eta {self.loss.eta}, kind {self.generator.kind}); "
+                "set loss.agreement_target=0 to turn it off"
             )
         return self
 
